@@ -1,0 +1,84 @@
+"""Final-answer extraction shared by data preparation, rewards and evaluation."""
+from __future__ import annotations
+
+import re
+
+_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def clean_number(text: str) -> str:
+    """Strip commas, ``$``, spaces and a trailing period: ``"$1,234."`` -> ``"1234"``."""
+    text = text.strip().replace(",", "").replace("$", "").replace(" ", "")
+    return text.rstrip(".")
+
+
+def gsm8k_final_answer(solution: str) -> str | None:
+    """The answer after GSM8K's ``####`` marker, cleaned; None when there is no marker."""
+    if "####" not in solution:
+        return None
+    tail = solution.split("####")[-1].strip()
+    answer = clean_number(tail.splitlines()[0]) if tail else ""
+    return answer or None
+
+
+def last_number(text: str) -> str | None:
+    """The last number in ``text`` (GSM8K's flexible extraction), cleaned."""
+    matches = _NUMBER.findall(text)
+    for m in reversed(matches):
+        cleaned = clean_number(m)
+        if cleaned not in ("", "-", "."):
+            return cleaned
+    return None
+
+
+def strict_gsm8k(text: str) -> str | None:
+    """GSM8K's strict extraction: the number right after ``####``."""
+    m = re.search(r"####\s*(-?[\d,\$]*\.?\d+)", text)
+    return clean_number(m.group(1)) if m else None
+
+
+def xml_answer(text: str) -> str | None:
+    """Content of the last ``<answer>...</answer>`` block, stripped."""
+    blocks = re.findall(r"<answer>(.*?)</answer>", text, flags=re.DOTALL)
+    return blocks[-1].strip() if blocks else None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` or ``\\fbox{...}``, nested braces respected."""
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    if not starts:
+        m = re.findall(r"\\boxed ([^\s$]+)", text)  # "\boxed 5" without braces
+        return m[-1] if m else None
+    i = starts[-1]
+    depth = 1
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j].strip()
+    return None
+
+
+def to_float(text: str | None) -> float | None:
+    """Parse a cleaned numeric string (also ``3/4``); None when it is not a number."""
+    if text is None:
+        return None
+    text = clean_number(text)
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def numbers_equal(a: str | None, b: str | None, tol: float = 1e-6) -> bool:
+    """Numeric equality of two answers (``"1,000"`` == ``"1000.0"``)."""
+    fa, fb = to_float(a), to_float(b)
+    if fa is None or fb is None:
+        return False
+    return abs(fa - fb) <= tol * max(1.0, abs(fb))

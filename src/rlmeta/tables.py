@@ -1,0 +1,109 @@
+"""Explicit pyarrow schemas of every table the workflow writes.
+
+These names are the contract between steps (see docs/data-flow.md).
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+UTC_TS = pa.timestamp("us", tz="UTC")
+
+HEADLINES = pa.schema(
+    [
+        pa.field("headline_id", pa.string(), nullable=False),  # stable hash of feed-independent key
+        pa.field("feed", pa.string(), nullable=False),  # feed name from config
+        pa.field("title", pa.string(), nullable=False),
+        pa.field("link", pa.string()),
+        pa.field("summary", pa.string()),
+        pa.field("published", UTC_TS),  # entry's own time, null when absent
+        pa.field("fetched_at", UTC_TS),  # from the snapshot's metadata, null for file feeds
+    ]
+)
+
+PROBLEMS = pa.schema(
+    [
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # gsm8k | math
+        pa.field("split", pa.string(), nullable=False),  # train | test | support | query | heldout
+        pa.field("subject", pa.string()),  # MATH subject slug, null for GSM8K
+        pa.field("level", pa.int32()),  # MATH level 1-5, null when unknown
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("solution", pa.string(), nullable=False),
+        pa.field("answer", pa.string(), nullable=False),
+    ]
+)
+
+MESSAGE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
+
+PROMPTS = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("experiment", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),  # headline_id or problem_id
+        pa.field("task", pa.string(), nullable=False),  # the group key (headline, subject, ...)
+        pa.field("split", pa.string(), nullable=False),  # train | eval
+        pa.field("prompt", pa.list_(MESSAGE), nullable=False),  # chat messages
+        pa.field("reference", pa.string()),  # gold answer, null when none
+        pa.field("reference_completion", pa.string()),  # for warm-start SFT, null when none
+    ]
+)
+
+RESPONSES = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("sample_idx", pa.int32(), nullable=False),
+        pa.field("policy", pa.string(), nullable=False),  # base | trained
+        pa.field("completion", pa.string(), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("finish_reason", pa.string(), nullable=False),  # stop | length
+        pa.field("temperature", pa.float32(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+    ]
+)
+
+REWARD_KEYS = [
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("sample_idx", pa.int32(), nullable=False),
+    pa.field("policy", pa.string(), nullable=False),
+    pa.field("reward", pa.float64(), nullable=False),  # weighted total
+]
+
+
+def rewards_schema(components: list[str]) -> pa.Schema:
+    """Schema of a rewards table: keys, total, then one float column per component."""
+    return pa.schema(REWARD_KEYS + [pa.field(c, pa.float64()) for c in components])
+
+
+TRAIN_METRICS_BASE = [
+    ("step", pa.int64()),
+    ("loss", pa.float64()),
+    ("reward_mean", pa.float64()),
+    ("reward_std", pa.float64()),
+    ("kl", pa.float64()),
+    ("clip_ratio", pa.float64()),
+    ("grad_norm", pa.float64()),
+    ("lr", pa.float64()),
+    ("tokens", pa.int64()),
+    ("step_seconds", pa.float64()),
+    ("zero_std_frac", pa.float64()),  # fraction of groups whose rewards are all equal
+    ("completion_len_mean", pa.float64()),
+]
+
+
+def train_metrics_schema(extra: list[str]) -> pa.Schema:
+    """Schema of train_metrics: the common columns, then float columns such as ``reward/<name>``."""
+    fields = [pa.field(n, t) for n, t in TRAIN_METRICS_BASE]
+    fields += [pa.field(c, pa.float64()) for c in extra if c not in dict(TRAIN_METRICS_BASE)]
+    return pa.schema(fields)
+
+
+MATH_SUBJECTS = {
+    "Algebra": "algebra",
+    "Counting & Probability": "counting_and_probability",
+    "Geometry": "geometry",
+    "Intermediate Algebra": "intermediate_algebra",
+    "Number Theory": "number_theory",
+    "Prealgebra": "prealgebra",
+    "Precalculus": "precalculus",
+}
+"""MATH ``type`` field -> subject slug used in paths and the ``subject`` column."""
