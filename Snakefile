@@ -1,0 +1,41 @@
+"""rlmeta: RSS/GSM8K/MATH -> prompts -> responses -> rewards -> training -> evaluation -> reports.
+
+Run `snakemake --cores 2` (or `make run`) for the embedded default; see README.md and docs/.
+"""
+from snakemake.utils import min_version
+
+min_version("8.20")
+
+
+configfile: "config/config.yaml"
+
+
+# Jobs import the package from src/ (also inside conda envs, which hold only the dependencies).
+shell.prefix("set -euo pipefail; export PYTHONPATH=%s/src${{PYTHONPATH:+:$PYTHONPATH}}; " % workflow.basedir)
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/models.smk"
+include: "rules/prompts.smk"
+include: "rules/rollouts.smk"
+include: "rules/train.smk"
+include: "rules/meta.smk"
+
+
+localrules:
+    all,
+    fetch_rss,
+    build_headlines,
+    prepare_gsm8k,
+    prepare_math,
+    split_math_tasks,
+    build_model,
+    make_prompts,
+    score,
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

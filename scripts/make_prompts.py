@@ -1,0 +1,3 @@
+from rlmeta.prompts import main
+
+raise SystemExit(main())

@@ -1,0 +1,3 @@
+from rlmeta.scoring import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Building tiny Qwen3 checkpoints (tokenizer + weights) and resolving real models."""

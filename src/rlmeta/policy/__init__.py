@@ -1,0 +1,36 @@
+"""Language-model policies on two backends (mlx-lm, transformers) over one checkpoint format."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlmeta.policy.base import Generation, Policy
+
+BACKENDS = ("mlx", "torch")
+
+
+def load_policy(path_or_id: str | Path, backend: str, *, lora: dict | str | Path | None = None,
+                dtype: str = "float32") -> Policy:
+    """Open a checkpoint on ``backend`` (``mlx`` or ``torch``).
+
+    ``lora``: None, a config ``lora`` block (fresh trainable adapters), or an adapter folder
+    written by ``rlmeta.policy.lora.save_adapter`` on the same backend.
+    """
+    if backend == "mlx":
+        from rlmeta.policy.mlx_policy import MLXPolicy as cls
+    elif backend == "torch":
+        from rlmeta.policy.torch_policy import TorchPolicy as cls
+    else:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    policy = cls.load(path_or_id, dtype=dtype)
+    if isinstance(lora, dict):
+        from rlmeta.policy.lora import apply_lora
+
+        apply_lora(policy, lora)
+    elif lora is not None:
+        from rlmeta.policy.lora import load_adapter
+
+        load_adapter(policy, lora)
+    return policy
+
+
+__all__ = ["BACKENDS", "Generation", "Policy", "load_policy"]

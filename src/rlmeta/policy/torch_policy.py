@@ -1,0 +1,192 @@
+"""Torch policy on transformers.
+
+Sampling is a compact batched loop over a KV cache: left-padded prompts, every completion of
+a call in one batch, rows that stopped are dropped from the batch and cache, sampling draws
+from a seeded ``torch.Generator`` (temperature, then top-p). Only the sampled tokens'
+log-probs are kept, never whole logit rows. ``sequence_logprobs`` is the differentiable
+teacher-forced counterpart the trainers use.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from rlmeta.io import atomic_dir
+from rlmeta.policy.base import (Generation, Prompts, as_token_ids, copy_extra_files, encode_prompts, finish,
+                                pad_token_id, stop_token_ids)
+
+LOGITS_BUDGET = 2**27
+"""Float32 logits elements held at once by ``TorchPolicy.logprobs`` (512 MiB)."""
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def set_threads() -> int:
+    """Use the cores this process may run on (torch may count more), unless ``OMP_NUM_THREADS`` says."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), cores)))
+    return torch.get_num_threads()
+
+
+def pad_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int = 0,
+              device=None):
+    """Left-padded prompts then right-padded completions, the layout ``sequence_logprobs`` takes.
+
+    Returns ``(input_ids (B, P+T), attention_mask (B, P+T), completion_mask (B, T))`` as int64,
+    int64 and float32 tensors.
+    """
+    p = max(len(x) for x in prompt_ids)
+    t = max(1, max(len(c) for c in completion_ids))
+    ids, attn, cmask = [], [], []
+    for x, c in zip(prompt_ids, completion_ids):
+        lp, rp = p - len(x), t - len(c)
+        ids.append([pad_id] * lp + list(x) + list(c) + [pad_id] * rp)
+        attn.append([0] * lp + [1] * (len(x) + len(c)) + [0] * rp)
+        cmask.append([1.0] * len(c) + [0.0] * rp)
+    return (torch.tensor(ids, device=device), torch.tensor(attn, device=device),
+            torch.tensor(cmask, dtype=torch.float32, device=device))
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Differentiable log-probs ``(B, T)`` of the last ``T = completion_mask.shape[1]`` columns.
+
+    Entry ``(i, j)`` is ``log_softmax(logits / temperature)`` of ``input_ids[i, -T + j]``, zero
+    where ``completion_mask`` is 0. Only ``T + 1`` logit rows are computed (``logits_to_keep``).
+    """
+    t = completion_mask.shape[1]
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                logits_to_keep=t + 1, use_cache=False)
+    logits = out.logits[:, :-1].float()
+    if temperature not in (0, 1):
+        logits = logits / temperature
+    chosen = logits.gather(-1, input_ids[:, -t:, None]).squeeze(-1)
+    lp = chosen - logits.logsumexp(-1)
+    return torch.where(completion_mask > 0, lp, torch.zeros_like(lp))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability mass reaches ``top_p``."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop = probs.cumsum(-1) - probs >= top_p  # mass strictly before this token already reaches top_p
+    drop[..., 0] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+class TorchPolicy:
+    """A causal LM and its tokenizer on torch (see ``rlmeta.policy.base.Policy``)."""
+
+    backend = "torch"
+
+    def __init__(self, model, tokenizer, source: str | Path | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.source = source
+        self.stop_ids = stop_token_ids(tokenizer, getattr(model.config, "eos_token_id", None))
+        self.pad_id = pad_token_id(tokenizer)
+        set_threads()
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: str = "float32", device: str | None = None) -> "TorchPolicy":
+        """Open a checkpoint folder (or hub id) with transformers."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+        model.to(device or "cpu").eval()
+        return cls(model, tokenizer, source=path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode_prompts(self, messages_batch) -> list[list[int]]:
+        return encode_prompts(self.tokenizer, messages_batch)
+
+    @torch.no_grad()
+    def generate(self, prompts: Prompts, n: int = 1, *, temperature: float = 1.0, top_p: float = 1.0,
+                 max_new_tokens: int = 128, seed: int = 0) -> list[Generation]:
+        """``n`` completions per prompt in one batch; deterministic for a seed."""
+        from transformers import DynamicCache
+
+        ids = as_token_ids(self.tokenizer, prompts)
+        rows = [(i, s) for i in range(len(ids)) for s in range(n)]
+        if not rows:
+            return []
+        dev = self.device
+        gen = torch.Generator(device=dev).manual_seed(int(seed))
+        input_ids, attn, _ = pad_batch(ids, [[]] * len(ids), self.pad_id, dev)
+        input_ids, attn = input_ids[:, :-1], attn[:, :-1]  # drop the empty completion column
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        stops = torch.tensor(self.stop_ids, device=dev)
+        alive = torch.arange(len(rows), device=dev)  # original row of each batch row
+        tokens = [[] for _ in rows]
+        logps = [[] for _ in rows]
+        cache = DynamicCache(config=self.model.config)
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)  # each prompt once, then n copies of its cache
+        logits = out.logits[:, -1].float().repeat_interleave(n, 0)
+        cache.batch_repeat_interleave(n)
+        attn, positions = attn.repeat_interleave(n, 0), positions.repeat_interleave(n, 0)
+        for _ in range(max_new_tokens):
+            scaled = logits / temperature if temperature > 0 else logits
+            lp_all = scaled.log_softmax(-1)
+            if temperature > 0:
+                probs = top_p_filter(scaled, top_p).softmax(-1)
+                nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            else:
+                nxt = scaled.argmax(-1)
+            lp = lp_all.gather(-1, nxt[:, None])[:, 0]
+            for r, tok, v in zip(alive.tolist(), nxt.tolist(), lp.tolist()):
+                tokens[r].append(tok)
+                logps[r].append(v)
+            keep = ~torch.isin(nxt, stops)
+            if not keep.any():
+                break
+            if not keep.all():
+                idx = keep.nonzero()[:, 0]
+                cache.batch_select_indices(idx)
+                alive, nxt, attn, positions = alive[idx], nxt[idx], attn[idx], positions[idx]
+            attn = torch.cat([attn, attn.new_ones(len(alive), 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            logits = self.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=positions,
+                                past_key_values=cache, use_cache=True).logits[:, -1].float()
+        self.model.train(was_training)
+        return [finish(self.tokenizer, i, s, ids[i], tokens[k], logps[k], self.stop_ids)
+                for k, (i, s) in enumerate(rows)]
+
+    @torch.no_grad()
+    def logprobs(self, prompt_ids, completion_ids, temperature: float = 1.0) -> list[np.ndarray]:
+        """Teacher-forced log-probs of each completion token, batched under ``LOGITS_BUDGET``."""
+        out: list[np.ndarray] = []
+        vocab = self.model.config.get_text_config().vocab_size
+        t = max((len(c) for c in completion_ids), default=1) or 1
+        chunk = max(1, LOGITS_BUDGET // (t * vocab))
+        for k in range(0, len(prompt_ids), chunk):
+            p, c = prompt_ids[k:k + chunk], completion_ids[k:k + chunk]
+            lp = sequence_logprobs(self.model, *pad_batch(p, c, self.pad_id, self.device), temperature)
+            out += [lp[i, :len(ci)].cpu().numpy().astype(np.float32) for i, ci in enumerate(c)]
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Atomic full checkpoint (LoRA merged) that transformers and mlx_lm both open."""
+        model = self.model
+        if hasattr(model, "merge_and_unload"):  # peft
+            model = copy.deepcopy(model).merge_and_unload()
+        with atomic_dir(path) as tmp:
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            copy_extra_files(self.source, tmp)
+        return Path(path)

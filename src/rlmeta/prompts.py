@@ -1,0 +1,294 @@
+"""Prompt templates (chat messages), SFT reference completions and the prompts table.
+
+Every template turns one input row (a headline or a problem) into a system plus
+a user message. ``TEMPLATES[name](row)`` gives the messages and
+``TEMPLATES[name].reference_completion(row)`` a gold completion in the format the
+template asks for (used for the warm-start SFT). ``build_prompts`` makes the
+``prompts`` table (schema ``rlmeta.tables.PROMPTS``) of one experiment.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import html
+import logging
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import pyarrow as pa
+
+from rlmeta.tables import PROMPTS
+
+log = logging.getLogger(__name__)
+
+SECTIONS = (
+    "Goal Hypothesis (g):",
+    "Prior Knowledge (K):",
+    "Reward Model (theta):",
+    "Exploration Plan (pi_probe):",
+    "Prediction:",
+)
+"""The inner-scientist section headers, in order; the ``sections`` reward checks these."""
+
+_SECTION_HINTS = (
+    "the goal or hypothesis the headline suggests.",
+    "what you already know that bears on it.",
+    "how you would judge whether a hypothesis or prediction is good.",
+    "what you would check next to learn more.",
+    "one concrete, testable prediction.",
+)
+
+INNER_SCIENTIST_SYSTEM = (
+    "You are an inner scientist. You read a news headline and reason about it as a learner "
+    "who forms a hypothesis, states prior knowledge, defines how success is judged, plans "
+    "how to probe the world, and commits to a prediction."
+)
+
+XML_COT_SYSTEM = """Respond in the following format:
+<reasoning>
+...
+</reasoning>
+<answer>
+...
+</answer>"""
+
+MATH_BOXED_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+
+_TAG = re.compile(r"<[^>]+>")
+_CALC = re.compile(r"<<[^>]*>>")
+_WORD = re.compile(r"[^\W\d_][\w'-]*")
+_STOP = frozenset(
+    """a an and are as at be been but by can could did do does for from had has have he her his
+    how if in into is it its just may more most new not of on or our out over says said she so
+    than that the their them then there these they this those to up was we were what when where
+    which who why will with would you your after about also amid among before being between
+    during under while der die das und ist mit von den dem des ein eine für auf im zu""".split()
+)
+
+
+def _clean(text: str | None, max_words: int | None = None) -> str:
+    """Unescape HTML, drop tags, collapse whitespace, optionally keep the first words."""
+    words = _TAG.sub(" ", html.unescape(text or "")).split()
+    if max_words is not None and len(words) > max_words:
+        return " ".join(words[:max_words]) + " ..."
+    return " ".join(words)
+
+
+def _messages(system: str, user: str) -> list[dict]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def inner_scientist(row: dict) -> list[dict]:
+    """Seed 000's meta-learning prompt over a headline's title and summary (five sections)."""
+    summary = _clean(row.get("summary"), max_words=60) or "(no summary)"
+    lines = "\n".join(f"{h} {hint}" for h, hint in zip(SECTIONS, _SECTION_HINTS))
+    user = (
+        f"Headline: {_clean(row.get('title'))}\nSummary: {summary}\n\n"
+        "Think like an inner scientist about this headline. Answer with exactly these five "
+        "sections, in this order, each starting on its own line with its header:\n"
+        f"{lines}\nBe concise: about 40 to 200 words in all."
+    )
+    return _messages(INNER_SCIENTIST_SYSTEM, user)
+
+
+def xml_cot(row: dict) -> list[dict]:
+    """Seed 003's GSM8K prompt: reasoning and answer in XML tags."""
+    return _messages(XML_COT_SYSTEM, row["question"])
+
+
+def math_boxed(row: dict) -> list[dict]:
+    """Step-by-step solution with the final answer in ``\\boxed{}``."""
+    return _messages(MATH_BOXED_SYSTEM, row["question"])
+
+
+def _keywords(text: str) -> list[str]:
+    seen: dict[str, None] = {}
+    for w in _WORD.findall(text):
+        lw = w.lower().strip("'-")
+        if len(lw) > 3 and lw not in _STOP:
+            seen.setdefault(lw, None)
+    return list(seen)
+
+
+def inner_scientist_reference(row: dict) -> str:
+    """A deterministic, headline-specific completion with all five sections in order."""
+    title = _clean(row.get("title")) or "this story"
+    summary = _clean(row.get("summary"), max_words=25)
+    kw = _keywords(f"{title} {summary}")
+    kw += [w for w in ("the event", "public reaction", "official response", "new data", "the outcome") if w not in kw]
+    k = kw[:5]
+    known = f"The report says: {summary.rstrip('. ')}." if summary else f"The report is titled {title}."
+    body = (
+        f'The headline "{title}" suggests that {k[0]} matters for what happens next.',
+        f"{known} Related context includes {k[1]}, {k[2]} and {k[3]}.",
+        f"A good answer explains {k[0]} clearly and makes a claim about {k[1]} that later reports can confirm or refute.",
+        f"Check follow-up coverage of {k[2]}, compare official statements on {k[3]}, and look for data about {k[4]}.",
+        f"Within the next few weeks, more reporting on {k[0]} will appear and the main claim about {k[1]} will hold.",
+    )
+    return "\n".join(f"{h} {b}" for h, b in zip(SECTIONS, body))
+
+
+def gsm8k_reasoning(solution: str) -> str:
+    """A GSM8K solution without its ``####`` line and ``<<...>>`` calculator annotations."""
+    lines = [_CALC.sub("", ln).rstrip() for ln in solution.splitlines() if not ln.lstrip().startswith("####")]
+    return "\n".join(ln for ln in lines if ln.strip()).strip()
+
+
+def xml_cot_reference(row: dict) -> str:
+    """``<reasoning>`` with the cleaned GSM8K solution, ``<answer>`` with the gold answer."""
+    return f"<reasoning>\n{gsm8k_reasoning(row['solution'])}\n</reasoning>\n<answer>\n{row['answer']}\n</answer>"
+
+
+def math_boxed_reference(row: dict) -> str:
+    """The MATH solution itself (it ends in ``\\boxed{...}``)."""
+    return row["solution"]
+
+
+@dataclass(frozen=True)
+class Template:
+    """A named prompt template: ``template(row)`` gives the chat messages."""
+
+    name: str
+    messages: Callable[[dict], list[dict]]
+    reference_completion: Callable[[dict], str]
+    dataset_kind: str  # rss | gsm8k | math
+
+    def __call__(self, row: dict) -> list[dict]:
+        return self.messages(row)
+
+
+TEMPLATES: dict[str, Template] = {
+    "inner_scientist": Template("inner_scientist", inner_scientist, inner_scientist_reference, "rss"),
+    "xml_cot": Template("xml_cot", xml_cot, xml_cot_reference, "gsm8k"),
+    "math_boxed": Template("math_boxed", math_boxed, math_boxed_reference, "math"),
+}
+
+
+def get_template(name: str) -> Template:
+    """The template called ``name``; ValueError listing the valid names otherwise."""
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown prompt template '{name}'; valid templates: {', '.join(sorted(TEMPLATES))}")
+    return TEMPLATES[name]
+
+
+def reference_completion(template: str, row: dict) -> str:
+    """The SFT reference completion of ``row`` under template ``template``."""
+    return get_template(template).reference_completion(row)
+
+
+def _sha(*parts: object) -> str:
+    return hashlib.sha256("\x00".join(map(str, parts)).encode("utf-8")).hexdigest()
+
+
+def prompt_id(experiment: str, item_id: str) -> str:
+    """Stable id of one item's prompt in one experiment."""
+    return _sha(experiment, item_id)[:16]
+
+
+def hash_fraction(key: str) -> float:
+    """A stable number in [0, 1) from ``key`` (for hash-based splits)."""
+    return int(_sha(key)[:12], 16) / 16**12
+
+
+SPLIT_MAP = {"train": "train", "support": "train", "query": "train", "test": "eval", "heldout": "eval", "eval": "eval"}
+"""Problem split -> prompt split (math: train = support + query, eval = test and heldout)."""
+
+
+def _rows(items: pa.Table | Iterable[pa.Table]) -> list[dict]:
+    tables = [items] if isinstance(items, pa.Table) else list(items)
+    return [r for t in tables for r in t.to_pylist()]
+
+
+def build_prompts(
+    experiment_name: str,
+    template: str,
+    items_table: pa.Table | Iterable[pa.Table],
+    *,
+    dataset_kind: str | None = None,
+    eval_fraction: float = 0.25,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_eval: int | None = None,
+) -> pa.Table:
+    """The prompts table of one experiment (schema ``PROMPTS``).
+
+    Headlines split by a stable hash of ``headline_id`` (``eval_fraction`` to eval,
+    task = headline_id); problems split by their ``split`` column through
+    ``SPLIT_MAP`` (task = "gsm8k" or the MATH subject). Duplicate items are kept
+    once, eval winning. Within each split, rows come in a seeded hash order that
+    does not depend on input order; ``max_train``/``max_eval`` keep the first N.
+    """
+    tpl = get_template(template)
+    kind = dataset_kind or tpl.dataset_kind
+    if kind != tpl.dataset_kind:
+        raise ValueError(f"template '{template}' needs a {tpl.dataset_kind} dataset, got {kind}")
+    chosen: dict[str, tuple[str, dict]] = {}
+    for row in _rows(items_table):
+        if kind == "rss":
+            item = row["headline_id"]
+            split = "eval" if hash_fraction(item) < eval_fraction else "train"
+        else:
+            item = row["problem_id"]
+            if row["split"] not in SPLIT_MAP:
+                raise ValueError(f"problem {item}: unknown split '{row['split']}'; expected one of {sorted(SPLIT_MAP)}")
+            split = SPLIT_MAP[row["split"]]
+        if item not in chosen or (split == "eval" and chosen[item][0] == "train"):
+            chosen[item] = (split, row)
+    records = []
+    for split, cap in (("train", max_train), ("eval", max_eval)):
+        items = sorted((i for i, (s, _) in chosen.items() if s == split), key=lambda i: (_sha(seed, i), i))
+        for item in items[:cap] if cap is not None else items:
+            row = chosen[item][1]
+            if kind == "rss":
+                task, reference = item, None
+            else:
+                task = "gsm8k" if kind == "gsm8k" else (row.get("subject") or "math")
+                reference = row["answer"]
+            records.append(
+                {
+                    "prompt_id": prompt_id(experiment_name, item),
+                    "experiment": experiment_name,
+                    "item_id": item,
+                    "task": task,
+                    "split": split,
+                    "prompt": tpl(row),
+                    "reference": reference,
+                    "reference_completion": tpl.reference_completion(row),
+                }
+            )
+    return pa.Table.from_pylist(records, schema=PROMPTS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: build ``prompts.parquet`` from headlines or problem tables."""
+    from rlmeta.io import read_table, write_table
+
+    p = argparse.ArgumentParser(prog="make_prompts.py", description="Build an experiment's prompts table.")
+    p.add_argument("--experiment", required=True, help="experiment name (part of prompt_id)")
+    p.add_argument("--template", required=True, choices=sorted(TEMPLATES))
+    p.add_argument("--dataset-kind", choices=["rss", "gsm8k", "math"], help="default: the template's kind")
+    p.add_argument("--inputs", nargs="+", required=True, help="headlines or problems parquet file(s)")
+    p.add_argument("--out", required=True, help="output prompts parquet")
+    p.add_argument("--eval-fraction", type=float, default=0.25, help="headlines held out for eval (default 0.25)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the row order and caps")
+    p.add_argument("--max-train", type=int, help="keep at most N train prompts")
+    p.add_argument("--max-eval", type=int, help="keep at most N eval prompts")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    t0 = time.perf_counter()
+    tables = [read_table(path) for path in a.inputs]
+    table = build_prompts(
+        a.experiment, a.template, tables, dataset_kind=a.dataset_kind, eval_fraction=a.eval_fraction,
+        seed=a.seed, max_train=a.max_train, max_eval=a.max_eval,
+    )
+    write_table(a.out, table, PROMPTS)
+    splits = table.column("split").to_pylist()
+    log.info(
+        "%s: %d prompts (train %d, eval %d, tasks %d) from %d input rows -> %s in %.2fs",
+        a.experiment, table.num_rows, splits.count("train"), splits.count("eval"),
+        len(set(table.column("task").to_pylist())), sum(t.num_rows for t in tables), a.out, time.perf_counter() - t0,
+    )
+    return 0

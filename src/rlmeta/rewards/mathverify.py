@@ -1,0 +1,163 @@
+"""MATH correctness with math-verify, single and batched with hard timeouts.
+
+math-verify 0.9 times out with ``signal.alarm`` (``parse(..., parsing_timeout=int)``,
+``verify(..., timeout_seconds=int)``), which only works in the main thread and cannot stop
+code stuck in C. ``math_verify_batch`` therefore scores pairs in worker processes, each
+under a ``setitimer`` alarm, and kills a worker that outlives its deadline: a pair that
+times out or crashes scores 0.0.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from multiprocessing.connection import wait
+
+from math_verify import parse, verify
+
+from rlmeta.answers import last_boxed
+
+logging.getLogger("math_verify").setLevel(logging.ERROR)  # its own timeout/parse warnings
+log = logging.getLogger(__name__)
+
+
+def _parse_gold(reference: str, to: int | None):
+    return parse(f"${reference}$", parsing_timeout=to) or parse(f"\\boxed{{{reference}}}", parsing_timeout=to)
+
+
+def _verify(completion: str, reference: str | None, to: int | None) -> float:
+    box = last_boxed(completion or "")
+    if not box or not reference:
+        return 0.0
+    gold = _parse_gold(reference, to)
+    pred = parse(f"\\boxed{{{box}}}", parsing_timeout=to)
+    return 1.0 if gold and pred and verify(gold, pred, timeout_seconds=to) else 0.0
+
+
+def math_correct(completion: str, reference=None, prompt=None, timeout_s: float = 5.0, **_) -> float:
+    """1 when the completion's last ``\\boxed{}`` equals the reference under math-verify.
+
+    Uses math-verify's own (whole-second) timeouts in the main thread and none elsewhere;
+    prefer ``math_verify_batch`` for many pairs.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    try:
+        return _verify(completion, reference, max(1, math.ceil(timeout_s)) if main else None)
+    except Exception:
+        return 0.0
+
+
+class _Timeout(BaseException):
+    """Raised by the worker's alarm; BaseException so sympy's ``except Exception`` cannot swallow it."""
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+def _score_pair(completion: str, reference: str | None) -> float:
+    return _verify(completion, reference, None)
+
+
+def _worker(conn, timeout_s: float) -> None:
+    """Score (index, completion, reference) messages until ``None``; reply (index, score),
+    score -1.0 marking a timeout."""
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while (msg := conn.recv()) is not None:
+        idx, completion, reference = msg
+        try:
+            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+            try:
+                score = float(_score_pair(completion, reference))
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except BaseException as e:
+            score = -1.0 if isinstance(e, _Timeout) else 0.0
+        conn.send((idx, score))
+
+
+def default_context() -> str:
+    """``fork`` on Linux (workers start at once), ``spawn`` elsewhere."""
+    return "fork" if sys.platform.startswith("linux") else "spawn"
+
+
+def math_verify_batch(pairs, workers: int = 2, timeout_s: float = 5.0, context: str | None = None) -> list[float]:
+    """``math_correct`` of each (completion, reference) pair, in ``workers`` processes.
+
+    A pair gets ``timeout_s`` seconds of alarm-bounded work; a worker still busy
+    ``timeout_s + max(1, timeout_s)`` seconds after it got the pair is killed and replaced.
+    Timeouts and crashes score 0.0. ``workers=0`` scores inline (main thread only).
+    """
+    pairs = list(pairs)
+    if workers <= 0:
+        return [math_correct(c, r, timeout_s=timeout_s) for c, r in pairs]
+    results = [0.0] * len(pairs)
+    todo = deque(range(len(pairs)))
+    ctx = mp.get_context(context or default_context())
+    hard = timeout_s + max(1.0, timeout_s)
+    idle: list = []
+    busy: dict = {}  # conn -> (process, index, deadline)
+    procs: dict = {}  # conn -> process
+    failed = 0
+
+    def start():
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_worker, args=(child, timeout_s), daemon=True)
+        p.start()
+        child.close()
+        procs[parent] = p
+        idle.append(parent)
+
+    def drop(conn):
+        p = procs.pop(conn)
+        p.kill()
+        p.join()
+        conn.close()
+
+    try:
+        for _ in range(min(workers, len(pairs))):
+            start()
+        while todo or busy:
+            while idle and todo:
+                conn, i = idle.pop(), todo.popleft()
+                conn.send((i, *pairs[i]))
+                busy[conn] = (i, time.monotonic() + hard)
+            ready = wait(list(busy), timeout=max(0.0, min(d for _, d in busy.values()) - time.monotonic()))
+            for conn in ready:
+                i, _ = busy.pop(conn)
+                try:
+                    j, score = conn.recv()
+                    failed += score < 0
+                    results[j] = max(score, 0.0)
+                    idle.append(conn)
+                except (EOFError, OSError):  # the worker died: score 0, replace it
+                    failed += 1
+                    drop(conn)
+                    if todo:
+                        start()
+            now = time.monotonic()
+            for conn, (i, deadline) in list(busy.items()):
+                if now >= deadline:
+                    del busy[conn]
+                    failed += 1
+                    drop(conn)
+                    if todo:
+                        start()
+    finally:
+        for conn in list(procs):
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for conn, p in list(procs.items()):
+            p.join(timeout=1.0)
+            drop(conn)
+    if failed:
+        log.warning("math_verify_batch: %d of %d pairs timed out or crashed (scored 0)", failed, len(pairs))
+    return results

@@ -1,0 +1,1 @@
+"""Reinforcement learning: GRPO/GSPO objectives (NumPy, torch, MLX), UED prompt selection, trainers."""

@@ -1,0 +1,339 @@
+"""GRPO / GSPO on torch with TRL's ``GRPOTrainer`` (LoRA through peft), in the project's formats.
+
+``grpo_config`` maps an experiment's ``train`` block onto ``trl.GRPOConfig``; ``reward_functions``
+turns its ``rewards`` into TRL reward functions; ``TrainMetricsCallback`` writes TRL's logs as the
+project's ``train_metrics.parquet``; ``train_trl`` runs it all and saves ``<out_dir>/final``.
+One TRL optimizer step is one row of train_metrics; a rollout batch gives ``updates_per_batch`` of them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from rlmeta.io import atomic_dir, read_table, write_json
+from rlmeta.rl.objectives import default_epsilons
+from rlmeta.tracking import MetricsWriter, check_finite, wandb_run
+
+log = logging.getLogger(__name__)
+
+LR_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+SPEC_FILE = "trl_spec.json"  # what the checkpoints in out_dir were trained with (resume guard)
+# TRL log key -> train_metrics column; the GENERATION ones are logged only on steps that sample.
+METRIC_KEYS = {
+    "loss": "loss", "reward": "reward_mean", "reward_std": "reward_std", "kl": "kl",
+    "clip_ratio/region_mean": "clip_ratio", "grad_norm": "grad_norm", "learning_rate": "lr",
+    "num_tokens": "tokens", "frac_reward_zero_std": "zero_std_frac", "completions/mean_length": "completion_len_mean",
+}
+GENERATION_KEYS = ("reward", "reward_std", "num_tokens", "frac_reward_zero_std", "completions/mean_length")
+
+
+def train_settings(experiment: dict) -> dict:
+    """The experiment's ``train`` block with the schema's defaults filled in (``trl`` included)."""
+    from rlmeta.config import load_schema
+
+    props = load_schema()["$defs"]["train"]["properties"]
+    train = {k: v["default"] for k, v in props.items() if "default" in v}
+    train.update(experiment.get("train") or {})
+    trl_defaults = {k: v["default"] for k, v in props["trl"]["properties"].items()}
+    train["trl"] = {**trl_defaults, **(train.get("trl") or {})}
+    train.setdefault("lora", None)
+    return train
+
+
+def grpo_config(experiment: dict, out_dir: str | os.PathLike, seed: int = 0, report_to: str | None = None,
+                cuda: bool | None = None, run_name: str | None = None):
+    """``trl.GRPOConfig`` for an experiment (keys ``algorithm``, ``rewards``, ``train``).
+
+    One generation batch = ``batch_prompts`` prompts x ``group_size`` completions, trained in one
+    micro-batch (``per_device_train_batch_size``, ``steps_per_generation=1``) and reused for
+    ``updates_per_batch`` optimizer steps (``num_iterations``); ``max_steps = steps x updates_per_batch``.
+    gspo sets ``importance_sampling_level="sequence"``; null epsilons come from ``default_epsilons``.
+    CPU (``use_cpu``, fp32) when no CUDA GPU; bf16 autocast on CUDA unless ``trl.bf16`` is false.
+    """
+    import torch
+    from trl import GRPOConfig
+
+    algorithm = experiment.get("algorithm", "grpo")
+    if algorithm not in ("grpo", "gspo"):
+        raise ValueError(f"train_trl runs grpo or gspo, not {algorithm!r}")
+    t = train_settings(experiment)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    eps_low, eps_high = default_epsilons(algorithm)
+    mu = int(t["updates_per_batch"])
+    report_to = report_to or t["trl"]["report_to"]
+    return GRPOConfig(
+        output_dir=str(out_dir),
+        run_name=run_name,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not cuda,
+        bf16=bool(cuda) if t["trl"]["bf16"] is None else bool(t["trl"]["bf16"]),
+        gradient_checkpointing=bool(cuda),  # TRL's default trades compute for GPU memory; pointless on CPU
+        max_steps=int(t["steps"]) * mu,
+        num_iterations=mu,
+        num_generations=int(t["group_size"]),
+        per_device_train_batch_size=int(t["batch_prompts"]) * int(t["group_size"]),
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        learning_rate=float(t["learning_rate"]),
+        lr_scheduler_type=LR_SCHEDULES[t["lr_schedule"]],
+        warmup_steps=int(t["warmup_steps"]) * mu,
+        weight_decay=float(t["weight_decay"]),
+        max_grad_norm=math.inf if t["max_grad_norm"] is None else float(t["max_grad_norm"]),  # inf: log, never clip
+        temperature=float(t["temperature"]),
+        top_p=float(t["top_p"]),
+        max_completion_length=int(t["max_new_tokens"]),
+        importance_sampling_level="sequence" if algorithm == "gspo" else "token",
+        epsilon=eps_low if t["epsilon_low"] is None else float(t["epsilon_low"]),
+        epsilon_high=eps_high if t["epsilon_high"] is None else float(t["epsilon_high"]),
+        beta=float(t["beta"]),
+        scale_rewards=t["scale_rewards"],
+        loss_type=t["loss_type"],
+        reward_weights=[float(w) for w in (experiment.get("rewards") or {}).values()] or None,
+        use_vllm=bool(t["trl"]["use_vllm"]),
+        report_to="none" if report_to == "none" else [report_to],
+        logging_steps=1,
+        logging_nan_inf_filter=False,  # a NaN loss must reach check_finite, not be averaged away
+        save_strategy="steps",
+        save_steps=int(t["checkpoint_every"]) * mu,
+    )
+
+
+def lora_config(lora: dict | None):
+    """``peft.LoraConfig`` for a ``train.lora`` block (None = full fine-tuning)."""
+    if lora is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=int(lora.get("r", 8)), lora_alpha=float(lora.get("alpha", 16)),
+                      lora_dropout=float(lora.get("dropout", 0.0)),
+                      target_modules=list(lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
+                      task_type="CAUSAL_LM")
+
+
+def _text(completion) -> str:
+    """A TRL completion (plain text, or conversational [{role, content}]) as text."""
+    if isinstance(completion, list):
+        return "".join(m.get("content") or "" for m in completion)
+    return completion
+
+
+def reward_functions(rewards: dict[str, float], params: dict | None = None) -> list:
+    """One TRL reward function per configured reward, named after it (TRL logs ``rewards/<name>/mean``).
+
+    Each reads the ``reference`` dataset column; ``math_correct`` scores through the
+    timeout-guarded ``math_verify_batch`` (``reward_params.math_correct.timeout_s``, ``workers``).
+    Weights are not applied here: they go to ``GRPOConfig.reward_weights``.
+    """
+    from rlmeta.rewards import REGISTRY, math_verify_batch, unknown_rewards
+
+    unknown_rewards(list(rewards))
+    funcs = []
+    for name in rewards:
+        kw = dict((params or {}).get(name, {}))
+        spec = REGISTRY[name]
+
+        def fn(prompts, completions, reference=None, _spec=spec, _kw=kw, _name=name, **_):
+            refs = reference if reference is not None else [None] * len(completions)
+            texts = [_text(c) for c in completions]
+            if _name == "math_correct":
+                return math_verify_batch(list(zip(texts, refs)), workers=int(_kw.get("workers", 2)),
+                                         timeout_s=float(_kw.get("timeout_s", 5.0)))
+            return [float(_spec.fn(c, reference=r, prompt=p, **_kw)) for p, c, r in zip(prompts, texts, refs)]
+
+        fn.__name__ = fn.__qualname__ = name
+        funcs.append(fn)
+    return funcs
+
+
+def train_dataset(prompts_path: str | os.PathLike, max_prompts: int | None = None):
+    """``datasets.Dataset`` of the train split: ``prompt`` (chat messages) and ``reference``."""
+    from datasets import Dataset
+
+    rows = [r for r in read_table(prompts_path).select(["split", "prompt", "reference"]).to_pylist()
+            if r["split"] == "train"]
+    if not rows:
+        raise ValueError(f"{prompts_path}: no rows with split == 'train'")
+    rows = rows[:max_prompts] if max_prompts else rows
+    return Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "reference": [r["reference"] for r in rows]})
+
+
+class TrainMetricsCallback(TrainerCallback):
+    """Writes each logged optimizer step as a train_metrics row, prints it to stderr, stops on NaN/inf.
+
+    TRL logs sampling metrics (reward, lengths, tokens) only on steps that generate; steps that
+    reuse the batch (``num_iterations`` > 1) carry them forward. ``tokens`` is TRL's cumulative
+    ``num_tokens`` (prompt + completion tokens so far). ``kl`` is null when beta = 0.
+    """
+
+    def __init__(self, writer: MetricsWriter, reward_names: list[str], out_dir: str | os.PathLike,
+                 last_checkpoint: str | None = None):
+        self.writer, self.out_dir, self.last_checkpoint = writer, Path(out_dir), last_checkpoint
+        self.keys = {**METRIC_KEYS, **{f"rewards/{n}/mean": f"reward/{n}" for n in reward_names}}
+        self.carry: dict = {}
+        self.t0, self.step_seconds = None, None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.step_seconds = time.perf_counter() - self.t0 if self.t0 is not None else None
+
+    def on_save(self, args, state, control, **kw):
+        self.last_checkpoint = str(self.out_dir / f"checkpoint-{state.global_step}")
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs or "loss" not in logs or "train_runtime" in logs:
+            return
+        gen = [k for k in GENERATION_KEYS if k in logs] + [k for k in logs if k.startswith("rewards/")]
+        self.carry.update({k: logs[k] for k in gen})
+        merged = {**self.carry, **logs}
+        row = {col: merged.get(key) for key, col in self.keys.items()}
+        row["tokens"] = int(row["tokens"]) if row["tokens"] is not None else None
+        row.update(step=state.global_step, step_seconds=self.step_seconds)
+        self.writer.add(row)
+        self.writer.flush()
+        print(f"step {state.global_step}/{state.max_steps} loss={_fmt(row['loss'])} "
+              f"reward={_fmt(row['reward_mean'])} kl={_fmt(row['kl'])} grad_norm={_fmt(row['grad_norm'])} "
+              f"len={_fmt(row['completion_len_mean'])} {_fmt(row['step_seconds'])}s", file=sys.stderr, flush=True)
+        check_finite({k: v for k, v in row.items() if k != "step"}, state.global_step, self.last_checkpoint)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _resume_checkpoint(out_dir: Path, spec: dict) -> str | None:
+    """Latest ``checkpoint-N`` in ``out_dir`` when it was trained with the same spec; stale ones are removed."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    spec_path = out_dir / SPEC_FILE
+    if not out_dir.is_dir():
+        return None
+    same = spec_path.exists() and json.loads(spec_path.read_text()) == json.loads(json.dumps(spec, sort_keys=True))
+    if not same:
+        for stale in out_dir.glob("checkpoint-*"):
+            log.warning("removing %s: trained with a different spec", stale)
+            shutil.rmtree(stale)
+        return None
+    return get_last_checkpoint(str(out_dir))
+
+
+def save_final(model, tokenizer, path: str | os.PathLike, dtype=None) -> Path:
+    """Save the policy atomically as a plain transformers checkpoint (LoRA merged, safetensors,
+    tokenizer, top-level ``rope_theta`` as ``build_tiny_model`` writes) that mlx_lm.load also opens."""
+    from peft import PeftModel
+
+    from rlmeta.models.tokenizer import save_tokenizer
+
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    if dtype is not None:
+        model = model.to(dtype)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        save_tokenizer(tokenizer, tmp)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")
+        if rope is not None:
+            cfg["rope_theta"] = rope
+            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
+def _source_dtype(model_dir: str):
+    """The dtype recorded in a local checkpoint's config.json (the final save keeps it), else None."""
+    import torch
+
+    cfg = Path(model_dir) / "config.json"
+    if not cfg.exists():
+        return None
+    c = json.loads(cfg.read_text())
+    name = c.get("dtype") or c.get("torch_dtype")
+    return getattr(torch, name) if name in ("float32", "bfloat16", "float16") else None
+
+
+def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, experiment: dict,
+              out_dir: str | os.PathLike, metrics_path: str | os.PathLike, wandb_cfg: dict | None = None,
+              seed: int = 0) -> Path:
+    """Train ``model_dir`` with TRL GRPO/GSPO on the train prompts; return ``<out_dir>/final``.
+
+    ``experiment``: ``algorithm``, ``rewards`` {name: weight}, ``reward_params``, ``train``.
+    ``wandb_cfg``: ``mode`` (offline | online | disabled), ``project``, ``entity``, ``name``.
+    Checkpoints go to ``<out_dir>/checkpoint-N`` every ``checkpoint_every`` rollout batches and a
+    rerun resumes from the latest one trained with the same spec.
+    """
+    from trl import GRPOTrainer
+
+    out_dir = Path(out_dir)
+    wandb_cfg = {"mode": "offline", "project": "rlmeta", **(wandb_cfg or {})}
+    rewards = dict(experiment.get("rewards") or {})
+    if not rewards:
+        raise ValueError("experiment has no rewards to train on")
+    t = train_settings(experiment)
+    report_to = t["trl"]["report_to"]
+    if report_to == "wandb" and wandb_cfg["mode"] == "disabled":
+        report_to = "none"
+    name = wandb_cfg.get("name") or (out_dir.parent.name if out_dir.name == "checkpoints" else out_dir.name)
+    args = grpo_config(experiment, out_dir, seed, report_to=report_to, run_name=name)
+    spec = {"model": str(model_dir), "seed": seed, "experiment": experiment}
+    resume = _resume_checkpoint(out_dir, spec)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / SPEC_FILE, spec)
+    resume_step = int(re.search(r"checkpoint-(\d+)$", resume).group(1)) if resume else None
+    writer = MetricsWriter(metrics_path, [f"reward/{n}" for n in rewards], resume_step=resume_step)
+    callback = TrainMetricsCallback(writer, list(rewards), out_dir, last_checkpoint=resume)
+    log.info("TRL %s: %s -> %s (%d optimizer steps%s)", experiment.get("algorithm"), model_dir, out_dir,
+             args.max_steps, f", resuming {resume}" if resume else "")
+    trainer = GRPOTrainer(
+        model=str(model_dir),
+        reward_funcs=reward_functions(rewards, experiment.get("reward_params")),
+        args=args,
+        train_dataset=train_dataset(prompts_path, experiment.get("max_train_prompts")),
+        peft_config=lora_config(t["lora"]),
+        callbacks=[callback],
+    )
+    if report_to == "wandb":
+        config = {**spec, "out_dir": str(out_dir)}
+        with wandb_run(wandb_cfg["mode"], wandb_cfg["project"], wandb_cfg.get("entity"), name, out_dir, config):
+            trainer.train(resume_from_checkpoint=resume)
+    else:
+        trainer.train(resume_from_checkpoint=resume)
+    writer.close()
+    final = save_final(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class,
+                       out_dir / "final", _source_dtype(str(model_dir)))
+    log.info("saved %s", final)
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line of ``scripts/train_trl.py``."""
+    p = argparse.ArgumentParser(prog="train_trl.py", description="GRPO/GSPO with TRL's GRPOTrainer.")
+    p.add_argument("--model", required=True, help="base checkpoint folder or hub id")
+    p.add_argument("--prompts", required=True, help="prompts parquet (train split used)")
+    p.add_argument("--experiment-json", required=True,
+                   help="experiment spec as JSON (algorithm, rewards, reward_params, train) or a .json file")
+    p.add_argument("--out", required=True, help="folder for checkpoint-N/ and final/")
+    p.add_argument("--metrics", required=True, help="train_metrics.parquet to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wandb-mode", choices=["offline", "online", "disabled"], default="offline")
+    p.add_argument("--wandb-project", default="rlmeta")
+    p.add_argument("--wandb-entity", default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    spec = a.experiment_json
+    experiment = json.loads(spec if spec.lstrip().startswith("{") else Path(spec).read_text())
+    train_trl(a.model, a.prompts, experiment, a.out, a.metrics,
+              {"mode": a.wandb_mode, "project": a.wandb_project, "entity": a.wandb_entity}, a.seed)
+    return 0
