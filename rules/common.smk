@@ -164,7 +164,8 @@ def experiment_targets(exp):
 
 def all_targets():
     targets = []
-    for exp, e in EXPERIMENTS.items():
+    chosen = config["run_experiments"] or list(EXPERIMENTS)
+    for exp, e in ((n, EXPERIMENTS[n]) for n in chosen):
         if config["platform"] == "slurm" and e["backend"] == "mlx":
             print(f"note: skipping MLX experiment '{exp}' under the slurm profile", file=sys.stderr)
             continue

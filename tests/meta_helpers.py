@@ -73,9 +73,19 @@ def make_tiny_model(out: Path, corpus: list[str] | None = None, seed: int = 0, v
 
 
 def tiny_model(out: Path, seed: int = 0) -> Path:
-    """A tiny model directory: ``build_tiny_model`` when available, else the local helper."""
+    """A tiny model directory built by ``build_tiny_model`` on the tiny problems' text."""
+    import json
+
     try:
-        from rlmeta.models.build import build_tiny_model  # noqa: F401
+        from rlmeta.models.build import build_tiny_model
     except ImportError:
         return make_tiny_model(out, seed=seed)
-    return make_tiny_model(out, seed=seed)  # TODO switch once build_tiny_model's corpus contract is known
+    corpus = out.parent / f"{out.name}_corpus.jsonl"
+    with open(corpus, "w") as fh:
+        for s in SUBJECTS:
+            for i in range(40):
+                r = _problem(s, i, "x")
+                fh.write(json.dumps({"problem": r["question"], "solution": r["solution"]}) + "\n")
+    build = {"tokenizer": "bpe", "vocab_size": 300, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+             "num_kv_heads": 2, "intermediate_size": 128, "max_position_embeddings": 512}
+    return build_tiny_model(out, build, [corpus], seed)

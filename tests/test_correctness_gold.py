@@ -72,3 +72,17 @@ def test_hung_and_crashed_workers_are_replaced(monkeypatch):
 def test_inline_and_empty():
     assert math_verify_batch([], workers=2) == []
     assert math_verify_batch([("$\\boxed{4}$", "4"), ("", "4")], workers=0) == [1.0, 0.0]
+
+
+def test_spawn_context_works():
+    assert math_verify_batch([("$\\boxed{4}$", "4"), ("$\\boxed{3}$", "4")], workers=1, context="spawn") == [1.0, 0.0]
+
+
+def _broken(*args):
+    raise ImportError("math-verify is broken")
+
+
+def test_workers_that_cannot_start_raise(monkeypatch):
+    monkeypatch.setattr(mathverify, "_verify", _broken)  # the warm-up fails in every forked worker
+    with pytest.raises(RuntimeError, match="failing to start"):
+        math_verify_batch([("$\\boxed{4}$", "4")], workers=1, context="fork")

@@ -140,6 +140,12 @@ def validate(config: dict, schema: dict | None = None) -> dict:
 def _check_references(config: dict) -> None:
     from rlmeta.rewards import REGISTRY  # local import: rewards pull in math-verify
 
+    for name in config.get("run_experiments") or []:
+        if name not in config["experiments"]:
+            raise ConfigError(
+                f"config error: 'run_experiments' names '{name}', not a key of experiments; "
+                f"defined: {', '.join(sorted(config['experiments']))}"
+            )
     for name, exp in config["experiments"].items():
         where = f"experiments.{name}"
         for key, pool in (("dataset", "datasets"), ("model", "models")):

@@ -24,6 +24,8 @@ from rlmeta.answers import last_boxed
 
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # its own timeout/parse warnings
 log = logging.getLogger(__name__)
+STARTUP_S = 120.0
+"""Seconds a new worker may take to import and warm up before it is given up on."""
 
 
 def _parse_gold(reference: str, to: int | None):
@@ -65,10 +67,12 @@ def _score_pair(completion: str, reference: str | None) -> float:
 
 
 def _worker(conn, timeout_s: float) -> None:
-    """Score (index, completion, reference) messages until ``None``; reply (index, score),
-    score -1.0 marking a timeout."""
+    """Say "ready", then score (index, completion, reference) messages until ``None``;
+    reply (index, score), score -1.0 marking a timeout."""
     signal.signal(signal.SIGALRM, _alarm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _verify("$\\boxed{1}$", "1", None)  # warm up lazy parser set-up outside any deadline
+    conn.send("ready")
     while (msg := conn.recv()) is not None:
         idx, completion, reference = msg
         try:
@@ -91,7 +95,8 @@ def math_verify_batch(pairs, workers: int = 2, timeout_s: float = 5.0, context: 
     """``math_correct`` of each (completion, reference) pair, in ``workers`` processes.
 
     A pair gets ``timeout_s`` seconds of alarm-bounded work; a worker still busy
-    ``timeout_s + max(1, timeout_s)`` seconds after it got the pair is killed and replaced.
+    ``timeout_s + max(1, timeout_s)`` seconds after it got the pair is killed and replaced
+    (the clock starts once the worker has started and warmed up).
     Timeouts and crashes score 0.0. ``workers=0`` scores inline (main thread only).
     """
     pairs = list(pairs)
@@ -102,9 +107,9 @@ def math_verify_batch(pairs, workers: int = 2, timeout_s: float = 5.0, context: 
     ctx = mp.get_context(context or default_context())
     hard = timeout_s + max(1.0, timeout_s)
     idle: list = []
-    busy: dict = {}  # conn -> (process, index, deadline)
+    busy: dict = {}  # conn -> (index, deadline)
     procs: dict = {}  # conn -> process
-    failed = 0
+    failed = start_failures = 0
 
     def start():
         parent, child = ctx.Pipe()
@@ -112,7 +117,14 @@ def math_verify_batch(pairs, workers: int = 2, timeout_s: float = 5.0, context: 
         p.start()
         child.close()
         procs[parent] = p
-        idle.append(parent)
+        busy[parent] = (None, time.monotonic() + STARTUP_S)  # until it says "ready"
+
+    def lost(i):  # a worker died or hung while scoring pair i (None: while starting)
+        nonlocal failed, start_failures
+        failed += i is not None
+        start_failures += i is None
+        if start_failures > 2 * workers:
+            raise RuntimeError("math-verify worker processes keep failing to start")
 
     def drop(conn):
         p = procs.pop(conn)
@@ -126,18 +138,27 @@ def math_verify_batch(pairs, workers: int = 2, timeout_s: float = 5.0, context: 
         while todo or busy:
             while idle and todo:
                 conn, i = idle.pop(), todo.popleft()
-                conn.send((i, *pairs[i]))
+                try:
+                    conn.send((i, *pairs[i]))
+                except OSError:  # the idle worker died: retry the pair on a fresh one
+                    todo.appendleft(i)
+                    drop(conn)
+                    start()
+                    continue
                 busy[conn] = (i, time.monotonic() + hard)
+            if not busy:
+                continue
             ready = wait(list(busy), timeout=max(0.0, min(d for _, d in busy.values()) - time.monotonic()))
             for conn in ready:
                 i, _ = busy.pop(conn)
                 try:
-                    j, score = conn.recv()
-                    failed += score < 0
-                    results[j] = max(score, 0.0)
+                    msg = conn.recv()
+                    if i is not None:
+                        failed += msg[1] < 0
+                        results[msg[0]] = max(msg[1], 0.0)
                     idle.append(conn)
                 except (EOFError, OSError):  # the worker died: score 0, replace it
-                    failed += 1
+                    lost(i)
                     drop(conn)
                     if todo:
                         start()
@@ -145,7 +166,7 @@ def math_verify_batch(pairs, workers: int = 2, timeout_s: float = 5.0, context: 
             for conn, (i, deadline) in list(busy.items()):
                 if now >= deadline:
                     del busy[conn]
-                    failed += 1
+                    lost(i)
                     drop(conn)
                     if todo:
                         start()

@@ -1,0 +1,269 @@
+"""Build and run the ``torchrun`` command of a distributed training rule.
+
+One node (laptop, workstation, or one SLURM node)::
+
+    torchrun --standalone --nproc_per_node=N script args...
+
+Several SLURM nodes (the rule runs once on the job's first node, because the
+slurm profile gives it ``mpi: "srun"`` so the executor plugin does not wrap it
+in ``srun`` itself; this command starts one ``torchrun`` per node, and the
+``torchrun`` agents meet through the c10d rendezvous on the first node)::
+
+    srun --nodes=M --ntasks-per-node=1 torchrun --nnodes=M --nproc_per_node=N \\
+        --rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d \\
+        --rdzv_endpoint=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1):PORT \\
+        script args...
+
+A Snakemake rule calls the CLI::
+
+    python -m rlmeta.launch --nproc {resources.gpu} --nodes {resources.nodes} \\
+        --cpu-procs 2 -- scripts/train_fomaml.py --config ... --out {output}
+
+``--nproc`` is the GPU count of the whole job, i.e. the rule's ``resources.gpu``,
+which the SLURM executor plugin requests as ``sbatch --gpus=N`` (per job); every
+node runs ``nproc / nodes`` workers (torchrun's ``--nproc_per_node``).  With one
+node the two are the same.  When it is 0 (the CPU profiles set ``gpu=0``) each
+node runs ``--cpu-procs`` workers and the script is expected to pick the gloo
+backend.  ``--nproc auto`` uses the GPUs this process can see
+(CUDA_VISIBLE_DEVICES / SLURM_GPUS_ON_NODE) per node.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PORT = 29500
+#: Shell expression (evaluated on the job's first node) giving the rendezvous host.
+HEAD_NODE_EXPR = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'
+
+__all__ = [
+    "DEFAULT_PORT",
+    "HEAD_NODE_EXPR",
+    "torchrun_command",
+    "gpus_from_env",
+    "nproc_for",
+    "resolve_torchrun",
+    "main",
+]
+
+
+def torchrun_command(
+    script: str,
+    args: Sequence[str] = (),
+    nproc: int = 1,
+    nodes: int = 1,
+    port: int = DEFAULT_PORT,
+    *,
+    srun: bool | None = None,
+    cpus_per_task: int | None = None,
+    torchrun: str = "torchrun",
+) -> str:
+    """The shell command line that starts ``script`` under torchrun.
+
+    ``nproc`` is the number of worker processes per node, ``nodes`` the number
+    of nodes.  With ``nodes == 1`` the command is a standalone (single-node)
+    torchrun; with ``nodes > 1`` (or ``srun=True``) it is an ``srun`` that starts
+    one torchrun agent per node with a c10d rendezvous on the allocation's first
+    node.  That form must run inside a SLURM allocation, through a shell
+    (it uses ``$SLURM_JOB_ID`` and ``$(scontrol ...)``).  ``cpus_per_task``, when
+    given, is passed to that ``srun`` (since SLURM 22.05 ``srun`` does not
+    inherit ``--cpus-per-task`` from ``sbatch``).  ``torchrun`` is the launcher
+    word(s) as written into the command (not quoted: it may be
+    ``"python -m torch.distributed.run"``).  ``script`` and ``args`` are
+    shell-quoted.
+    """
+    nproc = _positive_int(nproc, "nproc")
+    nodes = _positive_int(nodes, "nodes")
+    port = _positive_int(port, "port")
+    if srun is None:
+        srun = nodes > 1
+    tail = " ".join(shlex.quote(str(a)) for a in [script, *args])
+    if not srun:
+        if nodes > 1:
+            raise ValueError("a multi-node launch needs srun (srun=False with nodes > 1)")
+        return f"{torchrun} --standalone --nproc_per_node={nproc} {tail}"
+    srun_opts = f"--nodes={nodes} --ntasks-per-node=1"
+    if cpus_per_task is not None:
+        srun_opts += f" --cpus-per-task={_positive_int(cpus_per_task, 'cpus_per_task')}"
+    return (
+        f"srun {srun_opts} {torchrun} --nnodes={nodes} --nproc_per_node={nproc} "
+        f"--rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d "
+        f"--rdzv_endpoint={HEAD_NODE_EXPR}:{port} {tail}"
+    )
+
+
+def gpus_from_env(env: Mapping[str, str] | None = None) -> int | None:
+    """GPUs visible to this process according to the environment, or None if unknown.
+
+    ``CUDA_VISIBLE_DEVICES`` wins (SLURM sets it for the GPUs it allocated on this
+    node; an empty value or ``NoDevFiles`` means none), then
+    ``SLURM_GPUS_ON_NODE``.  Nothing is imported (no torch), so this also works
+    on machines without CUDA.
+    """
+    env = os.environ if env is None else env
+    cvd = env.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        cvd = cvd.strip()
+        if cvd in ("", "NoDevFiles") or cvd.startswith("-1"):
+            return 0
+        return len([d for d in cvd.split(",") if d.strip()])
+    on_node = env.get("SLURM_GPUS_ON_NODE")
+    if on_node is not None and on_node.strip().isdigit():
+        return int(on_node)
+    return None
+
+
+def nproc_for(resources: Any, cpu_procs: int = 1) -> int:
+    """Processes per node for a rule's resources: its ``gpu`` count, or ``cpu_procs`` when 0.
+
+    ``resources`` is a mapping or an object with attributes (Snakemake's
+    ``resources``); a missing ``gpu`` counts as 0.
+    """
+    if isinstance(resources, Mapping):
+        gpu = resources.get("gpu", 0)
+    else:
+        gpu = getattr(resources, "gpu", 0)
+    gpu = int(gpu or 0)
+    if gpu < 0:
+        raise ValueError(f"gpu must be >= 0, got {gpu}")
+    return gpu if gpu > 0 else _positive_int(cpu_procs, "cpu_procs")
+
+
+def resolve_torchrun() -> str:
+    """The torchrun launcher that belongs to the running Python, as shell words."""
+    sibling = Path(sys.executable).with_name("torchrun")
+    if sibling.is_file() and os.access(sibling, os.X_OK):
+        return shlex.quote(str(sibling))
+    found = shutil.which("torchrun")
+    if found:
+        return shlex.quote(found)
+    return f"{shlex.quote(sys.executable)} -m torch.distributed.run"
+
+
+def _positive_int(value: Any, name: str) -> int:
+    try:
+        ivalue = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if ivalue != value and str(ivalue) != str(value).strip():
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if ivalue < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return ivalue
+
+
+def _slurm_env_for_srun(env: dict[str, str]) -> dict[str, str]:
+    """Make sure ``SLURM_JOB_NODELIST`` is set for the rendezvous host lookup.
+
+    The SLURM jobstep executor starts rules with a scrubbed environment that
+    keeps ``SLURM_JOB_ID`` but drops ``SLURM_JOB_NODELIST``; ask the controller.
+    """
+    if env.get("SLURM_JOB_NODELIST"):
+        return env
+    if not env.get("SLURM_JOB_ID"):
+        raise SystemExit(
+            "rlmeta.launch: a multi-node (srun) launch must run inside a SLURM job "
+            "(SLURM_JOB_ID is not set); use --nodes 1 outside SLURM"
+        )
+    nodelist = env.get("SLURM_NODELIST", "")
+    if not nodelist:
+        try:
+            nodelist = subprocess.run(
+                ["squeue", "-h", "-j", env["SLURM_JOB_ID"], "-o", "%N"],
+                check=True, capture_output=True, text=True,
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise SystemExit(f"rlmeta.launch: cannot find the job's node list: {exc}") from None
+    env = dict(env)
+    env["SLURM_JOB_NODELIST"] = nodelist
+    return env
+
+
+def _parse_nproc(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--nproc must be an integer >= 0 or 'auto', got {value!r}")
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"--nproc must be >= 0, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m rlmeta.launch",
+        description="Run a training script under torchrun (single node) or srun + torchrun (SLURM, several nodes).",
+        epilog="Example: python -m rlmeta.launch --nproc {resources.gpu} --nodes {resources.nodes} "
+        "-- scripts/train_fomaml.py --out model/",
+    )
+    p.add_argument("--nproc", type=_parse_nproc, default="auto",
+                   help="GPUs (worker processes) of the whole job, i.e. resources.gpu; each node "
+                        "runs nproc/nodes. 0 = CPU run (--cpu-procs per node); "
+                        "'auto' = the GPUs visible here, per node (default)")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
+    p.add_argument("--cpu-procs", type=int, default=1,
+                   help="processes per node when --nproc is 0 or no GPU is visible (default 1)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("RLMETA_TORCHRUN_PORT", DEFAULT_PORT)),
+                   help=f"rendezvous port for multi-node runs (default {DEFAULT_PORT} or $RLMETA_TORCHRUN_PORT)")
+    p.add_argument("--srun", action="store_true",
+                   help="use the srun + c10d rendezvous form even for one node")
+    p.add_argument("--cpus-per-task", type=int, default=None,
+                   help="passed to srun in the multi-node form (the rule's resources.cpus_per_task)")
+    p.add_argument("--torchrun", default=None,
+                   help="launcher to use (default: torchrun next to this Python, else on PATH, "
+                        "else 'python -m torch.distributed.run')")
+    p.add_argument("--dry-run", action="store_true", help="print the command and exit")
+    p.add_argument("script", help="training script (put it after --)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = list(ns.args)
+    if args and args[0] == "--":
+        args = args[1:]
+    if ns.nodes < 1:
+        parser.error("--nodes must be >= 1")
+    if ns.cpu_procs < 1:
+        parser.error("--cpu-procs must be >= 1")
+
+    if ns.nproc == "auto":
+        nproc = gpus_from_env() or ns.cpu_procs
+    elif ns.nproc == 0:
+        nproc = ns.cpu_procs
+    elif ns.nproc % ns.nodes:
+        parser.error(f"--nproc {ns.nproc} (GPUs of the job) is not a multiple of --nodes {ns.nodes}")
+    else:
+        nproc = ns.nproc // ns.nodes
+
+    torchrun = ns.torchrun or resolve_torchrun()
+    use_srun = ns.srun or ns.nodes > 1
+    cmd = torchrun_command(
+        ns.script, args, nproc=nproc, nodes=ns.nodes, port=ns.port,
+        srun=use_srun, cpus_per_task=ns.cpus_per_task if use_srun else None,
+        torchrun=torchrun,
+    )
+    if ns.dry_run:
+        print(cmd)
+        return 0
+    print(f"rlmeta.launch: {cmd}", file=sys.stderr, flush=True)
+    env = dict(os.environ)
+    if use_srun:
+        env = _slurm_env_for_srun(env)
+    os.execvpe("bash", ["bash", "-c", cmd], env)
+    return 127  # not reached
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,386 @@
+"""First-order MAML (FOMAML) over MATH subjects, full-parameter or meta-LoRA, under torchrun/FSDP2.
+
+One outer step: draw a seeded meta-batch of tasks; for each task, from the meta-parameters
+theta take ``inner_steps`` SGD steps on a support batch (fast weights phi), then the query
+loss L_q(phi) and its gradient at phi; restore theta bit for bit. The meta-gradient is
+the mean of those gradients over the meta-batch; AdamW (warm-up, schedule, clipping)
+applies it to theta. The query loss at theta before adapting gives each task's
+``adaptation_gap = L_q(theta) - L_q(phi)``. See docs/meta-learning.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rlmeta.meta.distributed import (DistContext, destroy, full_state_dict, init_distributed, load_resume, local,
+                                     save_resume, shard_model)
+from rlmeta.meta.tasks import TaskSampler, collate, encode, load_tasks
+
+log = logging.getLogger(__name__)
+
+META_DEFAULTS = dict(outer_steps=20, meta_batch_size=4, inner_steps=2, inner_lr=1e-3, outer_lr=1e-3, support_batch=8,
+                     query_batch=8, max_seq_len=384, max_grad_norm=1.0, warmup_steps=0, lr_schedule="cosine",
+                     nproc=1, lora=None, checkpoint_every=10)
+LORA_DEFAULTS = dict(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+STATE_FILE = "state.json"
+
+
+def meta_settings(meta: dict | None) -> dict:
+    """The ``meta`` block with the schema's defaults filled in."""
+    m = {**META_DEFAULTS, **(meta or {})}
+    if m["lora"] is not None:
+        m["lora"] = {**LORA_DEFAULTS, **m["lora"]}
+    return m
+
+
+def metric_columns(subjects: list[str]) -> list[str]:
+    """The FOMAML columns of train_metrics besides the common ones."""
+    cols = ["meta/loss", "meta/avg_adaptation_gap", "meta/query_loss_pre"]
+    for s in subjects:
+        cols += [f"{s}/query_loss_pre", f"{s}/query_loss_post", f"{s}/adaptation_gap"]
+    return cols
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the outer learning rate at 0-based ``step``: linear warm-up, then the schedule."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    frac = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return 1.0 - frac
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+    return 1.0
+
+
+def meta_parameters(model) -> list[torch.nn.Parameter]:
+    """The meta-learned parameters: every trainable one (only the LoRA adapter for meta-LoRA)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def snapshot(params) -> list[torch.Tensor]:
+    """Copies of the parameters' (local) data."""
+    return [local(p.detach()).clone() for p in params]
+
+
+@torch.no_grad()
+def restore(params, snap) -> None:
+    """Copy a snapshot back into the parameters in place (bit-exact)."""
+    for p, s in zip(params, snap):
+        local(p.detach()).copy_(s)
+
+
+def batch_loss(model, batch: dict, ctx: DistContext) -> tuple[torch.Tensor, float, int]:
+    """Token-mean cross-entropy over the labelled (solution) tokens of the whole batch, which may
+    be split over the shard group: returns ``(loss to backprop, loss value, labelled tokens)``."""
+    batch = {k: v.to(ctx.device) for k, v in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    counts = ctx.shard_sum(torch.stack([ce.detach().float(), (labels != -100).sum().float()]).cpu())
+    n = max(1.0, float(counts[1]))
+    return ce / n, float(counts[0]) / n, int(counts[1])
+
+
+def sgd_step(params, lr: float) -> None:
+    """Fast-weight update ``phi <- phi - lr * grad`` on the local shards; clears the grads."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                local(p.detach()).add_(local(p.grad), alpha=-lr)
+            p.grad = None
+
+
+def adapt_task(model, params, support: dict, query: dict, cfg: dict, ctx: DistContext, acc) -> tuple[float, float]:
+    """Inner loop on one task from the current (meta) weights; adds the query gradient at the
+    adapted weights to ``acc`` (local shards). Returns ``(query loss before, after)``."""
+    model.eval()
+    with torch.no_grad():
+        _, pre, _ = batch_loss(model, query, ctx)
+    model.train()
+    for _ in range(cfg["inner_steps"]):
+        loss, _, _ = batch_loss(model, support, ctx)
+        loss.backward()
+        sgd_step(params, cfg["inner_lr"])
+    loss, post, _ = batch_loss(model, query, ctx)
+    loss.backward()
+    with torch.no_grad():
+        for a, p in zip(acc, params):
+            if p.grad is not None:
+                a.add_(local(p.grad).reshape(a.shape))
+            p.grad = None
+    return pre, post
+
+
+def _tokens(batch: dict) -> int:
+    return int(batch["attention_mask"].sum())
+
+
+class FOMAML:
+    """The meta-learner: model, data, sampler, outer optimizer and scheduler."""
+
+    def __init__(self, model, tokenizer, support: dict, query: dict, cfg: dict, seed: int, ctx: DistContext):
+        self.model, self.tok, self.cfg, self.ctx = model, tokenizer, cfg, ctx
+        self.subjects = list(support)
+        self.data = {"support": support, "query": query}
+        self.sampler = TaskSampler(self.subjects, seed)
+        self.params = meta_parameters(model)
+        self.opt = torch.optim.AdamW(self.params, lr=cfg["outer_lr"], weight_decay=0.0)
+        f = lambda s: lr_factor(s, cfg["warmup_steps"], cfg["outer_steps"], cfg["lr_schedule"])  # noqa: E731
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, f)
+        self._cache: dict = {}
+
+    def batch(self, step: int, slot: int, task: str, split: str) -> dict:
+        """This rank's part (rows ``shard_rank::shard_size``) of a seeded task batch."""
+        rows = self.data[split][task]
+        size = self.cfg["support_batch" if split == "support" else "query_batch"]
+        idx = self.sampler.rows(step, slot, task, split, len(rows), size)[self.ctx.shard_rank::self.ctx.shard_size]
+        ex = []
+        for i in idx:
+            key = (task, split, i)
+            if key not in self._cache:
+                self._cache[key] = encode(self.tok, rows[i], self.cfg["max_seq_len"])
+            ex.append(self._cache[key])
+        return collate(ex, self.tok.pad_token_id)
+
+    def meta_gradient(self, step: int) -> tuple[list[torch.Tensor], dict]:
+        """Mean first-order meta-gradient (local shards) of outer step ``step`` and its task stats."""
+        cfg, ctx = self.cfg, self.ctx
+        tasks = self.sampler.meta_batch(step, cfg["meta_batch_size"])
+        theta = snapshot(self.params)
+        acc = [torch.zeros_like(t) for t in theta]
+        stats = torch.zeros(len(self.subjects), 3, dtype=torch.float64)  # pre, post, count
+        tokens = 0
+        for slot, task in enumerate(tasks):
+            if slot % ctx.task_groups != ctx.task_rank:
+                continue
+            support, query = self.batch(step, slot, task, "support"), self.batch(step, slot, task, "query")
+            pre, post = adapt_task(self.model, self.params, support, query, cfg, ctx, acc)
+            restore(self.params, theta)
+            stats[self.subjects.index(task)] += torch.tensor([pre, post, 1.0], dtype=torch.float64)
+            tokens += cfg["inner_steps"] * _tokens(support) + 2 * _tokens(query)
+        flat = torch.cat([a.flatten() for a in acc]) if acc else torch.zeros(0)
+        ctx.task_sum(flat)
+        flat /= len(tasks)
+        ctx.task_sum(stats)
+        tok = ctx.world_sum(torch.tensor([tokens], dtype=torch.int64))
+        grads, off = [], 0
+        for a in acc:
+            grads.append(flat[off:off + a.numel()].view_as(a))
+            off += a.numel()
+        return grads, {"stats": stats, "tokens": int(tok[0])}
+
+    def step(self, step: int) -> dict:
+        """One outer step; returns its train_metrics row."""
+        t0 = time.perf_counter()
+        lr = self.opt.param_groups[0]["lr"]
+        grads, info = self.meta_gradient(step)
+        sq = torch.tensor([float(sum((g.double() ** 2).sum() for g in grads))], dtype=torch.float64)
+        norm = math.sqrt(float(self.ctx.shard_sum(sq)[0]))
+        clip = self.cfg["max_grad_norm"]
+        scale = min(1.0, clip / (norm + 1e-6)) if clip else 1.0
+        for p, g in zip(self.params, grads):
+            p.grad = torch.zeros_like(p)
+            local(p.grad).copy_(g * scale)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return self._row(step, lr, norm, info, time.perf_counter() - t0)
+
+    def _row(self, step: int, lr: float, norm: float, info: dict, seconds: float) -> dict:
+        st = info["stats"]
+        n = float(st[:, 2].sum())
+        row = {"step": step + 1, "lr": lr, "grad_norm": norm, "tokens": info["tokens"], "step_seconds": seconds,
+               "meta/loss": float(st[:, 1].sum()) / n, "meta/query_loss_pre": float(st[:, 0].sum()) / n}
+        row["meta/avg_adaptation_gap"] = row["meta/query_loss_pre"] - row["meta/loss"]
+        row["loss"] = row["meta/loss"]
+        for i, s in enumerate(self.subjects):
+            c = float(st[i, 2])
+            pre, post = (float(st[i, 0]) / c, float(st[i, 1]) / c) if c else (math.nan, math.nan)
+            row.update({f"{s}/query_loss_pre": pre, f"{s}/query_loss_post": post, f"{s}/adaptation_gap": pre - post})
+        return row
+
+
+# ---------------------------------------------------------------- model, checkpoints, CLI
+
+
+def load_model(model_dir: str, lora: dict | None, seed: int, device):
+    """Tokenizer and model (float32) from ``model_dir``; with ``lora`` a peft LoRA model whose
+    adapter (seeded init) is the only trainable part."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    torch.manual_seed(seed)
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, lora_config(lora))
+    return tok, model
+
+
+def lora_config(lora: dict):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM")
+
+
+def save_final(model, tokenizer, model_dir: str, lora: dict | None, out: Path, ctx: DistContext) -> None:
+    """Gather the full state dict on rank 0 and save a plain transformers checkpoint atomically
+    (LoRA merged; safetensors; tokenizer; top-level ``rope_theta``)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlmeta.io import atomic_dir
+    from rlmeta.models.tokenizer import save_tokenizer
+
+    sd = full_state_dict(model, ctx)
+    if ctx.is_main:
+        fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if lora is not None:
+            from peft import get_peft_model
+
+            fresh = get_peft_model(fresh, lora_config(lora))
+        missing, unexpected = fresh.load_state_dict(sd, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise RuntimeError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if lora is not None:
+            fresh = fresh.merge_and_unload()
+        with atomic_dir(out) as tmp:
+            fresh.save_pretrained(tmp, safe_serialization=True)
+            save_tokenizer(tokenizer, tmp)
+            cfg_path = tmp / "config.json"
+            cfg = json.loads(cfg_path.read_text())
+            rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")
+            if rope is not None:
+                cfg["rope_theta"] = rope
+                cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    ctx.barrier()
+
+
+def latest_checkpoint(ckpt_dir: Path, spec: dict) -> Path | None:
+    """The newest ``<ckpt_dir>/<step>/`` written by a run with the same spec."""
+    found = []
+    for d in ckpt_dir.glob("*/" + STATE_FILE):
+        try:
+            state = json.loads(d.read_text())
+        except (OSError, ValueError):
+            continue
+        if d.parent.name.isdigit() and state.get("spec") == spec:
+            found.append((int(d.parent.name), d.parent))
+    return max(found)[1] if found else None
+
+
+def train(model_dir: str, tasks_dir: str, subjects: list[str], meta: dict, seed: int, out: str | Path,
+          metrics: str | Path, wandb_cfg: dict | None = None, ckpt_dir: str | Path | None = None,
+          shard_size: int = 1, resume: bool = True, stop_after: int | None = None, keep: int = 2) -> Path:
+    """Meta-train and save the final checkpoint to ``out``; returns ``out``. ``stop_after`` ends this
+    run after that many outer steps without a final save (as if preempted; for resume tests)."""
+    from rlmeta.tracking import MetricsWriter, check_finite, wandb_run
+
+    cfg = meta_settings(meta)
+    out = Path(out)
+    ckpt_dir = Path(ckpt_dir) if ckpt_dir else out.parent
+    ctx = init_distributed(shard_size)
+    try:
+        tok, model = load_model(model_dir, cfg["lora"], seed, ctx.device)
+        model = shard_model(model, ctx, bf16=ctx.device.type == "cuda")
+        support = load_tasks(tasks_dir, subjects, "support")
+        learner = FOMAML(model, tok, support, load_tasks(tasks_dir, subjects, "query"), cfg, seed, ctx)
+        spec = {"model": str(model_dir), "tasks_dir": str(tasks_dir), "subjects": list(subjects), "meta": cfg,
+                "seed": seed}
+        start, last = 0, latest_checkpoint(ckpt_dir, spec) if resume else None
+        if last is not None:
+            state = load_resume(last, model, learner.opt, ctx)
+            learner.sched.load_state_dict(state["scheduler"])
+            start = state["step"]
+            if ctx.is_main:
+                log.info("resuming from %s (step %d)", last, start)
+        writer = MetricsWriter(metrics, metric_columns(subjects), resume_step=start if last else None)
+        name = (wandb_cfg or {}).get("name") or (out.parent.parent.name if out.parent.name == "checkpoints" else out.name)
+        w = {"mode": "offline", "project": "rlmeta", **(wandb_cfg or {})}
+        run_ctx = (wandb_run(w["mode"], w["project"], w.get("entity"), name, ckpt_dir, {**spec, "world": ctx.world})
+                   if ctx.is_main and w["mode"] != "disabled" else contextlib.nullcontext(None))
+        n_params = sum(p.numel() for p in learner.params)
+        if ctx.is_main:
+            log.info("FOMAML %s: %d tasks, %d meta-parameters (%s), world %d = %d task groups x %d shards, steps %d..%d",
+                     model_dir, len(subjects), n_params, "meta-LoRA" if cfg["lora"] else "full", ctx.world,
+                     ctx.task_groups, ctx.shard_size, start + 1, cfg["outer_steps"])
+        with run_ctx as run:
+            for step in range(start, cfg["outer_steps"]):
+                if stop_after is not None and step - start >= stop_after:
+                    return out
+                row = learner.step(step)
+                check_finite({k: v for k, v in row.items() if "/" not in k or k.startswith("meta/")}, row["step"], last)
+                if ctx.is_main:
+                    writer.add(row)
+                    writer.flush()
+                    if run is not None:
+                        run.log({k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))},
+                                step=row["step"])
+                    log.info("step %d/%d meta/loss %.4f gap %+.4f lr %.2e grad_norm %.3f tokens %d %.2fs (%.0f tok/s)",
+                             row["step"], cfg["outer_steps"], row["loss"], row["meta/avg_adaptation_gap"], row["lr"],
+                             row["grad_norm"], row["tokens"], row["step_seconds"], row["tokens"] / row["step_seconds"])
+                s = step + 1
+                if s % cfg["checkpoint_every"] == 0 and s < cfg["outer_steps"]:
+                    last = ckpt_dir / str(s)
+                    save_resume(last, model, learner.opt, ctx,
+                                {"step": s, "scheduler": learner.sched.state_dict(), "spec": spec})
+                    if ctx.is_main:
+                        _prune(ckpt_dir, spec, keep)
+        save_final(model, tok, model_dir, cfg["lora"], out, ctx)
+        if ctx.is_main:
+            writer.close()
+            log.info("saved %s", out)
+        return out
+    finally:
+        destroy(ctx)
+
+
+def _prune(ckpt_dir: Path, spec: dict, keep: int) -> None:
+    """Delete all but the newest ``keep`` resume checkpoints of this spec."""
+    mine = sorted(int(d.parent.name) for d in ckpt_dir.glob("*/" + STATE_FILE) if d.parent.name.isdigit()
+                  and json.loads(d.read_text()).get("spec") == spec)
+    for s in mine[:-keep] if keep > 0 else []:
+        shutil.rmtree(ckpt_dir / str(s), ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line of ``scripts/train_fomaml.py`` (plain python or ``torchrun --nproc_per_node=N``)."""
+    p = argparse.ArgumentParser(prog="train_fomaml.py", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="initial checkpoint folder (transformers format)")
+    p.add_argument("--tasks-dir", required=True, help="folder with <subject>/{support,query}.parquet")
+    p.add_argument("--subjects", nargs="+", required=True, help="task (subject) names")
+    p.add_argument("--meta-json", default="{}", help="experiments.<name>.meta as JSON, or a .json file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="final checkpoint folder (written atomically)")
+    p.add_argument("--metrics", required=True, help="train_metrics.parquet to write")
+    p.add_argument("--checkpoint-dir", default=None, help="resume checkpoints <dir>/<step>/ (default: --out's parent)")
+    p.add_argument("--shard-size", type=int, default=1,
+                   help="ranks sharing one FSDP2 model copy (1 = task-parallel; world = plain FSDP)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="resume checkpoints kept (default 2)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a matching checkpoint exists")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--wandb-mode", choices=["offline", "online", "disabled"], default="offline")
+    p.add_argument("--wandb-project", default="rlmeta")
+    p.add_argument("--wandb-entity", default=None)
+    p.add_argument("--wandb-name", default=None, help="run name (default: the experiment folder's name)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    meta = json.loads(a.meta_json if a.meta_json.lstrip().startswith("{") else Path(a.meta_json).read_text())
+    train(a.model, a.tasks_dir, a.subjects, meta, a.seed, a.out, a.metrics,
+          {"mode": a.wandb_mode, "project": a.wandb_project, "entity": a.wandb_entity, "name": a.wandb_name},
+          a.checkpoint_dir, a.shard_size, not a.no_resume, a.stop_after, a.keep_checkpoints)
+    return 0
