@@ -38,7 +38,7 @@ def test_math500_gold_solutions_verify():
     rows = _jsonl(MATH500)
     sols, answers = [r["solution"] for r in rows], [r["answer"] for r in rows]
     scores = math_verify_batch(list(zip(sols, answers)), workers=2, timeout_s=5)
-    n = 250  # unequal pairs cost ~10x more sympy time; half the rows keep the file well under 60 s
+    n = 150  # unequal pairs cost ~10x more sympy time; a sample keeps the file well under 60 s
     shifted = math_verify_batch(list(zip(sols[:n], answers[1:n + 1])), workers=2, timeout_s=5)
     assert sum(scores) / len(scores) >= 0.99
     assert sum(shifted) / len(shifted) < 0.05

@@ -100,17 +100,20 @@ def _train_torch(src: Path, tmp: Path, data, steps: int, learning_rate: float, s
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", trust_remote_code=False)
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", trust_remote_code=False).to(device)
     model.train()
+    log.info("warmstart[torch] on %s", device)
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     losses, t0 = [], time.perf_counter()
     for step, (x, y, m) in enumerate(data):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, learning_rate)
         # Right padding under a causal mask: real tokens never see the pads, so no attention_mask.
-        logits = model(input_ids=torch.from_numpy(x).long()).logits.float()
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.from_numpy(y).long().flatten(), reduction="none")
-        mask = torch.from_numpy(m).flatten()
+        logits = model(input_ids=torch.from_numpy(x).long().to(device)).logits.float()
+        targets = torch.from_numpy(y).long().flatten().to(device)
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets, reduction="none")
+        mask = torch.from_numpy(m).flatten().to(device)
         loss = (ce * mask).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -118,8 +121,7 @@ def _train_torch(src: Path, tmp: Path, data, steps: int, learning_rate: float, s
         opt.step()
         losses.append(loss.item())
         _progress("torch", step, steps, losses, t0, log_every)
-    model.eval()
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.eval().cpu().save_pretrained(tmp, safe_serialization=True)
     return losses
 
 
@@ -200,7 +202,7 @@ def warmstart(model_dir: str | Path, prompts_table_path: str | Path, out_dir: st
 
 def main(argv: list[str] | None = None) -> None:
     """Command line for ``warmstart``."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description="Warm-start (SFT) a checkpoint on a prompts table's reference completions.")
     p.add_argument("--model", required=True, help="checkpoint folder (or hub id)")
     p.add_argument("--prompts", required=True, type=Path, help="prompts table (parquet, rlmeta.tables.PROMPTS)")
     p.add_argument("--out", required=True, type=Path)

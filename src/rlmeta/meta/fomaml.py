@@ -32,6 +32,7 @@ META_DEFAULTS = dict(outer_steps=20, meta_batch_size=4, inner_steps=2, inner_lr=
                      nproc=1, lora=None, checkpoint_every=10)
 LORA_DEFAULTS = dict(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 STATE_FILE = "state.json"
+ADAPTER_DIR = "meta_adapter"  # unmerged meta-LoRA adapter inside the final checkpoint
 
 
 def meta_settings(meta: dict | None) -> dict:
@@ -240,7 +241,8 @@ def lora_config(lora: dict):
 
 def save_final(model, tokenizer, model_dir: str, lora: dict | None, out: Path, ctx: DistContext) -> None:
     """Gather the full state dict on rank 0 and save a plain transformers checkpoint atomically
-    (LoRA merged; safetensors; tokenizer; top-level ``rope_theta``)."""
+    (LoRA merged, the adapter also kept in ``meta_adapter/``; safetensors; tokenizer; top-level
+    ``rope_theta``)."""
     from transformers import AutoModelForCausalLM
 
     from rlmeta.io import atomic_dir
@@ -256,9 +258,10 @@ def save_final(model, tokenizer, model_dir: str, lora: dict | None, out: Path, c
         missing, unexpected = fresh.load_state_dict(sd, strict=False)
         if unexpected or [k for k in missing if "lm_head" not in k]:
             raise RuntimeError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        if lora is not None:
-            fresh = fresh.merge_and_unload()
         with atomic_dir(out) as tmp:
+            if lora is not None:  # keep the unmerged meta-adapter too (eval_adaptation adapts it)
+                fresh.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
+                fresh = fresh.merge_and_unload()
             fresh.save_pretrained(tmp, safe_serialization=True)
             save_tokenizer(tokenizer, tmp)
             cfg_path = tmp / "config.json"

@@ -22,7 +22,7 @@ Prompts = Sequence[Messages] | Sequence[Sequence[int]]
 STOP_TOKENS = ("<|im_end|>",)
 """Token strings that end a completion besides the tokenizer's and config's eos ids."""
 
-EXTRA_FILES = ("generation_config.json", "chat_template.jinja")
+EXTRA_FILES = ("generation_config.json",)
 """Files copied verbatim from the source checkpoint when a policy is saved."""
 
 
@@ -142,3 +142,14 @@ def copy_extra_files(src: str | Path | None, dst: Path) -> None:
 def read_config(path: str | Path) -> dict:
     """The checkpoint's ``config.json``."""
     return json.loads((Path(path) / "config.json").read_text())
+
+
+def checkpoint_eos(path: str | Path) -> list[int]:
+    """Eos ids named by a local checkpoint's config.json and generation_config.json."""
+    ids: list[int] = []
+    for name in ("config.json", "generation_config.json"):
+        f = Path(path) / name
+        if f.exists():
+            eos = json.loads(f.read_text()).get("eos_token_id")
+            ids += [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return ids

@@ -1,7 +1,7 @@
 """MLX policy on mlx-lm.
 
-Sampling runs every completion of a call in one continuous batch through mlx-lm's
-``BatchGenerator`` (KV cache, finished rows dropped as they stop). Teacher-forced
+Sampling runs every completion of a call in one batch over mlx-lm's ``BatchKVCache``
+(left-padded prompts, each prefilled once, finished rows dropped as they stop). Teacher-forced
 log-probs use right-padded rows (a causal model needs no mask for them) and gather the
 completion positions, so ``sequence_logprobs`` is differentiable under ``nn.value_and_grad``.
 """
@@ -13,32 +13,29 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import apply_top_p
 
 from rlmeta.io import atomic_dir, write_json
+from rlmeta.models.tokenizer import save_tokenizer
 from rlmeta.policy.base import (Generation, Prompts, as_token_ids, copy_extra_files, encode_prompts, finish,
-                                pad_token_id, read_config, stop_token_ids)
+                                checkpoint_eos, pad_token_id, read_config, stop_token_ids)
 
 LOGITS_BUDGET = 2**27
 """Float32 logits elements held at once by ``MLXPolicy.logprobs`` (512 MiB)."""
 
 
-def make_sampler(temperature: float, top_p: float = 1.0):
-    """Sampler over log-probs: temperature first, then top-p, as transformers does.
+def sample(logprobs: mx.array, top_p: float = 1.0, greedy: bool = False) -> mx.array:
+    """Draw one token per row from temperature-scaled log-probs, top-p truncated.
 
-    (``mlx_lm.sample_utils.make_sampler`` applies top-p before the temperature.)
+    Temperature comes first, then top-p, as in transformers (``mlx_lm``'s ``make_sampler``
+    applies top-p to the unscaled distribution).
     """
-    if temperature == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
-
-    def sample(logprobs: mx.array) -> mx.array:
-        x = logprobs * (1.0 / temperature)
-        if top_p < 1.0:
-            x = apply_top_p(x - mx.logsumexp(x, axis=-1, keepdims=True), top_p)
-        return mx.random.categorical(x)
-
-    return sample
+    if greedy:
+        return mx.argmax(logprobs, axis=-1)
+    if top_p < 1.0:
+        logprobs = apply_top_p(logprobs, top_p)
+    return mx.random.categorical(logprobs)
 
 
 def lm_head(model: nn.Module, hidden: mx.array) -> mx.array:
@@ -96,7 +93,8 @@ class MLXPolicy:
         self.tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
         self.config = dict(config)
         self.source = source
-        self.stop_ids = stop_token_ids(self.tokenizer, self.config.get("eos_token_id"))
+        eos = checkpoint_eos(source) if source is not None and Path(source).is_dir() else None
+        self.stop_ids = stop_token_ids(self.tokenizer, eos or self.config.get("eos_token_id"))
         self.pad_id = pad_token_id(self.tokenizer)
 
     @classmethod
@@ -116,29 +114,49 @@ class MLXPolicy:
 
     def generate(self, prompts: Prompts, n: int = 1, *, temperature: float = 1.0, top_p: float = 1.0,
                  max_new_tokens: int = 128, seed: int = 0) -> list[Generation]:
-        """``n`` completions per prompt in one batch; deterministic for a seed."""
+        """``n`` completions per prompt in one batch; deterministic for a seed.
+
+        Each prompt is prefilled once (left-padded, ``BatchKVCache``) and its cache repeated
+        ``n`` times; rows leave the batch when they emit a stop token.
+        """
         ids = as_token_ids(self.tokenizer, prompts)
-        rows = [(i, s) for i in range(len(ids)) for s in range(n)]
-        if not rows:
+        if not ids or n < 1:
             return []
         mx.random.seed(seed)
-        gen = BatchGenerator(self.model, max_tokens=max_new_tokens, stop_tokens=[[t] for t in self.stop_ids],
-                             sampler=make_sampler(temperature, top_p), completion_batch_size=len(rows),
-                             prefill_batch_size=len(rows))
-        uids = gen.insert([ids[i] for i, _ in rows], [max_new_tokens] * len(rows))
-        tokens = {u: [] for u in uids}
-        logps = {u: [] for u in uids}
-        t = temperature if temperature > 0 else 1.0
-        while responses := gen.next_generated():
-            step = mx.stack([r.logprobs for r in responses]) * (1.0 / t)
-            picked = mx.array([r.token for r in responses])[:, None]
-            lp = mx.take_along_axis(step, picked, axis=-1)[:, 0] - mx.logsumexp(step, axis=-1)
-            for r, v in zip(responses, lp.tolist()):
-                tokens[r.uid].append(r.token)
-                logps[r.uid].append(v)
-        gen.close()
-        return [finish(self.tokenizer, i, s, ids[i], tokens[u], logps[u], self.stop_ids)
-                for (i, s), u in zip(rows, uids)]
+        inv_t = 1.0 / temperature if temperature > 0 else 1.0
+        width = max(len(p) for p in ids)
+        pads = [width - len(p) for p in ids]
+        cache = [BatchKVCache(pads) for _ in self.model.layers]
+        x = mx.array([[self.pad_id] * k + list(p) for p, k in zip(ids, pads)], dtype=mx.int32)
+        logits = lm_head(self.model, self.model.model(x, cache=cache)[:, -1:])[:, 0]
+        if n > 1:
+            logits = mx.repeat(logits, n, axis=0)
+            for c in cache:
+                c.keys, c.values = mx.repeat(c.keys, n, axis=0), mx.repeat(c.values, n, axis=0)
+                c.offset, c.left_padding = mx.repeat(c.offset, n, axis=0), mx.repeat(c.left_padding, n, axis=0)
+        rows = list(range(len(ids) * n))  # batch row -> output row
+        tokens: list[list[int]] = [[] for _ in rows]
+        logps: list[list[float]] = [[] for _ in rows]
+        stops = set(self.stop_ids)
+        for step in range(max_new_tokens):
+            scaled = logits.astype(mx.float32) * inv_t
+            lp = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+            nxt = sample(lp, top_p, greedy=temperature == 0)
+            chosen = mx.take_along_axis(lp, nxt[:, None], axis=-1)[:, 0]
+            for r, tok, v in zip(rows, nxt.tolist(), chosen.tolist()):
+                tokens[r].append(tok)
+                logps[r].append(v)
+            keep = [i for i, r in enumerate(rows) if tokens[r][-1] not in stops]
+            if not keep or step == max_new_tokens - 1:
+                break
+            if len(keep) < len(rows):
+                idx = mx.array(keep)
+                for c in cache:
+                    c.filter(idx)
+                nxt, rows = nxt[idx], [rows[i] for i in keep]
+            logits = lm_head(self.model, self.model.model(nxt[:, None], cache=cache))[:, -1]
+        return [finish(self.tokenizer, k // n, k % n, ids[k // n], tokens[k], logps[k], self.stop_ids)
+                for k in range(len(tokens))]
 
     def logprobs(self, prompt_ids, completion_ids, temperature: float = 1.0) -> list[np.ndarray]:
         """Teacher-forced log-probs of each completion token, batched under ``LOGITS_BUDGET``."""
@@ -163,7 +181,7 @@ class MLXPolicy:
         with atomic_dir(path) as tmp:
             mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
             write_json(tmp / "config.json", config)
-            self.tokenizer.save_pretrained(tmp)
+            save_tokenizer(self.tokenizer, tmp)
             copy_extra_files(self.source, tmp)
         return Path(path)
 

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from rlmeta.io import atomic_dir
-from rlmeta.policy.base import (Generation, Prompts, as_token_ids, copy_extra_files, encode_prompts, finish,
-                                pad_token_id, stop_token_ids)
+from rlmeta.models.tokenizer import save_tokenizer
+from rlmeta.policy.base import (Generation, Prompts, as_token_ids, checkpoint_eos, copy_extra_files, encode_prompts,
+                                finish, pad_token_id, stop_token_ids)
 
 LOGITS_BUDGET = 2**27
 """Float32 logits elements held at once by ``TorchPolicy.logprobs`` (512 MiB)."""
@@ -26,11 +27,16 @@ LOGITS_BUDGET = 2**27
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def set_threads() -> int:
-    """Use the cores this process may run on (torch may count more), unless ``OMP_NUM_THREADS`` says."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), cores)))
+def set_threads(n: int | None = None) -> int:
+    """Set torch's intra-op threads: ``n``, else ``RLMETA_TORCH_THREADS``, else at most the cores
+    this process may use (torch may count more). Small models decode fastest on 1 thread when
+    the cores are shared."""
+    n = n or int(os.environ.get("RLMETA_TORCH_THREADS", "0")) or None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if n:
+        torch.set_num_threads(n)
+    elif torch.get_num_threads() > cores:
+        torch.set_num_threads(cores)
     return torch.get_num_threads()
 
 
@@ -92,7 +98,8 @@ class TorchPolicy:
         self.model = model
         self.tokenizer = tokenizer
         self.source = source
-        self.stop_ids = stop_token_ids(tokenizer, getattr(model.config, "eos_token_id", None))
+        eos = checkpoint_eos(source) if source is not None and Path(source).is_dir() else None
+        self.stop_ids = stop_token_ids(tokenizer, eos or getattr(model.config, "eos_token_id", None))
         self.pad_id = pad_token_id(tokenizer)
         set_threads()
 
@@ -187,6 +194,6 @@ class TorchPolicy:
             model = copy.deepcopy(model).merge_and_unload()
         with atomic_dir(path) as tmp:
             model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
+            save_tokenizer(self.tokenizer, tmp)
             copy_extra_files(self.source, tmp)
         return Path(path)

@@ -51,8 +51,16 @@ def train_settings(experiment: dict) -> dict:
 
 
 def grpo_config(experiment: dict, out_dir: str | os.PathLike, seed: int = 0, report_to: str | None = None,
-                cuda: bool | None = None, run_name: str | None = None):
-    """``trl.GRPOConfig`` for an experiment (keys ``algorithm``, ``rewards``, ``train``).
+                run_name: str | None = None):
+    """``trl.GRPOConfig`` for an experiment on this machine (see ``grpo_config_kwargs``)."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(**grpo_config_kwargs(experiment, out_dir, seed, report_to, None, run_name))
+
+
+def grpo_config_kwargs(experiment: dict, out_dir: str | os.PathLike, seed: int = 0, report_to: str | None = None,
+                       cuda: bool | None = None, run_name: str | None = None) -> dict:
+    """``trl.GRPOConfig`` keyword arguments for an experiment (keys ``algorithm``, ``rewards``, ``train``).
 
     One generation batch = ``batch_prompts`` prompts x ``group_size`` completions, trained in one
     micro-batch (``per_device_train_batch_size``, ``steps_per_generation=1``) and reused for
@@ -61,7 +69,6 @@ def grpo_config(experiment: dict, out_dir: str | os.PathLike, seed: int = 0, rep
     CPU (``use_cpu``, fp32) when no CUDA GPU; bf16 autocast on CUDA unless ``trl.bf16`` is false.
     """
     import torch
-    from trl import GRPOConfig
 
     algorithm = experiment.get("algorithm", "grpo")
     if algorithm not in ("grpo", "gspo"):
@@ -71,14 +78,14 @@ def grpo_config(experiment: dict, out_dir: str | os.PathLike, seed: int = 0, rep
     eps_low, eps_high = default_epsilons(algorithm)
     mu = int(t["updates_per_batch"])
     report_to = report_to or t["trl"]["report_to"]
-    return GRPOConfig(
+    return dict(
         output_dir=str(out_dir),
         run_name=run_name,
         seed=seed,
         data_seed=seed,
         use_cpu=not cuda,
         bf16=bool(cuda) if t["trl"]["bf16"] is None else bool(t["trl"]["bf16"]),
-        gradient_checkpointing=bool(cuda),  # TRL's default trades compute for GPU memory; pointless on CPU
+        activation_checkpointing=bool(cuda),  # TRL turns it on (memory for compute); pointless on CPU
         max_steps=int(t["steps"]) * mu,
         num_iterations=mu,
         num_generations=int(t["group_size"]),
@@ -229,17 +236,28 @@ def _resume_checkpoint(out_dir: Path, spec: dict) -> str | None:
     return get_last_checkpoint(str(out_dir))
 
 
-def save_final(model, tokenizer, path: str | os.PathLike, dtype=None) -> Path:
-    """Save the policy atomically as a plain transformers checkpoint (LoRA merged, safetensors,
-    tokenizer, top-level ``rope_theta`` as ``build_tiny_model`` writes) that mlx_lm.load also opens."""
+def save_final(model, tokenizer, path: str | os.PathLike, source: dict | None = None) -> Path:
+    """Save the policy atomically as a plain transformers checkpoint that mlx_lm.load also opens.
+
+    LoRA is merged (``merge_and_unload``); weights are safetensors in the base checkpoint's dtype;
+    ``source`` (the base config.json) restores what training changed in the config (TRL sets
+    ``use_cache`` false and mirrors ``pad_token_id`` into it); ``rope_theta`` is also written at the
+    top level, as ``build_tiny_model`` does, for transformers 4.x and older mlx-lm.
+    """
+    import torch
     from peft import PeftModel
 
     from rlmeta.models.tokenizer import save_tokenizer
 
+    source = source or {}
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
-    if dtype is not None:
-        model = model.to(dtype)
+    dtype = source.get("dtype") or source.get("torch_dtype")
+    if dtype in ("float32", "bfloat16", "float16"):
+        model = model.to(getattr(torch, dtype))
+    model.config.use_cache = source.get("use_cache", True)
+    if source:
+        model.config.pad_token_id = source.get("pad_token_id")
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tokenizer, tmp)
@@ -252,16 +270,10 @@ def save_final(model, tokenizer, path: str | os.PathLike, dtype=None) -> Path:
     return Path(path)
 
 
-def _source_dtype(model_dir: str):
-    """The dtype recorded in a local checkpoint's config.json (the final save keeps it), else None."""
-    import torch
-
+def _source_config(model_dir: str) -> dict:
+    """A local base checkpoint's config.json ({} for a hub id)."""
     cfg = Path(model_dir) / "config.json"
-    if not cfg.exists():
-        return None
-    c = json.loads(cfg.read_text())
-    name = c.get("dtype") or c.get("torch_dtype")
-    return getattr(torch, name) if name in ("float32", "bfloat16", "float16") else None
+    return json.loads(cfg.read_text()) if cfg.exists() else {}
 
 
 def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, experiment: dict,
@@ -312,7 +324,7 @@ def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, exp
         trainer.train(resume_from_checkpoint=resume)
     writer.close()
     final = save_final(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class,
-                       out_dir / "final", _source_dtype(str(model_dir)))
+                       out_dir / "final", _source_config(str(model_dir)))
     log.info("saved %s", final)
     return final
 

@@ -1,0 +1,173 @@
+"""Seconds per GRPO training step: our MLX trainer vs mlx-lm-lora's ``train_grpo``, and the TRL path
+vs a bare ``GRPOTrainer`` (delegated to ``benchmarks/train_step_trl.py`` when present).
+
+Both MLX trainers get the same model, prompts, reward, batch (prompts x group size), completion
+length, sampler (temperature 1, no top-p/top-k), loss (``grpo`` aggregation, eps 0.2/0.28,
+beta 0, one update per rollout), full fine-tuning and AdamW with bias correction. A step is one
+rollout (generation + rewards) plus one update. mlx-lm-lora is not a project dependency: it is
+imported from the environment, else from ``.bench-deps/`` (``pip install --no-deps --target
+.bench-deps mlx-lm-lora``). Prints a table, then one JSON line with the ratios (ours / theirs).
+
+    .venv/bin/python benchmarks/train_step.py [--model DIR] [--steps 5] [--batch-prompts 4] ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_DEPS = ROOT / ".bench-deps"
+BUILD = {"tokenizer": "bpe", "vocab_size": 2048, "hidden_size": 128, "num_layers": 4, "num_heads": 4,
+         "num_kv_heads": 2, "intermediate_size": 384}
+
+
+def import_mlx_lm_lora():
+    try:
+        import mlx_lm_lora  # noqa: F401
+    except ImportError:
+        if not BENCH_DEPS.is_dir():
+            raise SystemExit("mlx-lm-lora missing: pip install --no-deps --target .bench-deps mlx-lm-lora")
+        sys.path.insert(0, str(BENCH_DEPS))
+    from mlx_lm_lora.trainer import grpo_trainer
+
+    return grpo_trainer
+
+
+def questions(n: int) -> list[str]:
+    rows = [json.loads(line) for line in (ROOT / "resources/gsm8k/train.jsonl").read_text().splitlines()[:n]]
+    return [r["question"] for r in rows]
+
+
+def messages(q: str) -> list[dict]:
+    return [{"role": "system", "content": "Answer in <reasoning> and <answer> tags."}, {"role": "user", "content": q}]
+
+
+def reward(completion, reference=None, prompt=None, **_) -> float:
+    from rlmeta.rewards import REGISTRY
+
+    return REGISTRY["coherence"].fn(completion)
+
+
+def bench_ours(model: Path, a, tmp: Path) -> dict:
+    from rlmeta.io import write_records
+    from rlmeta.rewards import REGISTRY, RewardSpec
+    from rlmeta.rl.mlx_trainer import MLXTrainer
+    from rlmeta.tables import PROMPTS
+
+    REGISTRY["bench_reward"] = RewardSpec("bench_reward", reward, "coherence (benchmark)")
+    rows = [{"prompt_id": f"p{i}", "experiment": "bench", "item_id": f"i{i}", "task": f"t{i}", "split": "train",
+             "prompt": messages(q), "reference": None, "reference_completion": None}
+            for i, q in enumerate(questions(a.prompts))]
+    write_records(tmp / "prompts.parquet", rows, PROMPTS)
+    exp = {"algorithm": "grpo", "rewards": {"bench_reward": 1.0}, "train": {
+        "steps": a.warmup + a.steps, "batch_prompts": a.batch_prompts, "group_size": a.group_size,
+        "learning_rate": 1e-5, "max_new_tokens": a.max_new_tokens, "temperature": 1.0, "top_p": 1.0,
+        "beta": 0.0, "epsilon_low": 0.2, "epsilon_high": 0.28, "loss_type": "grpo", "updates_per_batch": 1}}
+    tr = MLXTrainer(model, tmp / "prompts.parquet", exp, seed=0)
+    times, lens = [], []
+    for i in range(a.warmup + a.steps):
+        t0 = time.perf_counter()
+        row = tr.train_step()
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t0)
+            lens.append(row["completion_len_mean"])
+    return {"s_per_step": sorted(times)[len(times) // 2], "completion_len": sum(lens) / len(lens)}
+
+
+def bench_mlx_lm_lora(model: Path, a, tmp: Path) -> dict:
+    import mlx.optimizers as optim
+    import mlx_lm
+    from mlx_lm.tuner.callbacks import TrainingCallback
+
+    g = import_mlx_lm_lora()
+    net, tok = mlx_lm.load(str(model))
+    data = []
+    for q in questions(a.prompts):
+        ids = tok.apply_chat_template(messages(q), add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        data.append((ids, [], q, ""))
+
+    def bench_reward(prompts, completions, answer, types=None):
+        return [reward(c) for c in completions]
+
+    class Timer(TrainingCallback):
+        def __init__(self):
+            self.rows = []
+
+        def on_train_loss_report(self, info):
+            self.rows.append(info)
+
+    timer = Timer()
+    args = g.GRPOTrainingArgs(
+        batch_size=a.batch_prompts, iters=a.warmup + a.steps, group_size=a.group_size, beta=0.0,
+        epsilon=0.2, epsilon_high=0.28, max_completion_length=a.max_new_tokens, temperature=1.0, top_p=1.0,
+        top_k=0, min_p=0.0, grpo_loss_type="grpo", steps_per_report=1, steps_per_eval=10**9,
+        steps_per_save=10**9, max_seq_length=4096, adapter_file=str(tmp / "adapters.safetensors"))
+    g.train_grpo(net, None, tok, optim.AdamW(learning_rate=1e-5, weight_decay=0.0, bias_correction=True), data,
+                 None, reward_funcs=[bench_reward], args=args, training_callback=timer, end_answer_token="")
+    times = [1.0 / r["iterations_per_second"] for r in timer.rows[a.warmup:]]
+    lens = [r["train_average_generated_tokens"] for r in timer.rows[a.warmup:]]
+    return {"s_per_step": sorted(times)[len(times) // 2], "completion_len": sum(lens) / len(lens)}
+
+
+def bench_trl(a) -> dict | None:
+    """Last JSON line of ``benchmarks/train_step_trl.py`` (None when that script is absent or fails)."""
+    script = ROOT / "benchmarks" / "train_step_trl.py"
+    if not script.exists() or a.skip_trl:
+        return None
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("{")]
+    if proc.returncode or not lines:
+        print(f"train_step_trl.py failed (rc={proc.returncode}): {proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="checkpoint folder (default: build a tiny Qwen3 once into /tmp)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--prompts", type=int, default=16, help="train prompts (GSM8K questions)")
+    p.add_argument("--batch-prompts", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--skip-trl", action="store_true")
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = a.model
+        if model is None:
+            from rlmeta.models.build import build_tiny_model
+
+            model = Path(tempfile.gettempdir()) / "rlmeta-bench-model"
+            if not (model / "config.json").exists():
+                build_tiny_model(model, BUILD, [ROOT / "resources/gsm8k/train.jsonl"], 0)
+        ours = bench_ours(model, a, tmp / "ours")
+        theirs = bench_mlx_lm_lora(model, a, tmp / "theirs")
+    trl = bench_trl(a)
+    print(f"\n{'trainer':<28}{'s/step':>10}{'completion len':>16}")
+    print(f"{'rlmeta MLX':<28}{ours['s_per_step']:>10.3f}{ours['completion_len']:>16.1f}")
+    print(f"{'mlx-lm-lora train_grpo':<28}{theirs['s_per_step']:>10.3f}{theirs['completion_len']:>16.1f}")
+    if trl:
+        for k, v in trl.items():
+            if isinstance(v, (int, float)):
+                print(f"{k:<28}{v:>10.3f}")
+    result = {
+        "mlx_over_mlx_lm_lora": ours["s_per_step"] / theirs["s_per_step"],
+        "trl_path_over_bare_trl": (trl or {}).get("trl_path_over_bare_trl"),
+        "mlx_s_per_step": ours["s_per_step"], "mlx_lm_lora_s_per_step": theirs["s_per_step"],
+        "mlx_completion_len": ours["completion_len"], "mlx_lm_lora_completion_len": theirs["completion_len"],
+        "trl": trl, "settings": {k: v for k, v in vars(a).items() if k != "model"} | {"model": str(model)},
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

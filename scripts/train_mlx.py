@@ -1,0 +1,4 @@
+"""Online GRPO/GSPO on MLX (see --help)."""
+from rlmeta.rl.mlx_trainer import main
+
+raise SystemExit(main())

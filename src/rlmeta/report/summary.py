@@ -1,0 +1,133 @@
+"""Summary across experiments: ``results/summary.parquet`` (one row per experiment with its
+headline numbers) and a self-contained ``results/summary.html`` linking each report."""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+
+from rlmeta.report import plots
+from rlmeta.report.render import CSS, _img, fmt
+
+log = logging.getLogger(__name__)
+ACCURACIES = ("gsm8k_strict", "gsm8k_flexible", "gsm8k_xml", "math_verify")
+PRIMARY = {"xml_cot": "gsm8k_xml", "math_boxed": "math_verify"}
+"""The accuracy shown in the headline columns per template."""
+
+SUMMARY = pa.schema(
+    [pa.field("experiment", pa.string(), nullable=False)]
+    + [pa.field(n, pa.string()) for n in ("algorithm", "backend", "model", "dataset", "template")]
+    + [pa.field("steps", pa.int64()), pa.field("n_prompts", pa.int64())]
+    + [pa.field(n, pa.float64()) for n in ("reward_base", "reward_trained", "reward_diff", "reward_diff_low", "reward_diff_high")]
+    + [pa.field("accuracy_metric", pa.string()), pa.field("accuracy_base", pa.float64()), pa.field("accuracy_trained", pa.float64())]
+    + [pa.field(f"{a}_{p}", pa.float64()) for a in ACCURACIES for p in ("base", "trained")]
+    + [pa.field(n, pa.float64()) for n in ("base_init_query_loss", "meta_init_query_loss", "train_seconds")]
+    + [pa.field("report", pa.string())]
+)
+"""Columns of summary.parquet (null where an experiment has no such number)."""
+
+
+def summary_row(exp: str, cfg: dict, summary: dict, metrics=None) -> dict:
+    """Headline numbers of one experiment (``metrics``: its train_metrics DataFrame, optional)."""
+    row = {f.name: None for f in SUMMARY}
+    row.update(experiment=exp, report=f"{exp}/report/report.html",
+               **{k: cfg.get(k) for k in ("algorithm", "backend", "model", "dataset")}, template=cfg.get("prompt"))
+    fomaml = cfg.get("algorithm") == "fomaml"
+    row["steps"] = cfg.get("meta" if fomaml else "train", {}).get("outer_steps" if fomaml else "steps")
+    if metrics is not None and len(metrics):
+        row["steps"] = int(len(metrics))
+        row["train_seconds"] = float(metrics["step_seconds"].sum())
+    if "reward" in summary:
+        r = summary["reward"]
+        row.update(n_prompts=r.get("n_prompts"), reward_base=r.get("base_mean"), reward_trained=r.get("trained_mean"),
+                   reward_diff=r.get("diff_mean"), reward_diff_low=(r.get("diff_ci95") or [None, None])[0],
+                   reward_diff_high=(r.get("diff_ci95") or [None, None])[1])
+    acc = summary.get("accuracy", {})
+    for name in ACCURACIES:
+        if name in acc:
+            row[f"{name}_base"], row[f"{name}_trained"] = acc[name].get("base"), acc[name].get("trained")
+    primary = PRIMARY.get(summary.get("template") or cfg.get("prompt"))
+    if primary in acc:
+        row.update(accuracy_metric=primary, accuracy_base=acc[primary]["base"], accuracy_trained=acc[primary]["trained"])
+    ad = summary.get("adaptation")
+    if ad:
+        row.update(base_init_query_loss=ad.get("base_init_query_loss"), meta_init_query_loss=ad.get("meta_init_query_loss"))
+        accs = [v for v in ad.get("per_subject", {}).values() if v.get("base_accuracy") is not None]
+        if accs:
+            row.update(accuracy_metric="query accuracy (mean over subjects)",
+                       accuracy_base=sum(v["base_accuracy"] for v in accs) / len(accs),
+                       accuracy_trained=sum(v.get("meta_accuracy") or 0.0 for v in accs) / len(accs))
+    return row
+
+
+HEADLINE = [("experiment", "experiment"), ("algorithm", "algorithm"), ("backend", "backend"), ("model", "model"),
+            ("steps", "steps"), ("reward_base", "reward base"), ("reward_trained", "reward trained"),
+            ("reward_diff", "difference"), ("ci", "95% CI"), ("accuracy_metric", "accuracy"),
+            ("accuracy_base", "acc. base"), ("accuracy_trained", "acc. trained / meta"),
+            ("base_init_query_loss", "FOMAML base-init loss"), ("meta_init_query_loss", "FOMAML meta-init loss"),
+            ("train_seconds", "training s")]
+
+
+def summary_html(rows: list[dict], image: Path | None) -> str:
+    """The summary page: one table row per experiment (linked to its report) and the forest plot."""
+    e = html.escape
+    head = "".join(f"<th>{e(label)}</th>" for _, label in HEADLINE)
+    body = []
+    for r in rows:
+        cells = []
+        for key, _ in HEADLINE:
+            if key == "experiment":
+                cells.append(f"<td><a href='{e(r['report'])}'>{e(r['experiment'])}</a></td>")
+            elif key == "ci":
+                ci = "n/a" if r["reward_diff_low"] is None else f"[{fmt(r['reward_diff_low'], signed=True)}, {fmt(r['reward_diff_high'], signed=True)}]"
+                cells.append(f"<td class='num'>{e(ci)}</td>")
+            else:
+                v = r.get(key)
+                digits = 1 if key == "train_seconds" else 4 if "loss" in key else 3
+                txt = fmt(v, digits, signed=key == "reward_diff") if isinstance(v, float) else "—" if v is None else str(v)
+                cells.append(f"<td class='num'>{e(txt)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    fig = _img(image, "reward difference per experiment") if image is not None else ""
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>rlmeta: summary across experiments</title>"
+            f"<style>{CSS}</style></head><body><h1>Summary across experiments</h1>"
+            "<p>Reward columns: mean total reward per held-out prompt; difference = trained − base with a paired "
+            "bootstrap 95% interval over prompts. FOMAML rows: query loss after adaptation from the base and the "
+            "meta-learned initialisation (lower is better). Each experiment links to its report.</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{fig}</body></html>")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: collect every experiment's eval/summary.json (and train_metrics) into the summary files."""
+    from rlmeta.io import read_table, write_table, write_text
+
+    p = argparse.ArgumentParser(prog="summarize.py", description="Summary table and page across experiments.")
+    p.add_argument("--results", required=True, help="results folder (reads <results>/<exp>/eval/summary.json)")
+    p.add_argument("--experiments-json", required=True, help="experiment name -> config block, as JSON")
+    p.add_argument("--out-parquet", required=True)
+    p.add_argument("--out-html", required=True)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    res = Path(a.results)
+    rows = []
+    for exp, cfg in json.loads(a.experiments_json).items():
+        summary = json.loads((res / exp / "eval" / "summary.json").read_text())
+        mpath = res / exp / "train_metrics.parquet"
+        metrics = read_table(mpath).to_pandas() if mpath.exists() else None
+        rows.append(summary_row(exp, cfg, summary, metrics))
+    write_table(a.out_parquet, pa.Table.from_pylist(rows, schema=SUMMARY), SUMMARY)
+    image = None
+    if any(r["reward_diff"] is not None for r in rows):
+        image = Path(a.out_html).with_name(".summary_forest.png")
+        plots.experiments_forest(rows, image)
+    try:
+        write_text(a.out_html, summary_html(rows, image))
+    finally:
+        if image is not None:
+            image.unlink(missing_ok=True)
+    log.info("summary of %d experiments -> %s, %s", len(rows), a.out_parquet, a.out_html)
+    return 0

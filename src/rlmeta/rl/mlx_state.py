@@ -1,0 +1,129 @@
+"""Resumable state of the MLX trainer: prompt order, checkpoints, optimizer and RNG state.
+
+A checkpoint ``<out>/<step>/`` is a full model folder (``MLXPolicy.save``: transformers and
+``mlx_lm.load`` open it as-is) plus ``optimizer.safetensors`` (the flattened AdamW state),
+``adapter/`` (LoRA runs: the unmerged adapters training resumes from) and
+``trainer_state.json`` (step, counters, numpy/sampler/UED state, the run's spec). No pickle.
+The whole folder is swapped in atomically, so a folder with ``trainer_state.json`` is complete.
+
+MLX has no setter for its global PRNG key, so the trainer reseeds ``mx.random`` from
+``(seed, step)`` before every rollout and update: the key at a step boundary is a function of
+the step, and the JSON records it for inspection.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from rlmeta.io import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+ADAPTER_DIR = "adapter"
+
+
+class EpochSampler:
+    """Uniform prompt order: a fresh seeded permutation per epoch, consumed ``k`` at a time.
+
+    A batch that crosses an epoch boundary takes the rest of one permutation and the start of
+    the next. Same interface as ``UEDSampler`` (``sample``, ``update``, ``state_dict``).
+    """
+
+    def __init__(self, n_prompts: int, seed: int = 0):
+        self.n, self.rng = n_prompts, np.random.default_rng(seed)
+        self.order: list[int] = []
+        self.pos, self.epoch = 0, 0
+
+    def sample(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            if self.pos >= len(self.order):
+                self.order, self.pos = self.rng.permutation(self.n).tolist(), 0
+                self.epoch += 1
+            take = min(k - len(out), self.n - self.pos)
+            out += self.order[self.pos:self.pos + take]
+            self.pos += take
+        return out
+
+    def update(self, indices, group_rewards) -> None:
+        """Uniform order ignores rewards."""
+
+    def state_dict(self) -> dict:
+        return {"n_prompts": self.n, "order": list(self.order), "pos": self.pos, "epoch": self.epoch,
+                "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n_prompts"] != self.n:
+            raise ValueError(f"state is for {state['n_prompts']} prompts, sampler has {self.n}")
+        self.order, self.pos, self.epoch = list(state["order"]), state["pos"], state["epoch"]
+        self.rng.bit_generator.state = state["rng"]
+
+
+def rng_key() -> list[int]:
+    """The current global ``mx.random`` key as two uint32 (for the record)."""
+    return [int(v) for v in np.array(mx.random.state[0]).ravel()]
+
+
+def save_checkpoint(path: str | Path, policy, optimizer, state: dict) -> Path:
+    """Write a complete checkpoint folder atomically (see the module docstring)."""
+    from rlmeta.policy.lora import save_adapter
+
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        model_dir = policy.save(tmp / "model")
+        for f in model_dir.iterdir():
+            f.rename(tmp / f.name)
+        model_dir.rmdir()
+        if getattr(policy, "lora", None):
+            save_adapter(policy, tmp / ADAPTER_DIR)
+        mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
+        write_json(tmp / STATE_FILE, {**state, "mx_random_key": rng_key()})
+    return path
+
+
+def checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete ``<out>/<step>/`` checkpoints, by step."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = [(int(p.name), p) for p in out_dir.iterdir()
+             if p.is_dir() and p.name.isdigit() and (p / STATE_FILE).exists()]
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The highest-step complete checkpoint in ``out_dir``, or None."""
+    found = checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def remove_checkpoints(out_dir: str | Path, reason: str) -> None:
+    """Delete every numbered checkpoint (a different run's state must not be resumed)."""
+    for _, p in checkpoints(out_dir):
+        log.warning("removing %s: %s", p, reason)
+        shutil.rmtree(p)
+
+
+def load_weights(policy, ckpt: str | Path) -> None:
+    """Trainable weights from a checkpoint: the adapters (LoRA) or the full model."""
+    ckpt = Path(ckpt)
+    if getattr(policy, "lora", None):
+        from rlmeta.policy.lora import MLX_ADAPTER
+
+        policy.model.load_weights(str(ckpt / ADAPTER_DIR / MLX_ADAPTER), strict=False)
+    else:
+        policy.model.load_weights(str(ckpt / "model.safetensors"))
+    mx.eval(policy.model.parameters())
+
+
+def load_optimizer(optimizer, ckpt: str | Path) -> None:
+    """Restore the optimizer state tree saved by ``save_checkpoint``."""
+    flat = mx.load(str(Path(ckpt) / OPTIMIZER_FILE))
+    optimizer.state = tree_unflatten(list(flat.items()))

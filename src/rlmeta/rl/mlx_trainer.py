@@ -1,0 +1,327 @@
+"""Online GRPO / GSPO on MLX.
+
+One step is one rollout batch: ``batch_prompts`` train prompts (a seeded shuffle per epoch, or
+``UEDSampler`` by learning potential), ``group_size`` completions each from the batched MLX
+policy, rewards from the experiment's reward mix, group-relative advantages (a group is one
+prompt's completions: one headline, one problem), then ``updates_per_batch`` AdamW updates on
+the batch. The first update is on-policy; later ones weight by the importance ratio against the
+log-probs the sampling policy recorded (token level for GRPO, sequence level for GSPO), with
+``objectives_mlx.policy_loss`` (TRL's loss, k3 KL to a frozen reference copy when beta > 0).
+
+Checkpoints (``mlx_state``) land in ``<out>/<step>/`` every ``checkpoint_every`` steps; a rerun
+resumes from the latest one and ends where an uninterrupted run would. The final merged model
+goes to ``<out>/final``. Metrics use the TRL trainer's train_metrics columns, one row per step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from rlmeta.io import read_table
+from rlmeta.policy import load_policy
+from rlmeta.policy.base import derive_seed
+from rlmeta.policy.mlx_policy import LOGITS_BUDGET, pad_batch, sequence_logprobs
+from rlmeta.rl import mlx_state
+from rlmeta.rl.objectives import default_epsilons, group_advantages, lr_at
+from rlmeta.rl.objectives_mlx import policy_loss
+from rlmeta.rl.ued import UEDSampler
+from rlmeta.tracking import MetricsWriter, NonFiniteMetricError, check_finite, wandb_run
+
+log = logging.getLogger(__name__)
+
+
+def train_settings(experiment: dict) -> dict:
+    """The experiment's ``train`` block with the schema's defaults and the algorithm's epsilons."""
+    from rlmeta.config import load_schema
+
+    props = load_schema()["$defs"]["train"]["properties"]
+    t = {k: v["default"] for k, v in props.items() if "default" in v}
+    t.update(experiment.get("train") or {})
+    t["ued"] = {**{k: v["default"] for k, v in props["ued"]["properties"].items()}, **(t.get("ued") or {})}
+    t.setdefault("lora", None)
+    low, high = default_epsilons(experiment.get("algorithm", "grpo"))
+    t["epsilon_low"] = low if t.get("epsilon_low") is None else t["epsilon_low"]
+    t["epsilon_high"] = high if t.get("epsilon_high") is None else t["epsilon_high"]
+    return t
+
+
+def train_prompts(path: str | Path, max_prompts: int | None = None) -> list[dict]:
+    """Rows of the train split: ``prompt_id``, ``task``, ``prompt`` (messages), ``reference``."""
+    rows = [r for r in read_table(path).select(["prompt_id", "task", "split", "prompt", "reference"]).to_pylist()
+            if r["split"] == "train"]
+    if not rows:
+        raise ValueError(f"{path}: no rows with split == 'train'")
+    return rows[:max_prompts] if max_prompts else rows
+
+
+def score_batch(prompts: list, texts: list[str], refs: list, rewards: dict, params: dict | None):
+    """(weighted totals [N], {name: component values [N]}) of completions.
+
+    ``math_correct`` is scored through the timeout-guarded ``math_verify_batch`` (as on TRL);
+    the other rewards through ``rewards.score_completion``.
+    """
+    from rlmeta.rewards import math_verify_batch, score_completion, unknown_rewards
+
+    unknown_rewards(rewards)
+    params = params or {}
+    comps = {n: np.zeros(len(texts)) for n in rewards}
+    others = {n: w for n, w in rewards.items() if n != "math_correct"}
+    for i, (p, c, r) in enumerate(zip(prompts, texts, refs)):
+        for n, v in score_completion(p, c, r, others, params)[1].items():
+            comps[n][i] = v
+    if "math_correct" in rewards:
+        kw = params.get("math_correct", {})
+        comps["math_correct"][:] = math_verify_batch(list(zip(texts, refs)), workers=int(kw.get("workers", 2)),
+                                                     timeout_s=float(kw.get("timeout_s", 5.0)))
+    total = sum(w * comps[n] for n, w in rewards.items())
+    return np.asarray(total, dtype=np.float64), comps
+
+
+class MLXTrainer:
+    """Policy, reference, optimizer, prompt sampler and step counter of one MLX GRPO/GSPO run."""
+
+    def __init__(self, model_dir: str | Path, prompts_path: str | Path, experiment: dict, seed: int = 0):
+        self.algorithm = experiment.get("algorithm", "grpo")
+        if self.algorithm not in ("grpo", "gspo"):
+            raise ValueError(f"train_mlx runs grpo or gspo, not {self.algorithm!r}")
+        self.rewards = dict(experiment.get("rewards") or {})
+        if not self.rewards:
+            raise ValueError("experiment has no rewards to train on")
+        self.reward_params = experiment.get("reward_params") or {}
+        self.t, self.seed = train_settings(experiment), seed
+        self.level = "sequence" if self.algorithm == "gspo" else "token"
+        self.spec = json.loads(json.dumps({"model": str(model_dir), "seed": seed, "experiment": experiment},
+                                          sort_keys=True))
+        self.prompts = train_prompts(prompts_path, experiment.get("max_train_prompts"))
+        self.policy = load_policy(model_dir, "mlx")
+        if self.t["lora"] is not None:
+            from rlmeta.policy.lora import apply_lora
+
+            apply_lora(self.policy, self.t["lora"], seed=seed)
+        self.ref = load_policy(model_dir, "mlx").model if self.t["beta"] > 0 else None
+        if self.ref is not None:
+            self.ref.freeze()
+        self.prompt_ids = self.policy.encode_prompts([r["prompt"] for r in self.prompts])
+        n, k = len(self.prompts), int(self.t["batch_prompts"])
+        if self.t["ued"]["enabled"]:
+            if k > n:
+                log.warning("UED draws distinct prompts: batch_prompts %d capped at the %d train prompts", k, n)
+            self.batch_prompts = min(k, n)
+            self.sampler = UEDSampler(n, self.t["ued"]["staleness_weight"], self.t["ued"]["temperature"],
+                                      derive_seed(seed, "ued"))
+        else:
+            self.batch_prompts = k
+            self.sampler = mlx_state.EpochSampler(n, derive_seed(seed, "order"))
+        self.optimizer = optim.AdamW(learning_rate=float(self.t["learning_rate"]),
+                                     weight_decay=float(self.t["weight_decay"]), bias_correction=True)
+        self.grad_fn = nn.value_and_grad(self.policy.model, self._loss)
+        self.step, self.tokens = 0, 0
+        self._metrics: dict = {}
+
+    # -- rollout ---------------------------------------------------------------------------
+    def rollout(self) -> dict:
+        """Sample, score and pack one batch for ``update`` (also returns its reward statistics)."""
+        t, g = self.t, int(self.t["group_size"])
+        idx = self.sampler.sample(self.batch_prompts)
+        self.policy.model.eval()
+        gens = self.policy.generate([self.prompt_ids[i] for i in idx], n=g, temperature=float(t["temperature"]),
+                                    top_p=float(t["top_p"]), max_new_tokens=int(t["max_new_tokens"]),
+                                    seed=derive_seed(self.seed, "rollout", self.step))
+        rows = [self.prompts[idx[x.prompt_index]] for x in gens]
+        total, comps = score_batch([r["prompt"] for r in rows], [x.text for x in gens],
+                                   [r["reference"] for r in rows], self.rewards, self.reward_params)
+        adv = group_advantages(total, g, t["scale_rewards"])
+        self.sampler.update(idx, total.reshape(-1, g).tolist())
+        ids, plen, mask = pad_batch([x.prompt_ids for x in gens], [x.token_ids for x in gens], self.policy.pad_id)
+        old = np.zeros(mask.shape, np.float32)
+        for i, x in enumerate(gens):
+            old[i, :len(x.logprobs)] = x.logprobs
+        batch = {"ids": ids, "plen": plen, "mask": mask, "old": mx.array(old),
+                 "adv": mx.array(adv.astype(np.float32)), "ref": None}
+        if self.ref is not None:
+            batch["ref"] = mx.stop_gradient(sequence_logprobs(self.ref, ids, plen, mask, float(t["temperature"])))
+            mx.eval(batch["ref"])
+        lens = np.array([len(x.token_ids) for x in gens])
+        spread = total.reshape(-1, g).std(axis=1)
+        stats = {"reward_mean": float(total.mean()), "reward_std": float(total.std(ddof=1)) if total.size > 1 else 0.0,
+                 "zero_std_frac": float(np.isclose(spread, 0.0, rtol=1e-5, atol=1e-8).mean()),
+                 "completion_len_mean": float(lens.mean()),
+                 "new_tokens": int(lens.sum() + sum(len(x.prompt_ids) for x in gens)),
+                 **{f"reward/{n}": float(v.mean()) for n, v in comps.items()}}
+        return {"batch": batch, "stats": stats, "indices": idx, "generations": gens}
+
+    # -- update ----------------------------------------------------------------------------
+    def _loss(self, model, ids, plen, mask, old, ref, adv, num_items):
+        logp = sequence_logprobs(model, ids, plen, mask, float(self.t["temperature"]))
+        loss, self._metrics = policy_loss(
+            logp, old, ref, adv, mask, level=self.level, eps_low=float(self.t["epsilon_low"]),
+            eps_high=float(self.t["epsilon_high"]), beta=float(self.t["beta"]), loss_type=self.t["loss_type"],
+            max_completion_length=int(self.t["max_new_tokens"]), num_items=num_items)
+        return loss
+
+    def _chunks(self, batch: dict) -> list[slice]:
+        """Row slices whose logits stay under ``LOGITS_BUDGET`` (one slice for small batches)."""
+        n, t = batch["mask"].shape
+        rows = max(1, LOGITS_BUDGET // max(1, t * int(self.policy.config.get("vocab_size", 1))))
+        return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+    def update(self, batch: dict, old_logp: bool) -> dict:
+        """One AdamW update on the whole batch (micro-batched, gradients accumulated)."""
+        mask = batch["mask"]
+        n, tokens = mask.shape[0], max(mask.sum().item(), 1.0)
+        loss_total, grads, metrics = 0.0, None, {}
+        for sl in self._chunks(batch):
+            m = mask[sl]
+            rows_w, tok_w = (sl.stop - sl.start) / n, m.sum().item() / tokens
+            w = {"grpo": rows_w, "dr_grpo": rows_w, "bnpo": tok_w, "dapo": 1.0}[self.t["loss_type"]]
+            ref = None if batch["ref"] is None else batch["ref"][sl]
+            old = batch["old"][sl] if old_logp else None
+            loss, g = self.grad_fn(self.policy.model, batch["ids"][sl], batch["plen"][sl], m, old, ref,
+                                   batch["adv"][sl], tokens)
+            if w != 1.0:
+                g = tree_map(lambda a: a * w, g)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            loss_total += loss.item() * w
+            mw = rows_w if self.level == "sequence" else tok_w
+            for k, v in self._metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + v * (tok_w if k == "kl" else mw)
+        max_norm = self.t["max_grad_norm"]
+        grads, norm = optim.clip_grad_norm(grads, math.inf if max_norm is None else float(max_norm))
+        self.optimizer.update(self.policy.model, grads)
+        params = tree_flatten(self.policy.model.trainable_parameters())
+        finite = mx.stack([mx.isfinite(p).all() for _, p in params]).all()
+        mx.eval(params, self.optimizer.state, finite)
+        return {"loss": loss_total, "grad_norm": norm.item(), "weights_finite": finite.item(), **metrics}
+
+    def train_step(self) -> dict:
+        """Rollout + ``updates_per_batch`` updates; returns the step's train_metrics row (+ ``updates``)."""
+        t0 = time.perf_counter()
+        mx.random.seed(derive_seed(self.seed, "step", self.step))
+        ro = self.rollout()
+        mu, steps = int(self.t["updates_per_batch"]), int(self.t["steps"])
+        self.policy.model.train()
+        updates = []
+        for u in range(mu):
+            opt_step = self.step * mu + u
+            lr = lr_at(opt_step, float(self.t["learning_rate"]), self.t["lr_schedule"],
+                       int(self.t["warmup_steps"]) * mu, steps * mu)
+            self.optimizer.learning_rate = lr
+            updates.append({**self.update(ro["batch"], old_logp=mu > 1), "lr": lr})
+        self.policy.model.eval()
+        self.step += 1
+        self.tokens += ro["stats"].pop("new_tokens")
+        mean = lambda k: float(np.mean([u[k] for u in updates]))  # noqa: E731
+        row = {"step": self.step, "loss": mean("loss"), "kl": mean("kl") if self.ref is not None else None,
+               "clip_ratio": mean("clip_ratio"), "grad_norm": mean("grad_norm"), "lr": updates[-1]["lr"],
+               "tokens": self.tokens, **ro["stats"], "step_seconds": time.perf_counter() - t0}
+        return {**row, "updates": updates, "indices": ro["indices"],
+                "weights_finite": all(u["weights_finite"] for u in updates)}
+
+    # -- state -----------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "spec": self.spec, "sampler": self.sampler.state_dict(),
+                "sampler_kind": type(self.sampler).__name__,
+                "next_rollout_seed": derive_seed(self.seed, "rollout", self.step)}
+
+    def save(self, path: str | Path) -> Path:
+        return mlx_state.save_checkpoint(path, self.policy, self.optimizer, self.state())
+
+    def load(self, ckpt: str | Path) -> None:
+        """Resume from a checkpoint written by ``save``."""
+        state = json.loads((Path(ckpt) / mlx_state.STATE_FILE).read_text())
+        mlx_state.load_weights(self.policy, ckpt)
+        mlx_state.load_optimizer(self.optimizer, ckpt)
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+
+    def resumable(self, ckpt: Path) -> bool:
+        state = json.loads((ckpt / mlx_state.STATE_FILE).read_text())
+        return state.get("spec") == self.spec and state.get("sampler_kind") == type(self.sampler).__name__
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def train_mlx(model_dir: str | Path, prompts_path: str | Path, experiment: dict, out_dir: str | Path,
+              metrics_path: str | Path, wandb_cfg: dict | None = None, seed: int = 0,
+              stop_after: int | None = None) -> Path:
+    """Train and return ``<out_dir>/final``; resumes from the latest ``<out_dir>/<step>/``.
+
+    ``experiment``: ``algorithm`` (grpo | gspo), ``rewards``, ``reward_params``, ``train``.
+    ``wandb_cfg``: ``mode`` (offline | online | disabled), ``project``, ``entity``, ``name``.
+    ``stop_after``: return after this many steps of this call without the final save, as a
+    killed run would (tests); returns the last checkpoint (or None).
+    """
+    out_dir = Path(out_dir)
+    wandb_cfg = {"mode": "offline", "project": "rlmeta", **(wandb_cfg or {})}
+    trainer = MLXTrainer(model_dir, prompts_path, experiment, seed)
+    ckpt = mlx_state.latest_checkpoint(out_dir)
+    if ckpt is not None and not trainer.resumable(ckpt):
+        mlx_state.remove_checkpoints(out_dir, "trained with a different spec")
+        ckpt = None
+    if ckpt is not None:
+        trainer.load(ckpt)
+        log.info("resuming %s at step %d", ckpt, trainer.step)
+    steps, every = int(trainer.t["steps"]), int(trainer.t["checkpoint_every"])
+    writer = MetricsWriter(metrics_path, [f"reward/{n}" for n in trainer.rewards],
+                           resume_step=trainer.step if ckpt is not None else None)
+    name = wandb_cfg.get("name") or (out_dir.parent.name if out_dir.name == "checkpoints" else out_dir.name)
+    config = {**trainer.spec, "out_dir": str(out_dir), "backend": "mlx"}
+    done = 0
+    with wandb_run(wandb_cfg["mode"], wandb_cfg["project"], wandb_cfg.get("entity"), name, out_dir, config) as run:
+        while trainer.step < steps:
+            if stop_after is not None and done >= stop_after:
+                return ckpt
+            out = trainer.train_step()
+            done += 1
+            row = {k: v for k, v in out.items() if k not in ("updates", "indices", "weights_finite")}
+            writer.add(row)
+            writer.flush()
+            run.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=row["step"])
+            print(f"step {row['step']}/{steps} reward={_fmt(row['reward_mean'])} loss={_fmt(row['loss'])} "
+                  f"kl={_fmt(row['kl'])} clip={_fmt(row['clip_ratio'])} grad_norm={_fmt(row['grad_norm'])} "
+                  f"len={_fmt(row['completion_len_mean'])} {row['step_seconds']:.2f}s/step", file=sys.stderr, flush=True)
+            check_finite({k: v for k, v in row.items() if k != "step"}, row["step"], ckpt)
+            if not out["weights_finite"]:
+                raise NonFiniteMetricError(f"non-finite weights after the updates of step {row['step']} "
+                                           f"(lr={row['lr']:.3g}); last good checkpoint: {ckpt or 'none (start over)'}")
+            if trainer.step % every == 0 or trainer.step == steps:
+                ckpt = trainer.save(out_dir / str(trainer.step))
+    writer.close()
+    final = trainer.policy.save(out_dir / "final")
+    log.info("saved %s", final)
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line of ``scripts/train_mlx.py``."""
+    p = argparse.ArgumentParser(prog="train_mlx.py", description="Online GRPO/GSPO on MLX (mlx-lm policy).")
+    p.add_argument("--model", required=True, help="base checkpoint folder (or hub id)")
+    p.add_argument("--prompts", required=True, help="prompts parquet (train split used)")
+    p.add_argument("--experiment-json", required=True,
+                   help="experiment spec as JSON (algorithm, rewards, reward_params, train) or a .json file")
+    p.add_argument("--out", required=True, help="folder for <step>/ checkpoints and final/")
+    p.add_argument("--metrics", required=True, help="train_metrics.parquet to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wandb-mode", choices=["offline", "online", "disabled"], default="offline")
+    p.add_argument("--wandb-project", default="rlmeta")
+    p.add_argument("--wandb-entity", default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    spec = a.experiment_json
+    experiment = json.loads(spec if spec.lstrip().startswith("{") else Path(spec).read_text())
+    train_mlx(a.model, a.prompts, experiment, a.out, a.metrics,
+              {"mode": a.wandb_mode, "project": a.wandb_project, "entity": a.wandb_entity}, a.seed)
+    return 0

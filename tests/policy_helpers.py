@@ -1,0 +1,122 @@
+"""Test helpers for the policy, parity and rollout tests: tiny checkpoints and prompt tables.
+
+``tiny_checkpoint`` builds a Qwen3 with ``rlmeta.models.build.build_tiny_model`` and, unless
+told not to, fine-tunes it for a few steps so that it answers short and ends with
+``<|im_end|>`` (a random model almost never emits it), which gives both finish reasons.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+
+from rlmeta.config import ROOT
+from rlmeta.tables import PROMPTS
+
+GSM8K = next(p for p in (ROOT / "resources/gsm8k/test.jsonl", Path("/work/shared/data/gsm8k/test.jsonl"))
+             if p.exists())
+
+
+def questions(n: int, offset: int = 0) -> list[str]:
+    """The first ``n`` GSM8K test questions after ``offset``."""
+    with open(GSM8K) as fh:
+        return [json.loads(line)["question"] for line in itertools.islice(fh, offset, offset + n)]
+
+
+def messages(qs: list[str]) -> list[list[dict]]:
+    return [[{"role": "user", "content": q}] for q in qs]
+
+
+@contextmanager
+def torch_threads(n: int = 1):
+    """Run with ``n`` torch threads (the test machine's cores are shared), then restore."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def tiny_checkpoint(out_dir: Path, *, tokenizer: str = "bpe", hidden: int = 64, layers: int = 2, seed: int = 0,
+                    teach_stop: bool = True, corpus_lines: int = 150) -> Path:
+    """A tiny Qwen3 checkpoint folder (built with rlmeta.models.build)."""
+    from rlmeta.models.build import build_tiny_model
+
+    out_dir = Path(out_dir)
+    corpus = out_dir.parent / f"{out_dir.name}-corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"question": q}) + "\n" for q in questions(corpus_lines)))
+    build = {"tokenizer": tokenizer, "hidden_size": hidden, "num_layers": layers, "num_heads": 4,
+             "num_kv_heads": 2, "intermediate_size": 4 * hidden}
+    build_tiny_model(out_dir, build, [corpus], seed)
+    if teach_stop:
+        _teach_stop(out_dir, seed)
+    return out_dir
+
+
+def cached_checkpoint(pytest_config, name: str, **kw) -> Path:
+    """``tiny_checkpoint`` kept in pytest's cache folder, keyed by the builder's source and ``kw``,
+    so the test files and reruns share one build. Treat it as read-only."""
+    from rlmeta.models import build
+
+    src = Path(build.__file__).read_bytes() + Path(__file__).read_bytes() + repr(sorted(kw.items())).encode()
+    cache = getattr(pytest_config, "cache", None)  # None under -p no:cacheprovider
+    root = Path(cache.mkdir("rlmeta-policy-models")) if cache else Path(tempfile.gettempdir()) / "rlmeta-policy-models"
+    path = root / f"{name}-{hashlib.sha256(src).hexdigest()[:12]}"
+    if not (path / "config.json").exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tiny_checkpoint(tmp / "model", **kw)
+        try:
+            os.replace(tmp / "model", path)
+        except OSError:  # another process finished first
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _teach_stop(path: Path, seed: int, steps: int = 25) -> None:
+    """A few SFT steps on 'The answer is N.<|im_end|>' so that samples often stop."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlmeta.policy.torch_policy import pad_batch, sequence_logprobs
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    qs = [" ".join(q.split()[:12]) for q in questions(16, offset=160)]
+    prompts = [tok.encode(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                          add_special_tokens=False) for m in messages(qs)]
+    comps = [tok.encode(f"The answer is {i * 7 % 100}." + " so" * (i % 5) + "<|im_end|>", add_special_tokens=False)
+             for i in range(len(qs))]
+    batch = pad_batch(prompts, comps, tok.pad_token_id)
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    model.train()
+    with torch_threads(1):
+        for _ in range(steps):
+            lp = sequence_logprobs(model, *batch)
+            loss = -(lp.sum() / batch[2].sum())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    model.save_pretrained(path)
+
+
+def prompts_table(n: int, split: str = "eval", offset: int = 0) -> pa.Table:
+    """A PROMPTS table of ``n`` GSM8K questions."""
+    rows = [{"prompt_id": f"p{i:03d}", "experiment": "test", "item_id": f"gsm8k/{i}", "task": "gsm8k",
+             "split": split, "prompt": m, "reference": None, "reference_completion": None}
+            for i, m in enumerate(messages(questions(n, offset)))]
+    return pa.Table.from_pylist(rows, schema=PROMPTS)

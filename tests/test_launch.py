@@ -1,0 +1,148 @@
+"""rlmeta.launch: the exact torchrun / srun command lines, and the CLI a rule calls."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlmeta.launch import HEAD_NODE_EXPR, gpus_from_env, main, nproc_for, torchrun_command
+
+ROOT = Path(__file__).resolve().parents[1]
+ALLREDUCE = ROOT / "tests" / "fixtures" / "slurm_wf" / "allreduce.py"
+
+
+def test_single_node_command():
+    assert torchrun_command("scripts/train_fomaml.py", ["--config", "c.yaml", "--out", "results/x"], nproc=4) == (
+        "torchrun --standalone --nproc_per_node=4 scripts/train_fomaml.py --config c.yaml --out results/x")
+
+
+def test_single_node_quotes_arguments():
+    cmd = torchrun_command("my script.py", ["a b", "$HOME", "it's"], nproc=1)
+    assert cmd == "torchrun --standalone --nproc_per_node=1 'my script.py' 'a b' '$HOME' 'it'\"'\"'s'"
+
+
+def test_multi_node_command():
+    cmd = torchrun_command("scripts/train_fomaml.py", ["--out", "results/x y"], nproc=4, nodes=2)
+    assert cmd == (
+        "srun --nodes=2 --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=4 "
+        "--rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d "
+        "--rdzv_endpoint=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1):29500 "
+        "scripts/train_fomaml.py --out 'results/x y'")
+
+
+def test_multi_node_port_cpus_and_launcher():
+    cmd = torchrun_command("t.py", [], nproc=8, nodes=3, port=29611, cpus_per_task=16,
+                           torchrun="/venv/bin/python -m torch.distributed.run")
+    assert cmd == (
+        "srun --nodes=3 --ntasks-per-node=1 --cpus-per-task=16 /venv/bin/python -m torch.distributed.run "
+        f"--nnodes=3 --nproc_per_node=8 --rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d "
+        f"--rdzv_endpoint={HEAD_NODE_EXPR}:29611 t.py")
+
+
+def test_srun_form_on_one_node():
+    assert torchrun_command("t.py", [], nproc=2, nodes=1, srun=True).startswith(
+        "srun --nodes=1 --ntasks-per-node=1 torchrun --nnodes=1 --nproc_per_node=2 --rdzv_id=$SLURM_JOB_ID ")
+
+
+@pytest.mark.parametrize("kw", [dict(nproc=0), dict(nproc=2, nodes=0), dict(nproc=1.5), dict(nproc=2, port=0),
+                                dict(nproc=2, nodes=2, srun=False)])
+def test_bad_arguments(kw):
+    with pytest.raises(ValueError):
+        torchrun_command("t.py", [], **kw)
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, None),
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, 3),
+    ({"CUDA_VISIBLE_DEVICES": ""}, 0),
+    ({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, 0),
+    ({"CUDA_VISIBLE_DEVICES": "-1"}, 0),
+    ({"SLURM_GPUS_ON_NODE": "4"}, 4),
+    ({"CUDA_VISIBLE_DEVICES": "3", "SLURM_GPUS_ON_NODE": "4"}, 1),
+])
+def test_gpus_from_env(env, expected):
+    assert gpus_from_env(env) == expected
+
+
+def test_nproc_for():
+    class Res:
+        gpu = 2
+    assert nproc_for({"gpu": 4}) == 4
+    assert nproc_for({"gpu": 0}, cpu_procs=3) == 3
+    assert nproc_for({}, cpu_procs=2) == 2
+    assert nproc_for(Res()) == 2
+    with pytest.raises(ValueError):
+        nproc_for({"gpu": -1})
+
+
+def _dry(argv, capsys, monkeypatch, env=None):
+    for key in ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    assert main(["--dry-run", "--torchrun", "torchrun", *argv]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def test_cli_single_node(capsys, monkeypatch):
+    out = _dry(["--nproc", "2", "--nodes", "1", "--", "scripts/train_fomaml.py", "--out", "x", "--nproc", "9"],
+               capsys, monkeypatch)
+    assert out == "torchrun --standalone --nproc_per_node=2 scripts/train_fomaml.py --out x --nproc 9"
+
+
+def test_cli_cpu_fallback(capsys, monkeypatch):
+    out = _dry(["--nproc", "0", "--nodes", "1", "--cpu-procs", "3", "--", "t.py"], capsys, monkeypatch)
+    assert out == "torchrun --standalone --nproc_per_node=3 t.py"
+
+
+def test_cli_auto_uses_visible_gpus(capsys, monkeypatch):
+    assert _dry(["--", "t.py"], capsys, monkeypatch, {"CUDA_VISIBLE_DEVICES": "0,1"}) == (
+        "torchrun --standalone --nproc_per_node=2 t.py")
+    assert _dry(["--cpu-procs", "2", "--", "t.py"], capsys, monkeypatch) == (
+        "torchrun --standalone --nproc_per_node=2 t.py")
+
+
+def test_cli_multi_node_splits_job_gpus(capsys, monkeypatch):
+    out = _dry(["--nproc", "8", "--nodes", "2", "--cpus-per-task", "16", "--port", "29600", "--", "t.py", "a"],
+               capsys, monkeypatch)
+    assert out == ("srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=16 torchrun --nnodes=2 --nproc_per_node=4 "
+                   f"--rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d --rdzv_endpoint={HEAD_NODE_EXPR}:29600 t.py a")
+
+
+def test_cli_rejects_uneven_split(capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        main(["--dry-run", "--nproc", "3", "--nodes", "2", "--", "t.py"])
+
+
+def _launch(args, env=None, timeout=60):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | (env or {})
+    return subprocess.run([sys.executable, "-m", "rlmeta.launch", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_cli_execs_the_command():
+    out = _launch(["--torchrun", "echo", "--nproc", "2", "--", "t.py", "a b"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "--standalone --nproc_per_node=2 t.py a b"
+    assert "rlmeta.launch: echo --standalone --nproc_per_node=2 t.py 'a b'" in out.stderr
+
+
+def test_cli_multi_node_outside_slurm_fails_clearly():
+    out = _launch(["--torchrun", "echo", "--nproc", "2", "--nodes", "2", "--", "t.py"])
+    assert out.returncode != 0
+    assert "must run inside a SLURM job" in out.stderr
+
+
+@pytest.mark.slow
+def test_cli_runs_two_cpu_workers(tmp_path):
+    """A real 2-process gloo all-reduce through torchrun --standalone (no GPU, no SLURM)."""
+    result = tmp_path / "r.json"
+    out = _launch(["--nproc", "0", "--cpu-procs", "2", "--", str(ALLREDUCE), str(result)],
+                  env={"CUDA_VISIBLE_DEVICES": ""}, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(result.read_text())
+    assert summary["world_size"] == 2 and summary["sum"] == 3.0

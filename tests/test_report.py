@@ -1,0 +1,154 @@
+"""Reports from fixture tables: files, self-contained HTML, key numbers, escaping; the summary
+across experiments; and the real rules (evaluate, report, report_fomaml, summary) plus
+`snakemake --report` on a fixture workflow."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_evaluate import NASTY, write_fomaml_fixture, write_rl_fixture  # noqa: E402
+
+from rlmeta.evaluation.evaluate import main as evaluate_main  # noqa: E402
+from rlmeta.report.render import FOMAML_PLOTS, RL_PLOTS, fmt, fmt_ci  # noqa: E402
+from rlmeta.report.render import main as report_main  # noqa: E402
+from rlmeta.report.summary import SUMMARY  # noqa: E402
+from rlmeta.report.summary import main as summary_main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rl_args(d: Path) -> list[str]:
+    return ["--prompts", str(d / "prompts.parquet")] + [
+        x for pol in ("base", "trained") for x in (f"--responses-{pol}", str(d / f"responses/{pol}.parquet"),
+                                                     f"--rewards-{pol}", str(d / f"rewards/{pol}.parquet"))]
+
+
+def assert_self_contained(page: str) -> None:
+    srcs = re.findall(r"""src\s*=\s*["']?([^"'\s>]+)""", page)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs), [s[:40] for s in srcs]
+    assert "<link" not in page and "<script" not in page and "url(" not in page
+    assert not re.search(r"""href=["']?(https?:|//)""", page)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Reports of an RL (GSM8K), an RL (MATH) and a FOMAML experiment, and the summary."""
+    res = tmp_path_factory.mktemp("report") / "results"
+    configs = {}
+    for exp, tpl in (("gsm", "xml_cot"), ("mth", "math_boxed")):
+        fx = write_rl_fixture(res, exp, tpl, n_prompts=8, samples=2)
+        configs[exp] = fx["config"]
+        d = res / exp
+        assert evaluate_main(["--experiment", exp, *rl_args(d), "--checkpoint", str(d / "checkpoints/final"),
+                              "--config-json", json.dumps(fx["config"]), "--bootstrap", "200",
+                              "--out", str(d / "eval/summary.json")]) == 0
+        assert report_main(["--experiment", exp, "--config-json", json.dumps(fx["config"]), "--summary",
+                            str(d / "eval/summary.json"), "--metrics", str(d / "train_metrics.parquet"),
+                            *rl_args(d), "--samples", "8", "--out-dir", str(d / "report")]) == 0
+    configs["fm"] = write_fomaml_fixture(res, "fm")["config"]
+    assert report_main(["--experiment", "fm", "--config-json", json.dumps(configs["fm"]), "--summary",
+                        str(res / "fm/eval/summary.json"), "--metrics", str(res / "fm/train_metrics.parquet"),
+                        "--out-dir", str(res / "fm/report")]) == 0
+    assert summary_main(["--results", str(res), "--experiments-json", json.dumps(configs),
+                         "--out-parquet", str(res / "summary.parquet"), "--out-html", str(res / "summary.html")]) == 0
+    return res
+
+
+def test_rl_report_files_numbers_and_escaping(built):
+    out = built / "gsm" / "report"
+    for f in RL_PLOTS:
+        assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    assert_self_contained(page)
+    assert page.count("data:image/png;base64,") == len(RL_PLOTS)
+    s = json.loads((built / "gsm/eval/summary.json").read_text())
+    r = s["reward"]
+    for x in (fmt(r["base_mean"]), fmt(r["trained_mean"]), fmt(r["diff_mean"], signed=True), fmt_ci(r["diff_ci95"])):
+        assert x in page and x in (out / "report.md").read_text()
+    for name, a in s["accuracy"].items():
+        assert name in page and fmt(a["base"]) in page
+    assert NASTY not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    md = (out / "report.md").read_text()
+    assert all(f"]({f})" in md for f in RL_PLOTS)
+    assert NASTY in md and "```text" in md  # verbatim inside fenced blocks
+
+
+def test_math_report_has_per_subject_table(built):
+    page = (built / "mth/report/report.html").read_text()
+    assert "Per subject" in page and "algebra" in page and "geometry" in page
+
+
+def test_fomaml_report(built):
+    out = built / "fm" / "report"
+    assert all((out / f).stat().st_size > 1000 for f in FOMAML_PLOTS)
+    page = (out / "report.html").read_text()
+    assert_self_contained(page)
+    assert "2.6000" in page and "2.3000" in page and "-0.3000" in page  # base/meta query losses, difference
+    assert "number_theory" in page and "Meta-training curves" in page
+
+
+def test_summary_rows(built):
+    t = pq.read_table(built / "summary.parquet")
+    assert t.schema.equals(SUMMARY)
+    rows = {r["experiment"]: r for r in t.to_pylist()}
+    assert set(rows) == {"gsm", "mth", "fm"}
+    s = json.loads((built / "gsm/eval/summary.json").read_text())
+    g = rows["gsm"]
+    assert g["reward_diff"] == pytest.approx(s["reward"]["diff_mean"]) and g["steps"] == 12
+    assert g["reward_diff_low"] == pytest.approx(s["reward"]["diff_ci95"][0]) and g["algorithm"] == "grpo"
+    assert g["accuracy_metric"] == "gsm8k_xml" and g["gsm8k_strict_base"] is not None and g["train_seconds"] > 0
+    assert rows["mth"]["accuracy_metric"] == "math_verify"
+    assert rows["fm"]["base_init_query_loss"] == 2.6 and rows["fm"]["meta_init_query_loss"] == 2.3
+    assert rows["fm"]["reward_base"] is None and rows["fm"]["steps"] == 10
+    page = (built / "summary.html").read_text()
+    assert_self_contained(page)
+    assert "href='gsm/report/report.html'" in page and fmt(s["reward"]["diff_mean"], signed=True) in page
+
+
+SNAKEFILE = """configfile: "config/config.yaml"
+shell.prefix("set -euo pipefail; export PYTHONPATH={src}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+include: "rules/common.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+rule all:
+    input: final_targets()
+    default_target: True
+"""
+
+
+def test_rules_and_snakemake_report(tmp_path):
+    """The real rules on fixture results of the default config's experiments, then `--report`."""
+    wf = tmp_path / "wf"
+    wf.mkdir()
+    for name in ("src", "scripts", "rules", "config", "report", "envs", "resources"):
+        (wf / name).symlink_to(ROOT / name)
+    (wf / "Snakefile").write_text(SNAKEFILE.format(src=ROOT / "src"))
+    res = wf / "results"
+    write_rl_fixture(res, "headlines_gspo", "inner_scientist", n_prompts=6, samples=2)
+    write_rl_fixture(res, "gsm8k_grpo_lora", "xml_cot", n_prompts=6, samples=2)
+    write_fomaml_fixture(res, "math_fomaml")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    sm = [sys.executable, "-m", "snakemake", "--cores", "2", "--config", "wandb={mode: disabled}"]
+    out = subprocess.run(sm, cwd=wf, capture_output=True, text=True, env=env, timeout=600)
+    logs = "\n".join(p.read_text() for p in (res / "logs").rglob("*.log")) if (res / "logs").exists() else ""
+    assert out.returncode == 0, out.stderr[-4000:] + logs[-3000:]
+    for rule in ("evaluate", "report", "report_fomaml", "summary"):
+        assert f"rule {rule}:" in out.stderr or f"localrule {rule}:" in out.stderr, rule
+    for exp in ("headlines_gspo", "gsm8k_grpo_lora", "math_fomaml"):
+        assert (res / exp / "report" / "report.html").exists()
+    s = json.loads((res / "gsm8k_grpo_lora/eval/summary.json").read_text())
+    assert s["experiment"] == "gsm8k_grpo_lora" and len(s["config_hash"]) == 64 and s["bootstrap"]["resamples"] == 2000
+    assert pq.read_table(res / "summary.parquet").num_rows == 3
+    out = subprocess.run(sm + ["--report", "report.html"], cwd=wf, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    page = (wf / "report.html").read_text()
+    for name in ("training_curves.png", "paired_differences.png", "adaptation.png", "meta_training.png", "gsm8k_grpo_lora"):
+        assert name in page, name
