@@ -85,6 +85,7 @@ def bench_mlx_lm_lora(model: Path, a, tmp: Path) -> dict:
     from mlx_lm.tuner.callbacks import TrainingCallback
 
     g = import_mlx_lm_lora()
+    tmp.mkdir(parents=True, exist_ok=True)
     net, tok = mlx_lm.load(str(model))
     data = []
     for q in questions(a.prompts):

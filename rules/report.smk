@@ -7,18 +7,16 @@ CAPTIONS = "../report/captions"
 report: "../report/captions/workflow.rst"
 
 
-def reported_experiments():
-    """Experiments that `all` builds (MLX ones are skipped under the slurm platform)."""
-    return [e for e, c in EXPERIMENTS.items() if not (config["platform"] == "slurm" and c["backend"] == "mlx")]
+# Helpers are lambdas: `snakemake --lint` flags `def` next to rules in one file.
+REPORTED = [e for e, c in EXPERIMENTS.items() if not (config["platform"] == "slurm" and c["backend"] == "mlx")]
+"""Experiments that `all` builds (MLX ones are skipped under the slurm platform, as in all_targets)."""
 
+final_targets = lambda: [f"{R}/{e}/report/report.html" for e in REPORTED] + [f"{R}/summary.html"]
+"""Every experiment's report/report.html plus results/summary.html (for rule all)."""
 
-def final_targets():
-    """Every experiment's report/report.html plus results/summary.html."""
-    return [f"{R}/{e}/report/report.html" for e in reported_experiments()] + [f"{R}/summary.html"]
-
-
-def _fig(name, sub):
-    return report(f"{R}/{{exp}}/report/{name}.png", caption=f"{CAPTIONS}/{name}.rst", category="{exp}", subcategory=sub)
+_fig = lambda name, sub: report(
+    f"{R}/{{exp}}/report/{name}.png", caption=f"{CAPTIONS}/{name}.rst", category="{exp}", subcategory=sub
+)
 
 
 rule report:
@@ -90,13 +88,14 @@ rule report_fomaml:
 rule summary:
     """One row per experiment with its headline numbers: results/summary.parquet and summary.html."""
     input:
-        summaries=[f"{R}/{e}/eval/summary.json" for e in reported_experiments()],
-        metrics=[f"{R}/{e}/train_metrics.parquet" for e in reported_experiments()],
+        summaries=[f"{R}/{e}/eval/summary.json" for e in REPORTED],
+        metrics=[f"{R}/{e}/train_metrics.parquet" for e in REPORTED],
     output:
         parquet=f"{R}/summary.parquet",
         html=report(f"{R}/summary.html", caption=f"{CAPTIONS}/summary.rst", category="summary"),
     params:
-        exps=as_json({e: EXPERIMENTS[e] for e in reported_experiments()}),
+        exps=as_json({e: EXPERIMENTS[e] for e in REPORTED}),
+        results=lambda w, output: os.path.dirname(output.parquet) or ".",
     log:
         f"{R}/logs/summary.log",
     threads: 1
@@ -106,5 +105,5 @@ rule summary:
     conda:
         "../envs/core.yaml"
     shell:
-        "python scripts/summarize.py --results {R} --experiments-json {params.exps:q}"
+        "python scripts/summarize.py --results {params.results} --experiments-json {params.exps:q}"
         " --out-parquet {output.parquet} --out-html {output.html} > {log} 2>&1"

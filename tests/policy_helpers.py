@@ -116,7 +116,7 @@ def _teach_stop(path: Path, seed: int, steps: int = 25) -> None:
 
 def prompts_table(n: int, split: str = "eval", offset: int = 0) -> pa.Table:
     """A PROMPTS table of ``n`` GSM8K questions."""
-    rows = [{"prompt_id": f"p{i:03d}", "experiment": "test", "item_id": f"gsm8k/{i}", "task": "gsm8k",
+    rows = [{"prompt_id": f"p{offset + i:03d}", "experiment": "test", "item_id": f"gsm8k/{i}", "task": "gsm8k",
              "split": split, "prompt": m, "reference": None, "reference_completion": None}
             for i, m in enumerate(messages(questions(n, offset)))]
     return pa.Table.from_pylist(rows, schema=PROMPTS)

@@ -124,6 +124,7 @@ rule all:
 """
 
 
+@pytest.mark.slow
 def test_rules_and_snakemake_report(tmp_path):
     """The real rules on fixture results of the default config's experiments, then `--report`."""
     wf = tmp_path / "wf"

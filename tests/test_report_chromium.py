@@ -98,6 +98,7 @@ def checked_dom(exe: str, page: Path, tmp: Path) -> dict:
     return json.loads(html.unescape(m.group(1)))
 
 
+@pytest.mark.chromium
 @pytest.mark.parametrize("kind", ["xml_cot", "fomaml"])
 def test_report_renders_in_chromium(chromium, tmp_path, kind):
     page, summary = make_report(tmp_path / "results", f"exp_{kind}", kind)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -264,11 +265,23 @@ def test_gspo_lora_cli_two_steps_and_resume(tiny, toy_reward, capfd, caplog):
                                                                 base["model.embed_tokens.weight"])
     assert pq.read_table(out / "train_metrics.parquet").column("step").to_pylist() == [1, 2]
 
+    first = (out / "checkpoints" / "final" / "model.safetensors").read_bytes()
+
+    shutil.rmtree(out / "checkpoints" / "checkpoint-2")  # as if killed after step 1: resume trains step 2
     caplog.clear()
-    assert T.main(argv) == 0  # a rerun resumes from checkpoint-2 (nothing left to train)
-    assert "resuming" in caplog.text and "step 1/2" not in capfd.readouterr().err
+    assert T.main(argv) == 0
+    err = capfd.readouterr().err
+    assert "resuming" in caplog.text and "step 2/2" in err and "step 1/2" not in err
     assert pq.read_table(out / "train_metrics.parquet").column("step").to_pylist() == [1, 2]
+    assert (out / "checkpoints" / "final" / "model.safetensors").read_bytes() == first  # same seed, same result
+
+    caplog.clear()
+    assert T.main(argv) == 0  # finished: the final policy is rebuilt from checkpoint-2, nothing trained
+    assert "resuming" in caplog.text and "step " not in capfd.readouterr().err
+    assert pq.read_table(out / "train_metrics.parquet").column("step").to_pylist() == [1, 2]
+    assert (out / "checkpoints" / "final" / "model.safetensors").read_bytes() == first
+
     exp["train"]["learning_rate"] = 5e-3  # a changed spec must not resume from the old checkpoints
     caplog.clear()
     assert T.main([*argv[:5], json.dumps(exp), *argv[6:]]) == 0
-    assert "resuming" not in caplog.text and "step 2/2" in capfd.readouterr().err
+    assert "resuming" not in caplog.text and "step 1/2" in capfd.readouterr().err

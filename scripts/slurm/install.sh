@@ -9,11 +9,6 @@ if [[ $EUID -ne 0 ]]; then
   echo "install.sh: must run as root (apt-get install)" >&2
   exit 1
 fi
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "install.sh: apt-get not found (Debian/Ubuntu only)" >&2
-  exit 2
-fi
-
 missing=()
 for p in "${PKGS[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
@@ -24,6 +19,11 @@ done
 if [[ ${#missing[@]} -eq 0 ]]; then
   echo "install.sh: all packages already installed: ${PKGS[*]}"
   exit 0
+fi
+
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "install.sh: apt-get not found (Debian/Ubuntu only)" >&2
+  exit 2
 fi
 
 start=$(date +%s)

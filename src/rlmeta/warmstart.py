@@ -33,7 +33,8 @@ _WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.j
 MAX_GRAD_NORM = 1.0
 
 
-def sft_examples(tokenizer, prompts_table_path: str | Path, max_seq_len: int) -> tuple[list[tuple[list[int], int]], int]:
+def sft_examples(tokenizer, prompts_table_path: str | Path,
+                 max_seq_len: int) -> tuple[list[tuple[list[int], int]], int]:
     """``([(token_ids, n_prompt_tokens), ...], n_skipped)`` for the train rows with a reference
     completion; sequences are cut to ``max_seq_len``, rows left without completion tokens skipped."""
     rows = read_table(prompts_table_path, PROMPTS).to_pylist()
@@ -95,7 +96,8 @@ def _copy_non_weights(src: Path, dst: Path) -> None:
             shutil.copy(f, dst / f.name)
 
 
-def _train_torch(src: Path, tmp: Path, data, steps: int, learning_rate: float, seed: int, log_every: int) -> list[float]:
+def _train_torch(src: Path, tmp: Path, data, steps: int, learning_rate: float, seed: int,
+                 log_every: int) -> tuple[list[float], float]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -121,11 +123,13 @@ def _train_torch(src: Path, tmp: Path, data, steps: int, learning_rate: float, s
         opt.step()
         losses.append(loss.item())
         _progress("torch", step, steps, losses, t0, log_every)
+    seconds = time.perf_counter() - t0
     model.eval().cpu().save_pretrained(tmp, safe_serialization=True)
-    return losses
+    return losses, seconds
 
 
-def _train_mlx(src: Path, tmp: Path, data, steps: int, learning_rate: float, seed: int, log_every: int) -> list[float]:
+def _train_mlx(src: Path, tmp: Path, data, steps: int, learning_rate: float, seed: int,
+               log_every: int) -> tuple[list[float], float]:
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -151,9 +155,10 @@ def _train_mlx(src: Path, tmp: Path, data, steps: int, learning_rate: float, see
         mx.eval(loss, model.parameters(), opt.state)
         losses.append(loss.item())
         _progress("mlx", step, steps, losses, t0, log_every)
+    seconds = time.perf_counter() - t0
     model.eval()
     save_model(tmp, model)
-    return losses
+    return losses, seconds
 
 
 def _progress(backend: str, step: int, steps: int, losses: list[float], t0: float, every: int) -> None:
@@ -168,7 +173,8 @@ def warmstart(model_dir: str | Path, prompts_table_path: str | Path, out_dir: st
     checkpoint to ``out_dir`` (atomically); ``steps == 0`` copies the model unchanged.
 
     ``warmstart_metrics.json`` holds per-step ``losses``, ``initial_loss`` (the first batch, before
-    any update), ``final_loss`` (mean of the last max(1, steps // 10) steps) and ``seconds_per_step``.
+    any update), ``final_loss`` (mean of the last max(1, steps // 10) steps) and ``seconds_per_step`` (the training
+    loop alone, without loading and saving).
     """
     if backend not in ("torch", "mlx"):
         raise ValueError(f"unknown backend {backend!r}; expected torch or mlx")
@@ -183,9 +189,7 @@ def warmstart(model_dir: str | Path, prompts_table_path: str | Path, out_dir: st
             examples, skipped = sft_examples(tok, prompts_table_path, max_seq_len)
             data = batches(examples, batch_size, steps, seed, tok.pad_token_id if tok.pad_token_id is not None else 0)
             train = _train_torch if backend == "torch" else _train_mlx
-            t0 = time.perf_counter()
-            losses = train(src, tmp, data, steps, learning_rate, seed, max(1, steps // 10))
-            seconds = time.perf_counter() - t0
+            losses, seconds = train(src, tmp, data, steps, learning_rate, seed, max(1, steps // 10))
             tail = losses[-max(1, steps // 10):]
             metrics.update(losses=losses, initial_loss=losses[0], final_loss=sum(tail) / len(tail),
                            n_examples=len(examples), n_skipped=skipped, seconds=seconds, seconds_per_step=seconds / steps)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence, runtime_checkable
@@ -66,6 +67,17 @@ class Policy(Protocol):
 
     def save(self, path: str | Path) -> Path:
         """Write a full checkpoint atomically (LoRA adapters merged in)."""
+
+
+@contextmanager
+def eval_mode(model):
+    """Run with dropout off (torch or MLX module), then restore the training flag."""
+    was = model.training
+    model.train(False)
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 def is_messages(prompts: Prompts) -> bool:

@@ -18,24 +18,27 @@ from mlx_lm.sample_utils import apply_top_p
 
 from rlmeta.io import atomic_dir, write_json
 from rlmeta.models.tokenizer import save_tokenizer
-from rlmeta.policy.base import (Generation, Prompts, as_token_ids, copy_extra_files, encode_prompts, finish,
-                                checkpoint_eos, pad_token_id, read_config, stop_token_ids)
+from rlmeta.policy.base import (Generation, Prompts, as_token_ids, checkpoint_eos, copy_extra_files, encode_prompts,
+                                eval_mode, finish, pad_token_id, read_config, stop_token_ids)
 
 LOGITS_BUDGET = 2**27
 """Float32 logits elements held at once by ``MLXPolicy.logprobs`` (512 MiB)."""
 
 
 def sample(logprobs: mx.array, top_p: float = 1.0, greedy: bool = False) -> mx.array:
-    """Draw one token per row from temperature-scaled log-probs, top-p truncated.
+    """Draw one token per row from (temperature-scaled) log-probs, top-p truncated.
 
     Temperature comes first, then top-p, as in transformers (``mlx_lm``'s ``make_sampler``
-    applies top-p to the unscaled distribution).
+    applies top-p to the unscaled distribution). Inverse-CDF sampling: one uniform per row,
+    far cheaper on CPU than ``mx.random.categorical``'s one Gumbel draw per vocabulary entry.
     """
     if greedy:
         return mx.argmax(logprobs, axis=-1)
     if top_p < 1.0:
         logprobs = apply_top_p(logprobs, top_p)
-    return mx.random.categorical(logprobs)
+    cdf = mx.cumsum(mx.exp(logprobs), axis=-1)
+    u = mx.random.uniform(shape=(logprobs.shape[0], 1)) * cdf[:, -1:]
+    return mx.minimum((cdf <= u).sum(axis=-1), logprobs.shape[-1] - 1)
 
 
 def lm_head(model: nn.Module, hidden: mx.array) -> mx.array:
@@ -122,6 +125,12 @@ class MLXPolicy:
         ids = as_token_ids(self.tokenizer, prompts)
         if not ids or n < 1:
             return []
+        with eval_mode(self.model):
+            tokens, logps = self._sample(ids, n, temperature, top_p, max_new_tokens, seed)
+        return [finish(self.tokenizer, k // n, k % n, ids[k // n], tokens[k], logps[k], self.stop_ids)
+                for k in range(len(tokens))]
+
+    def _sample(self, ids, n, temperature, top_p, max_new_tokens, seed):
         mx.random.seed(seed)
         inv_t = 1.0 / temperature if temperature > 0 else 1.0
         width = max(len(p) for p in ids)
@@ -155,8 +164,7 @@ class MLXPolicy:
                     c.filter(idx)
                 nxt, rows = nxt[idx], [rows[i] for i in keep]
             logits = lm_head(self.model, self.model.model(nxt[:, None], cache=cache))[:, -1]
-        return [finish(self.tokenizer, k // n, k % n, ids[k // n], tokens[k], logps[k], self.stop_ids)
-                for k in range(len(tokens))]
+        return tokens, logps
 
     def logprobs(self, prompt_ids, completion_ids, temperature: float = 1.0) -> list[np.ndarray]:
         """Teacher-forced log-probs of each completion token, batched under ``LOGITS_BUDGET``."""
@@ -166,7 +174,8 @@ class MLXPolicy:
         chunk = max(1, LOGITS_BUDGET // (t * vocab))
         for k in range(0, len(prompt_ids), chunk):
             p, c = prompt_ids[k:k + chunk], completion_ids[k:k + chunk]
-            lp = np.array(sequence_logprobs(self.model, *pad_batch(p, c, self.pad_id), temperature))
+            with eval_mode(self.model):
+                lp = np.array(sequence_logprobs(self.model, *pad_batch(p, c, self.pad_id), temperature))
             out += [lp[i, :len(ci)].astype(np.float32) for i, ci in enumerate(c)]
         return out
 

@@ -19,7 +19,7 @@ import torch
 from rlmeta.io import atomic_dir
 from rlmeta.models.tokenizer import save_tokenizer
 from rlmeta.policy.base import (Generation, Prompts, as_token_ids, checkpoint_eos, copy_extra_files, encode_prompts,
-                                finish, pad_token_id, stop_token_ids)
+                                eval_mode, finish, pad_token_id, stop_token_ids)
 
 LOGITS_BUDGET = 2**27
 """Float32 logits elements held at once by ``TorchPolicy.logprobs`` (512 MiB)."""
@@ -78,15 +78,18 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return torch.where(completion_mask > 0, lp, torch.zeros_like(lp))
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability mass reaches ``top_p``."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(-1, descending=True)
-    probs = sorted_logits.softmax(-1)
-    drop = probs.cumsum(-1) - probs >= top_p  # mass strictly before this token already reaches top_p
-    drop[..., 0] = False
-    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+def sample(logits: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from (temperature-scaled) logits, top-p truncated (inverse-CDF draw:
+    one uniform per row, far cheaper on CPU than ``torch.multinomial``)."""
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    cdf = logits.softmax(-1).cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
 
 
 class TorchPolicy:
@@ -124,43 +127,41 @@ class TorchPolicy:
     def generate(self, prompts: Prompts, n: int = 1, *, temperature: float = 1.0, top_p: float = 1.0,
                  max_new_tokens: int = 128, seed: int = 0) -> list[Generation]:
         """``n`` completions per prompt in one batch; deterministic for a seed."""
+        ids = as_token_ids(self.tokenizer, prompts)
+        if not ids or n < 1:
+            return []
+        with eval_mode(self.model):
+            tokens, logps = self._sample(ids, n, temperature, top_p, max_new_tokens, seed)
+        return [finish(self.tokenizer, k // n, k % n, ids[k // n], tokens[k], logps[k], self.stop_ids)
+                for k in range(len(tokens))]
+
+    def _sample(self, ids, n, temperature, top_p, max_new_tokens, seed):
         from transformers import DynamicCache
 
-        ids = as_token_ids(self.tokenizer, prompts)
-        rows = [(i, s) for i in range(len(ids)) for s in range(n)]
-        if not rows:
-            return []
         dev = self.device
         gen = torch.Generator(device=dev).manual_seed(int(seed))
         input_ids, attn, _ = pad_batch(ids, [[]] * len(ids), self.pad_id, dev)
         input_ids, attn = input_ids[:, :-1], attn[:, :-1]  # drop the empty completion column
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
         stops = torch.tensor(self.stop_ids, device=dev)
-        alive = torch.arange(len(rows), device=dev)  # original row of each batch row
-        tokens = [[] for _ in rows]
-        logps = [[] for _ in rows]
+        alive = torch.arange(len(ids) * n, device=dev)  # output row of each batch row
+        tokens: list[list[int]] = [[] for _ in range(len(ids) * n)]
+        logps: list[list[float]] = [[] for _ in range(len(ids) * n)]
         cache = DynamicCache(config=self.model.config)
-        was_training = self.model.training
-        self.model.eval()
         out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)  # each prompt once, then n copies of its cache
         logits = out.logits[:, -1].float().repeat_interleave(n, 0)
         cache.batch_repeat_interleave(n)
         attn, positions = attn.repeat_interleave(n, 0), positions.repeat_interleave(n, 0)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             scaled = logits / temperature if temperature > 0 else logits
-            lp_all = scaled.log_softmax(-1)
-            if temperature > 0:
-                probs = top_p_filter(scaled, top_p).softmax(-1)
-                nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
-            else:
-                nxt = scaled.argmax(-1)
-            lp = lp_all.gather(-1, nxt[:, None])[:, 0]
+            nxt = sample(scaled, top_p, gen) if temperature > 0 else scaled.argmax(-1)
+            lp = scaled.gather(-1, nxt[:, None])[:, 0] - scaled.logsumexp(-1)
             for r, tok, v in zip(alive.tolist(), nxt.tolist(), lp.tolist()):
                 tokens[r].append(tok)
                 logps[r].append(v)
             keep = ~torch.isin(nxt, stops)
-            if not keep.any():
+            if not keep.any() or step == max_new_tokens - 1:
                 break
             if not keep.all():
                 idx = keep.nonzero()[:, 0]
@@ -170,9 +171,7 @@ class TorchPolicy:
             positions = positions[:, -1:] + 1
             logits = self.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=positions,
                                 past_key_values=cache, use_cache=True).logits[:, -1].float()
-        self.model.train(was_training)
-        return [finish(self.tokenizer, i, s, ids[i], tokens[k], logps[k], self.stop_ids)
-                for k, (i, s) in enumerate(rows)]
+        return tokens, logps
 
     @torch.no_grad()
     def logprobs(self, prompt_ids, completion_ids, temperature: float = 1.0) -> list[np.ndarray]:
@@ -183,7 +182,8 @@ class TorchPolicy:
         chunk = max(1, LOGITS_BUDGET // (t * vocab))
         for k in range(0, len(prompt_ids), chunk):
             p, c = prompt_ids[k:k + chunk], completion_ids[k:k + chunk]
-            lp = sequence_logprobs(self.model, *pad_batch(p, c, self.pad_id, self.device), temperature)
+            with eval_mode(self.model):
+                lp = sequence_logprobs(self.model, *pad_batch(p, c, self.pad_id, self.device), temperature)
             out += [lp[i, :len(ci)].cpu().numpy().astype(np.float32) for i, ci in enumerate(c)]
         return out
 

@@ -59,7 +59,7 @@ def summary_row(exp: str, cfg: dict, summary: dict, metrics=None) -> dict:
         row.update(base_init_query_loss=ad.get("base_init_query_loss"), meta_init_query_loss=ad.get("meta_init_query_loss"))
         accs = [v for v in ad.get("per_subject", {}).values() if v.get("base_accuracy") is not None]
         if accs:
-            row.update(accuracy_metric="query accuracy (mean over subjects)",
+            row.update(accuracy_metric="query accuracy (subject mean)",
                        accuracy_base=sum(v["base_accuracy"] for v in accs) / len(accs),
                        accuracy_trained=sum(v.get("meta_accuracy") or 0.0 for v in accs) / len(accs))
     return row
@@ -84,17 +84,18 @@ def summary_html(rows: list[dict], image: Path | None) -> str:
             if key == "experiment":
                 cells.append(f"<td><a href='{e(r['report'])}'>{e(r['experiment'])}</a></td>")
             elif key == "ci":
-                ci = "n/a" if r["reward_diff_low"] is None else f"[{fmt(r['reward_diff_low'], signed=True)}, {fmt(r['reward_diff_high'], signed=True)}]"
+                ci = "—" if r["reward_diff_low"] is None else f"[{fmt(r['reward_diff_low'], signed=True)}, {fmt(r['reward_diff_high'], signed=True)}]"
                 cells.append(f"<td class='num'>{e(ci)}</td>")
             else:
                 v = r.get(key)
                 digits = 1 if key == "train_seconds" else 4 if "loss" in key else 3
                 txt = fmt(v, digits, signed=key == "reward_diff") if isinstance(v, float) else "—" if v is None else str(v)
-                cells.append(f"<td class='num'>{e(txt)}</td>")
+                cells.append(f"<td class='{'num' if isinstance(v, (int, float)) else 'txt'}'>{e(txt)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     fig = _img(image, "reward difference per experiment") if image is not None else ""
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>rlmeta: summary across experiments</title>"
-            f"<style>{CSS}</style></head><body><h1>Summary across experiments</h1>"
+            f"<style>{CSS}body{{max-width:1600px}}table{{font-size:.85em}}td{{white-space:nowrap}}</style></head>"
+            "<body><h1>Summary across experiments</h1>"
             "<p>Reward columns: mean total reward per held-out prompt; difference = trained − base with a paired "
             "bootstrap 95% interval over prompts. FOMAML rows: query loss after adaptation from the base and the "
             "meta-learned initialisation (lower is better). Each experiment links to its report.</p>"

@@ -278,13 +278,14 @@ def _source_config(model_dir: str) -> dict:
 
 def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, experiment: dict,
               out_dir: str | os.PathLike, metrics_path: str | os.PathLike, wandb_cfg: dict | None = None,
-              seed: int = 0) -> Path:
+              seed: int = 0, *, callbacks: list | None = None) -> Path:
     """Train ``model_dir`` with TRL GRPO/GSPO on the train prompts; return ``<out_dir>/final``.
 
     ``experiment``: ``algorithm``, ``rewards`` {name: weight}, ``reward_params``, ``train``.
     ``wandb_cfg``: ``mode`` (offline | online | disabled), ``project``, ``entity``, ``name``.
     Checkpoints go to ``<out_dir>/checkpoint-N`` every ``checkpoint_every`` rollout batches and a
-    rerun resumes from the latest one trained with the same spec.
+    rerun resumes from the latest one trained with the same spec. ``callbacks``: extra
+    ``TrainerCallback``s (e.g. a benchmark's clock).
     """
     from trl import GRPOTrainer
 
@@ -308,13 +309,18 @@ def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, exp
     callback = TrainMetricsCallback(writer, list(rewards), out_dir, last_checkpoint=resume)
     log.info("TRL %s: %s -> %s (%d optimizer steps%s)", experiment.get("algorithm"), model_dir, out_dir,
              args.max_steps, f", resuming {resume}" if resume else "")
+    if resume_step is not None and resume_step >= args.max_steps:
+        # transformers would train one step past max_steps when resumed at the end: load instead
+        writer.close()
+        model, tokenizer = _load_checkpoint(model_dir, resume)
+        return _save(model, tokenizer, out_dir, model_dir)
     trainer = GRPOTrainer(
         model=str(model_dir),
         reward_funcs=reward_functions(rewards, experiment.get("reward_params")),
         args=args,
         train_dataset=train_dataset(prompts_path, experiment.get("max_train_prompts")),
         peft_config=lora_config(t["lora"]),
-        callbacks=[callback],
+        callbacks=[callback, *(callbacks or [])],
     )
     if report_to == "wandb":
         config = {**spec, "out_dir": str(out_dir)}
@@ -323,10 +329,27 @@ def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, exp
     else:
         trainer.train(resume_from_checkpoint=resume)
     writer.close()
-    final = save_final(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class,
-                       out_dir / "final", _source_config(str(model_dir)))
+    return _save(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, out_dir, model_dir)
+
+
+def _save(model, tokenizer, out_dir: Path, model_dir) -> Path:
+    final = save_final(model, tokenizer, out_dir / "final", _source_config(str(model_dir)))
     log.info("saved %s", final)
     return final
+
+
+def _load_checkpoint(model_dir, checkpoint: str):
+    """(policy, tokenizer) of a TRL checkpoint folder: full weights, or the base plus a LoRA adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = Path(checkpoint)
+    if (ckpt / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)), str(ckpt))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt))
+    return model, AutoTokenizer.from_pretrained(str(ckpt))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,147 @@
+"""Seconds per GRPO step: our TRL path (``train_trl``) vs a bare ``GRPOTrainer`` script.
+
+Both train the same tiny Qwen3 (built here with ``build_tiny_model``) on the same GSM8K prompts
+(xml_cot format) with the same settings: batch prompts x group size, completion length, lr,
+CPU fp32, no activation checkpointing, reward ``xml_count``. A step's time is the wall time
+between consecutive ``on_step_end`` events, so it includes generation, scoring, the update and
+every callback (our metrics table, stderr line, NaN check). The first ``--warmup`` steps are
+dropped. Runs alternate (bare, ours, bare, ours, ...) to spread machine noise over both.
+
+Prints a table, then as its LAST line one JSON object with ``trl_path_over_bare_trl``
+(our median s/step / bare median s/step; target <= 1.0) and the raw figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_clock():
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        """Wall time between consecutive optimizer-step ends (the first from train begin)."""
+
+        def __init__(self):
+            self.times, self.last = [], None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            self.times.append(now - self.last)
+            self.last = now
+
+    return StepClock()
+
+
+def setup(work: Path, n_prompts: int, vocab: int):
+    """Tiny model + prompts parquet (train split) from the bundled GSM8K sample."""
+    import pyarrow as pa
+
+    from rlmeta.io import write_table
+    from rlmeta.models.build import build_tiny_model
+    from rlmeta.prompts import xml_cot
+    from rlmeta.tables import PROMPTS
+
+    gsm = ROOT / "resources" / "gsm8k" / "train.jsonl"
+    model = build_tiny_model(work / "model", {"tokenizer": "bpe", "vocab_size": vocab}, [gsm], seed=0)
+    rows = [json.loads(line) for line in gsm.read_text().splitlines()[:n_prompts]]
+    table = [dict(prompt_id=f"p{i}", experiment="bench", item_id=f"i{i}", task="gsm8k", split="train",
+                  prompt=xml_cot({"question": r["question"]}), reference=r["answer"].split("####")[-1].strip(),
+                  reference_completion=None) for i, r in enumerate(rows)]
+    write_table(work / "prompts.parquet", pa.Table.from_pylist(table, schema=PROMPTS))
+    return model, work / "prompts.parquet"
+
+
+def run_ours(model, prompts, experiment, out: Path, seed: int) -> list[float]:
+    from rlmeta.rl.trl_trainer import train_trl
+
+    clock = make_clock()
+    train_trl(model, prompts, experiment, out / "checkpoints", out / "train_metrics.parquet",
+              {"mode": "disabled"}, seed, callbacks=[clock])
+    return clock.times
+
+
+def run_bare(model, prompts, experiment, out: Path, seed: int) -> list[float]:
+    """What a TRL user writes by hand: GRPOConfig + GRPOTrainer + a reward function."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlmeta.io import read_table
+    from rlmeta.rewards import xml_count
+
+    t = experiment["train"]
+    rows = read_table(prompts).to_pylist()
+    ds = Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "reference": [r["reference"] for r in rows]})
+
+    def reward(completions, **kw):
+        return [xml_count(c[0]["content"]) for c in completions]
+
+    args = GRPOConfig(
+        output_dir=str(out), use_cpu=True, bf16=False, activation_checkpointing=False, seed=seed,
+        max_steps=t["steps"], per_device_train_batch_size=t["batch_prompts"] * t["group_size"],
+        num_generations=t["group_size"], max_completion_length=t["max_new_tokens"],
+        learning_rate=t["learning_rate"], temperature=t["temperature"], epsilon_high=0.28,
+        logging_steps=1, report_to="none", save_strategy="no",
+    )
+    clock = make_clock()
+    GRPOTrainer(model=str(model), reward_funcs=reward, args=args, train_dataset=ds, callbacks=[clock]).train()
+    return clock.times
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=6, help="steps per run, warm-up included")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2, help="runs of each path (alternating)")
+    p.add_argument("--batch-prompts", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary of the tiny model")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.steps <= a.warmup:
+        p.error("--steps must exceed --warmup")
+
+    experiment = {"algorithm": "grpo", "rewards": {"xml_count": 1.0}, "train": {
+        "steps": a.steps, "batch_prompts": a.batch_prompts, "group_size": a.group_size,
+        "max_new_tokens": a.max_new_tokens, "learning_rate": 1e-3, "temperature": 1.0,
+        "checkpoint_every": 10_000, "trl": {"report_to": "none"}}}
+    with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
+        work = Path(tmp)
+        model, prompts = setup(work, 4 * a.batch_prompts, a.vocab)
+        times: dict[str, list[float]] = {"bare": [], "ours": []}
+        for r in range(a.repeats):
+            for name, fn in (("bare", run_bare), ("ours", run_ours)):
+                steps = fn(model, prompts, experiment, work / f"{name}{r}", a.seed)
+                times[name] += steps[a.warmup:]
+                print(f"run {r} {name}: " + " ".join(f"{s:.3f}" for s in steps), file=sys.stderr, flush=True)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\nGRPO step on CPU: tiny Qwen3 (vocab {a.vocab}), {a.batch_prompts} prompts x {a.group_size} "
+          f"completions, {a.max_new_tokens} new tokens, {a.steps - a.warmup} timed steps x {a.repeats} runs")
+    print(f"{'path':<12}{'median s/step':>15}{'mean':>10}{'min':>10}{'max':>10}")
+    for k in ("bare", "ours"):
+        v = times[k]
+        print(f"{k:<12}{med[k]:>15.3f}{statistics.mean(v):>10.3f}{min(v):>10.3f}{max(v):>10.3f}")
+    ratio = med["ours"] / med["bare"]
+    print(f"ours / bare = {ratio:.3f}")
+    print(json.dumps({"trl_path_over_bare_trl": round(ratio, 4), "ours_s_per_step": round(med["ours"], 4),
+                      "bare_s_per_step": round(med["bare"], 4), "ours_steps": [round(x, 4) for x in times["ours"]],
+                      "bare_steps": [round(x, 4) for x in times["bare"]], "batch_prompts": a.batch_prompts,
+                      "group_size": a.group_size, "max_new_tokens": a.max_new_tokens, "vocab": a.vocab,
+                      "device": "cpu"}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
