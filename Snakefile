@@ -21,6 +21,8 @@ include: "rules/prompts.smk"
 include: "rules/rollouts.smk"
 include: "rules/train.smk"
 include: "rules/meta.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
 
 
 localrules:
@@ -33,9 +35,13 @@ localrules:
     build_model,
     make_prompts,
     score,
+    evaluate,
+    report,
+    report_fomaml,
+    summary,
 
 
 rule all:
     input:
-        all_targets(),
+        final_targets(),
     default_target: True

@@ -152,25 +152,20 @@ def check_platform(exp):
         )
 
 
-def experiment_targets(exp):
-    """What `all` builds for one experiment."""
-    targets = [f"{R}/{exp}/prompts.parquet"]
-    if EXPERIMENTS[exp]["algorithm"] == "fomaml":
-        targets += [f"{R}/{exp}/checkpoints/final", f"{R}/{exp}/eval/summary.json"]
-    else:
-        targets += [f"{R}/{exp}/rewards/base.parquet", f"{R}/{exp}/rewards/trained.parquet"]
-    return targets
-
-
-def all_targets():
-    targets = []
-    chosen = config["run_experiments"] or list(EXPERIMENTS)
-    for exp, e in ((n, EXPERIMENTS[n]) for n in chosen):
-        if config["platform"] == "slurm" and e["backend"] == "mlx":
+def chosen_experiments():
+    """Experiments `all` builds: run_experiments (or every one), minus MLX ones under slurm."""
+    chosen = []
+    for exp in config["run_experiments"] or list(EXPERIMENTS):
+        if config["platform"] == "slurm" and EXPERIMENTS[exp]["backend"] == "mlx":
             print(f"note: skipping MLX experiment '{exp}' under the slurm profile", file=sys.stderr)
             continue
-        targets += experiment_targets(exp)
-    return targets
+        chosen.append(exp)
+    return chosen
+
+
+def final_targets():
+    """Every chosen experiment's report (which pulls in everything upstream) and the summary."""
+    return [f"{R}/{e}/report/report.html" for e in chosen_experiments()] + [f"{R}/summary.html"]
 
 
 def corpus_files():

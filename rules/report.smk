@@ -8,11 +8,8 @@ report: "../report/captions/workflow.rst"
 
 
 # Helpers are lambdas: `snakemake --lint` flags `def` next to rules in one file.
-REPORTED = [e for e, c in EXPERIMENTS.items() if not (config["platform"] == "slurm" and c["backend"] == "mlx")]
-"""Experiments that `all` builds (MLX ones are skipped under the slurm platform, as in all_targets)."""
-
-final_targets = lambda: [f"{R}/{e}/report/report.html" for e in REPORTED] + [f"{R}/summary.html"]
-"""Every experiment's report/report.html plus results/summary.html (for rule all)."""
+REPORTED = chosen_experiments()
+"""Experiments in the cross-experiment summary (those `all` builds)."""
 
 _fig = lambda name, sub: report(
     f"{R}/{{exp}}/report/{name}.png", caption=f"{CAPTIONS}/{name}.rst", category="{exp}", subcategory=sub

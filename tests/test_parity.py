@@ -108,6 +108,14 @@ def test_lora_merge_equals_adapter(ckpt, policies, batch, tmp_path, backend):
     reloaded = load_policy(ckpt, backend, lora=adapter)
     assert max_diff(with_adapter, reloaded.logprobs(*batch)) < 1e-6
 
+    if backend == "mlx":  # the adapter folder is mlx-lm's own format
+        import mlx_lm
+
+        from rlmeta.policy.mlx_policy import MLXPolicy
+
+        model, tok = mlx_lm.load(str(ckpt), adapter_path=str(adapter))
+        assert max_diff(with_adapter, MLXPolicy(model, tok, policy.config).logprobs(*batch)) < 1e-6
+
     merged = merge_lora(ckpt, adapter, tmp_path / "merged")
     for b in ("mlx", "torch"):
         assert max_diff(with_adapter, load_policy(merged, b).logprobs(*batch)) < 1e-4

@@ -35,6 +35,18 @@ def toy_a(completion, reference=None, prompt=None, **_):
     return sum(c == TARGET for c in s) / max(1, len(s))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matrices gain nothing from a second thread, and on a shared CPU spin-waiting threads
+    make every step several times slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def toy_reward():
     with pytest.MonkeyPatch.context() as mp:

@@ -87,17 +87,18 @@ def save_adapter(policy, path: str | Path) -> Path:
 
 
 def load_adapter(policy, path: str | Path):
-    """Attach a saved adapter (in place; the backend must match the one that wrote it)."""
+    """Attach a saved adapter, trainable, base frozen (in place; same backend as the one that wrote it)."""
     backend = adapter_backend(path)
     if backend != policy.backend:
         raise ValueError(f"{path} holds a {backend} adapter; load the policy with backend={backend}")
     if backend == "torch":
         from peft import PeftModel
 
-        policy.model = PeftModel.from_pretrained(policy.model, str(path))
+        policy.model = PeftModel.from_pretrained(policy.model, str(path), is_trainable=True)
     else:
         from mlx_lm.tuner.utils import load_adapters
 
+        policy.model.freeze()
         load_adapters(policy.model, str(path))
         policy.lora = json.loads((Path(path) / "adapter_config.json").read_text()).get("rlmeta_lora")
     policy.model.eval()
