@@ -53,67 +53,96 @@ def reward(completion, reference=None, prompt=None, **_) -> float:
     return REGISTRY["coherence"].fn(completion)
 
 
-def bench_ours(model: Path, a, tmp: Path) -> dict:
-    from rlmeta.io import write_records
-    from rlmeta.rewards import REGISTRY, RewardSpec
-    from rlmeta.rl.mlx_trainer import MLXTrainer
-    from rlmeta.tables import PROMPTS
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
-    REGISTRY["bench_reward"] = RewardSpec("bench_reward", reward, "coherence (benchmark)")
-    rows = [{"prompt_id": f"p{i}", "experiment": "bench", "item_id": f"i{i}", "task": f"t{i}", "split": "train",
-             "prompt": messages(q), "reference": None, "reference_completion": None}
-            for i, q in enumerate(questions(a.prompts))]
-    write_records(tmp / "prompts.parquet", rows, PROMPTS)
-    exp = {"algorithm": "grpo", "rewards": {"bench_reward": 1.0}, "train": {
-        "steps": a.warmup + a.steps, "batch_prompts": a.batch_prompts, "group_size": a.group_size,
-        "learning_rate": 1e-5, "max_new_tokens": a.max_new_tokens, "temperature": 1.0, "top_p": 1.0,
-        "beta": 0.0, "epsilon_low": 0.2, "epsilon_high": 0.28, "loss_type": "grpo", "updates_per_batch": 1}}
-    tr = MLXTrainer(model, tmp / "prompts.parquet", exp, seed=0)
-    times, lens = [], []
+
+class Ours:
+    """rlmeta's ``MLXTrainer``, one ``train_step`` per call."""
+
+    def __init__(self, model: Path, a, tmp: Path):
+        from rlmeta.io import write_records
+        from rlmeta.rewards import REGISTRY, RewardSpec
+        from rlmeta.rl.mlx_trainer import MLXTrainer
+        from rlmeta.tables import PROMPTS
+
+        REGISTRY["bench_reward"] = RewardSpec("bench_reward", reward, "coherence (benchmark)")
+        tmp.mkdir(parents=True, exist_ok=True)
+        rows = [{"prompt_id": f"p{i}", "experiment": "bench", "item_id": f"i{i}", "task": f"t{i}", "split": "train",
+                 "prompt": messages(q), "reference": None, "reference_completion": None}
+                for i, q in enumerate(questions(a.prompts))]
+        write_records(tmp / "prompts.parquet", rows, PROMPTS)
+        exp = {"algorithm": "grpo", "rewards": {"bench_reward": 1.0}, "train": {
+            "steps": a.warmup + a.steps, "batch_prompts": a.batch_prompts, "group_size": a.group_size,
+            "learning_rate": 1e-5, "max_new_tokens": a.max_new_tokens, "temperature": 1.0, "top_p": 1.0,
+            "beta": 0.0, "epsilon_low": 0.2, "epsilon_high": 0.28, "loss_type": "grpo", "updates_per_batch": 1}}
+        self.trainer = MLXTrainer(model, tmp / "prompts.parquet", exp, seed=0)
+
+    def step(self) -> tuple[float, float, float]:
+        """(wall s, CPU s, mean completion length) of one step."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        row = self.trainer.train_step()
+        return time.perf_counter() - t0, time.process_time() - c0, row["completion_len_mean"]
+
+
+class Theirs:
+    """mlx-lm-lora's ``train_grpo``, called with ``iters=1`` per step (same model and optimizer kept)."""
+
+    def __init__(self, model: Path, a, tmp: Path):
+        import mlx.optimizers as optim
+        import mlx_lm
+        from mlx_lm.tuner.callbacks import TrainingCallback
+
+        self.g = import_mlx_lm_lora()
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.model, self.tok = mlx_lm.load(str(model))
+        self.data = []
+        for q in questions(a.prompts):
+            ids = self.tok.apply_chat_template(messages(q), add_generation_prompt=True, tokenize=True)
+            self.data.append((list(ids["input_ids"] if isinstance(ids, dict) else ids), [], q, ""))
+
+        outer = self
+
+        class Timer(TrainingCallback):
+            def on_train_loss_report(self, info):
+                outer.report = (time.process_time(), info)
+
+        self.timer = Timer()
+        self.optimizer = optim.AdamW(learning_rate=1e-5, weight_decay=0.0, bias_correction=True)
+        self.args = self.g.GRPOTrainingArgs(
+            batch_size=a.batch_prompts, iters=1, group_size=a.group_size, beta=0.0, epsilon=0.2,
+            epsilon_high=0.28, max_completion_length=a.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+            min_p=0.0, grpo_loss_type="grpo", steps_per_report=1, steps_per_eval=10**9, steps_per_save=10**9,
+            max_seq_length=4096, adapter_file=str(tmp / "adapters.safetensors"))
+
+    def step(self) -> tuple[float, float, float]:
+        import contextlib
+        import io
+
+        def bench_reward(prompts, completions, answer, types=None):
+            return [reward(c) for c in completions]
+
+        c0 = time.process_time()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            self.g.train_grpo(self.model, None, self.tok, self.optimizer, self.data, None, reward_funcs=[bench_reward],
+                              args=self.args, training_callback=self.timer, end_answer_token="")
+        cpu, info = self.report
+        return 1.0 / info["iterations_per_second"], cpu - c0, info["train_average_generated_tokens"]
+
+
+def bench_mlx(model: Path, a, tmp: Path) -> dict:
+    """Interleave the two trainers step by step (a shared machine slows both alike); medians."""
+    runs = {"ours": Ours(model, a, tmp / "ours"), "theirs": Theirs(model, a, tmp / "theirs")}
+    got = {k: [] for k in runs}
     for i in range(a.warmup + a.steps):
-        t0 = time.perf_counter()
-        row = tr.train_step()
-        if i >= a.warmup:
-            times.append(time.perf_counter() - t0)
-            lens.append(row["completion_len_mean"])
-    return {"s_per_step": sorted(times)[len(times) // 2], "completion_len": sum(lens) / len(lens)}
-
-
-def bench_mlx_lm_lora(model: Path, a, tmp: Path) -> dict:
-    import mlx.optimizers as optim
-    import mlx_lm
-    from mlx_lm.tuner.callbacks import TrainingCallback
-
-    g = import_mlx_lm_lora()
-    tmp.mkdir(parents=True, exist_ok=True)
-    net, tok = mlx_lm.load(str(model))
-    data = []
-    for q in questions(a.prompts):
-        ids = tok.apply_chat_template(messages(q), add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-        data.append((ids, [], q, ""))
-
-    def bench_reward(prompts, completions, answer, types=None):
-        return [reward(c) for c in completions]
-
-    class Timer(TrainingCallback):
-        def __init__(self):
-            self.rows = []
-
-        def on_train_loss_report(self, info):
-            self.rows.append(info)
-
-    timer = Timer()
-    args = g.GRPOTrainingArgs(
-        batch_size=a.batch_prompts, iters=a.warmup + a.steps, group_size=a.group_size, beta=0.0,
-        epsilon=0.2, epsilon_high=0.28, max_completion_length=a.max_new_tokens, temperature=1.0, top_p=1.0,
-        top_k=0, min_p=0.0, grpo_loss_type="grpo", steps_per_report=1, steps_per_eval=10**9,
-        steps_per_save=10**9, max_seq_length=4096, adapter_file=str(tmp / "adapters.safetensors"))
-    g.train_grpo(net, None, tok, optim.AdamW(learning_rate=1e-5, weight_decay=0.0, bias_correction=True), data,
-                 None, reward_funcs=[bench_reward], args=args, training_callback=timer, end_answer_token="")
-    times = [1.0 / r["iterations_per_second"] for r in timer.rows[a.warmup:]]
-    lens = [r["train_average_generated_tokens"] for r in timer.rows[a.warmup:]]
-    return {"s_per_step": sorted(times)[len(times) // 2], "completion_len": sum(lens) / len(lens)}
+        for k, r in runs.items():
+            wall, cpu, length = r.step()
+            print(f"  step {i} {k:<7} {wall:7.3f}s wall {cpu:7.3f}s cpu  len {length:.1f}", file=sys.stderr, flush=True)
+            if i >= a.warmup:
+                got[k].append((wall, cpu, length))
+    return {k: {"s_per_step": median([w for w, _, _ in v]), "cpu_s_per_step": median([c for _, c, _ in v]),
+                "completion_len": sum(n for _, _, n in v) / len(v)} for k, v in got.items()}
 
 
 def bench_trl(a) -> dict | None:
@@ -121,7 +150,9 @@ def bench_trl(a) -> dict | None:
     script = ROOT / "benchmarks" / "train_step_trl.py"
     if not script.exists() or a.skip_trl:
         return None
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT)
+    cmd = [sys.executable, str(script), "--batch-prompts", str(a.batch_prompts), "--group-size", str(a.group_size),
+           "--max-new-tokens", str(a.max_new_tokens)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("{")]
     if proc.returncode or not lines:
         print(f"train_step_trl.py failed (rc={proc.returncode}): {proc.stderr[-2000:]}", file=sys.stderr)
@@ -149,20 +180,21 @@ def main(argv: list[str] | None = None) -> dict:
             model = Path(tempfile.gettempdir()) / "rlmeta-bench-model"
             if not (model / "config.json").exists():
                 build_tiny_model(model, BUILD, [ROOT / "resources/gsm8k/train.jsonl"], 0)
-        ours = bench_ours(model, a, tmp / "ours")
-        theirs = bench_mlx_lm_lora(model, a, tmp / "theirs")
+        res = bench_mlx(model, a, tmp)
+        ours, theirs = res["ours"], res["theirs"]
     trl = bench_trl(a)
-    print(f"\n{'trainer':<28}{'s/step':>10}{'completion len':>16}")
-    print(f"{'rlmeta MLX':<28}{ours['s_per_step']:>10.3f}{ours['completion_len']:>16.1f}")
-    print(f"{'mlx-lm-lora train_grpo':<28}{theirs['s_per_step']:>10.3f}{theirs['completion_len']:>16.1f}")
+    print(f"\n{'trainer':<28}{'s/step':>10}{'cpu s/step':>12}{'completion len':>16}")
+    for name, r in (("rlmeta MLX", ours), ("mlx-lm-lora train_grpo", theirs)):
+        print(f"{name:<28}{r['s_per_step']:>10.3f}{r['cpu_s_per_step']:>12.3f}{r['completion_len']:>16.1f}")
     if trl:
-        for k, v in trl.items():
-            if isinstance(v, (int, float)):
-                print(f"{k:<28}{v:>10.3f}")
+        print(f"{'TRL path (train_trl)':<28}{trl['ours_s_per_step']:>10.3f}")
+        print(f"{'bare TRL GRPOTrainer':<28}{trl['bare_s_per_step']:>10.3f}")
     result = {
         "mlx_over_mlx_lm_lora": ours["s_per_step"] / theirs["s_per_step"],
         "trl_path_over_bare_trl": (trl or {}).get("trl_path_over_bare_trl"),
+        "mlx_cpu_over_mlx_lm_lora": ours["cpu_s_per_step"] / theirs["cpu_s_per_step"],
         "mlx_s_per_step": ours["s_per_step"], "mlx_lm_lora_s_per_step": theirs["s_per_step"],
+        "mlx_cpu_s_per_step": ours["cpu_s_per_step"], "mlx_lm_lora_cpu_s_per_step": theirs["cpu_s_per_step"],
         "mlx_completion_len": ours["completion_len"], "mlx_lm_lora_completion_len": theirs["completion_len"],
         "trl": trl, "settings": {k: v for k, v in vars(a).items() if k != "model"} | {"model": str(model)},
     }

@@ -87,7 +87,7 @@ def run_bare(model, prompts, experiment, out: Path, seed: int) -> list[float]:
         return [xml_count(c[0]["content"]) for c in completions]
 
     args = GRPOConfig(
-        output_dir=str(out), use_cpu=True, bf16=False, activation_checkpointing=False, seed=seed,
+        output_dir=str(out), use_cpu=True, bf16=False, activation_checkpointing=False, seed=seed, data_seed=seed,
         max_steps=t["steps"], per_device_train_batch_size=t["batch_prompts"] * t["group_size"],
         num_generations=t["group_size"], max_completion_length=t["max_new_tokens"],
         learning_rate=t["learning_rate"], temperature=t["temperature"], epsilon_high=0.28,
@@ -108,9 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary of the tiny model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args(argv)
     if a.steps <= a.warmup:
         p.error("--steps must exceed --warmup")
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     experiment = {"algorithm": "grpo", "rewards": {"xml_count": 1.0}, "train": {
         "steps": a.steps, "batch_prompts": a.batch_prompts, "group_size": a.group_size,
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                       "bare_s_per_step": round(med["bare"], 4), "ours_steps": [round(x, 4) for x in times["ours"]],
                       "bare_steps": [round(x, 4) for x in times["bare"]], "batch_prompts": a.batch_prompts,
                       "group_size": a.group_size, "max_new_tokens": a.max_new_tokens, "vocab": a.vocab,
-                      "device": "cpu"}))
+                      "torch_threads": torch.get_num_threads(), "device": "cpu"}))
     return 0
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlmeta.launch import HEAD_NODE_EXPR, gpus_from_env, main, nproc_for, torchrun_command
+from rlmeta.launch import HEAD_NODE_EXPR, default_port, gpus_from_env, main, nproc_for, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
 ALLREDUCE = ROOT / "tests" / "fixtures" / "slurm_wf" / "allreduce.py"
@@ -79,8 +79,14 @@ def test_nproc_for():
         nproc_for({"gpu": -1})
 
 
+def test_default_port():
+    assert default_port({}) == 29500
+    assert default_port({"SLURM_JOB_ID": "12345"}) == 29845
+    assert default_port({"SLURM_JOB_ID": "7", "RLMETA_TORCHRUN_PORT": "31000"}) == 31000
+
+
 def _dry(argv, capsys, monkeypatch, env=None):
-    for key in ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE"):
+    for key in ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE", "SLURM_JOB_ID", "RLMETA_TORCHRUN_PORT"):
         monkeypatch.delenv(key, raising=False)
     for key, value in (env or {}).items():
         monkeypatch.setenv(key, value)
@@ -111,6 +117,11 @@ def test_cli_multi_node_splits_job_gpus(capsys, monkeypatch):
                capsys, monkeypatch)
     assert out == ("srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=16 torchrun --nnodes=2 --nproc_per_node=4 "
                    f"--rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d --rdzv_endpoint={HEAD_NODE_EXPR}:29600 t.py a")
+
+
+def test_cli_port_per_slurm_job(capsys, monkeypatch):
+    out = _dry(["--nproc", "2", "--nodes", "2", "--", "t.py"], capsys, monkeypatch, {"SLURM_JOB_ID": "4242"})
+    assert f"--rdzv_endpoint={HEAD_NODE_EXPR}:29742 t.py" in out
 
 
 def test_cli_rejects_uneven_split(capsys, monkeypatch):

@@ -324,7 +324,7 @@ def test_fixture_sbatch_and_srun_lines(fixture_run):
     assert re.search(r"rlmeta\.launch: \S*torchrun --standalone --nproc_per_node=2 ", logs["rule_gpu_torchrun"])
     assert re.search(r"rlmeta\.launch: srun --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 \S*torchrun --nnodes=1 "
                      r"--nproc_per_node=2 --rdzv_id=\$SLURM_JOB_ID --rdzv_backend=c10d "
-                     r"--rdzv_endpoint=\$\(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" \| head -n1\):29500 ",
+                     rf"--rdzv_endpoint=\$\(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" \| head -n1\):{29500 + int(mpi_id) % 1000} ",
                      logs["rule_mpi_torchrun"])
 
 

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import shutil
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,8 +17,6 @@ from rlmeta.models.build import build_tiny_model
 from rlmeta.rl import trl_trainer as T
 from rlmeta.tables import PROMPTS, TRAIN_METRICS_BASE
 from test_tracking import FAKE_KEY, wandb_records_when_flushed
-
-pytestmark = pytest.mark.slow
 
 TARGET = "a"
 WORDS = ["cats", "dogs", "food", "balls"]
@@ -172,8 +169,48 @@ def test_reward_functions_are_named_and_read_reference():
         T.reward_functions({"nope": 1.0})
 
 
+def test_train_dataset_is_the_train_split(tmp_path):
+    rows = [dict(prompt_id=f"p{i}", experiment="e", item_id=f"i{i}", task="t", split=("train", "eval")[i % 2],
+                 prompt=[{"role": "system", "content": "s"}, {"role": "user", "content": f"q{i}"}],
+                 reference=str(i), reference_completion=None) for i in range(6)]
+    write_table(tmp_path / "p.parquet", pa.Table.from_pylist(rows, schema=PROMPTS))
+    ds = T.train_dataset(tmp_path / "p.parquet")
+    assert ds.column_names == ["prompt", "reference"] and ds["reference"] == ["0", "2", "4"]
+    assert ds[1]["prompt"] == [{"role": "system", "content": "s"}, {"role": "user", "content": "q2"}]
+    assert len(T.train_dataset(tmp_path / "p.parquet", max_prompts=2)) == 2
+
+
+def test_metrics_callback_rows_carry_forward_and_nan_stop(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from rlmeta.tracking import MetricsWriter, NonFiniteMetricError
+
+    path = tmp_path / "train_metrics.parquet"
+    cb = T.TrainMetricsCallback(MetricsWriter(path, ["reward/toy_a"]), ["toy_a"], tmp_path / "ck")
+    state = SimpleNamespace(global_step=1, max_steps=3)
+    gen = {"reward": 0.5, "reward_std": 0.1, "num_tokens": 120.0, "frac_reward_zero_std": 0.25,
+           "completions/mean_length": 7.0, "rewards/toy_a/mean": 0.5, "clip_ratio/region_mean": 0.0}
+    cb.on_step_begin(None, state, None)
+    cb.on_step_end(None, state, None)
+    cb.on_log(None, state, None, logs={"loss": 0.1, "grad_norm": 0.3, "learning_rate": 1e-3, **gen})
+    cb.on_save(None, state, None)
+    state.global_step = 2  # a reuse step (num_iterations > 1): TRL logs no sampling metrics
+    cb.on_log(None, state, None, logs={"loss": 0.2, "grad_norm": 0.4, "learning_rate": 1e-3})
+    cb.on_log(None, state, None, logs={"train_runtime": 1.0, "train_loss": 0.1})  # end-of-training summary
+    rows = pq.read_table(path).to_pylist()
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["reward_mean"] == 0.5 and rows[1]["tokens"] == 120
+    assert rows[0]["zero_std_frac"] == 0.25 and rows[0]["reward/toy_a"] == 0.5 and rows[0]["kl"] is None
+    assert rows[0]["step_seconds"] >= 0 and "step 2/3 loss=0.2" in capsys.readouterr().err
+    state.global_step = 3
+    with pytest.raises(NonFiniteMetricError, match=r"non-finite loss at step 3: loss=nan; last good checkpoint: .*"
+                                                   r"checkpoint-1"):
+        cb.on_log(None, state, None, logs={"loss": float("nan"), "grad_norm": 0.4, "learning_rate": 1e-3})
+    assert pq.read_table(path).num_rows == 3  # the bad row is kept for diagnosis
+
+
 # (b) the proof that it learns, and that the proof can fail ------------------------------------------
 
+@pytest.mark.slow
 def test_grpo_raises_toy_reward_to_near_max(trained_pos, base_reward):
     final, _ = trained_pos
     after = sampled_reward(final)
@@ -182,6 +219,7 @@ def test_grpo_raises_toy_reward_to_near_max(trained_pos, base_reward):
     assert after >= 0.85 and after - base_reward >= 0.6
 
 
+@pytest.mark.slow
 def test_flipped_advantage_sign_does_not_improve(trained_neg, base_reward):
     final, out = trained_neg
     after = sampled_reward(final)
@@ -193,6 +231,7 @@ def test_flipped_advantage_sign_does_not_improve(trained_neg, base_reward):
 
 # (c) the checkpoint opens in transformers and mlx_lm ---------------------------------------------
 
+@pytest.mark.slow
 def test_final_checkpoint_opens_in_transformers_and_mlx(trained_pos, tiny):
     import numpy as np
     import torch
@@ -223,6 +262,7 @@ def test_final_checkpoint_opens_in_transformers_and_mlx(trained_pos, tiny):
 
 # (d) train_metrics and W&B ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_train_metrics_columns_and_finite(trained_pos):
     _, out = trained_pos
     t = pq.read_table(out / "train_metrics.parquet")
@@ -239,6 +279,7 @@ def test_train_metrics_columns_and_finite(trained_pos):
     assert rows[-1]["reward_mean"] > rows[0]["reward_mean"] and rows[-1]["reward/toy_a"] == pytest.approx(rows[-1]["reward_mean"])
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_has_trl_metrics_and_no_key(trained_pos):
     _, out = trained_pos
     files = list((out / "checkpoints" / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -253,6 +294,7 @@ def test_wandb_offline_run_has_trl_metrics_and_no_key(trained_pos):
 
 # (e) GSPO + LoRA through the command line, then resume --------------------------------------------------
 
+@pytest.mark.slow
 def test_gspo_lora_cli_two_steps_and_resume(tiny, toy_reward, capfd, caplog):
     import torch
     from safetensors.torch import load_file

@@ -12,9 +12,10 @@
 #   RLMETA_SLURM_PARTITION   the single, default partition     (default: debug)
 #   RLMETA_SLURM_NODES       compute nodes                     (default: 1)
 #                            N > 1: nodes <host>-2 .. <host>-N are more slurmd
-#                            daemons on this machine (address 127.0.0.k, own
-#                            hostname through `unshare -u`, /etc/hosts entries);
-#                            all nodes share this machine's CPUs and memory.
+#                            daemons on this machine (address 127.0.0.k, port
+#                            6818 + 10 (k-1), own hostname through `unshare -u`,
+#                            /etc/hosts entries); all nodes share this machine's
+#                            CPUs and memory.
 #   RLMETA_SLURM_GPUS        fake GPUs per node (0 = none)     (default: 2)
 #   RLMETA_SLURM_DEF_MEM     DefMemPerCPU in MB                (default: 1024)
 #   RLMETA_SLURM_WAIT        seconds to wait for the nodes     (default: 60)
@@ -176,14 +177,16 @@ if (( NGPUS > 0 )); then
 fi
 gres_changed=$(printf '%s' "$gres_conf" | write_if_changed "$CONF_DIR/gres.conf" 644)
 
+# several slurmd on one machine: each listens on its own port (6818, 6828, ...);
+# (CommunicationParameters=NoInAddrAny would also bind srun to the hostname's
+# address, and then a job step started from a batch script on node 2 cannot connect)
 node_lines=""
 for (( k = 0; k < NNODES; k++ )); do
-  node_lines+="NodeName=${NODES[$k]} NodeAddr=$(node_addr "$k") NodeHostname=${NODES[$k]}"
+  port=""
+  (( NNODES > 1 )) && port=" Port=$(( 6818 + 10 * k ))"
+  node_lines+="NodeName=${NODES[$k]} NodeAddr=$(node_addr "$k") NodeHostname=${NODES[$k]}$port"
   node_lines+=" Sockets=$SOCKETS CoresPerSocket=$CORES ThreadsPerCore=$THREADS RealMemory=$MEM$gres_line State=UNKNOWN"$'\n'
 done
-# several slurmd on one machine: each binds its own address instead of 0.0.0.0
-comm_params=""
-(( NNODES > 1 )) && comm_params="CommunicationParameters=NoInAddrAny"
 all_nodes=$(IFS=,; echo "${NODES[*]}")
 
 conf_changed=$(write_if_changed "$CONF_DIR/slurm.conf" 644 <<EOF
@@ -207,7 +210,6 @@ MinJobAge=300
 KillWait=5
 SlurmctldTimeout=30
 SlurmdTimeout=30
-$comm_params
 StateSaveLocation=$STATE_DIR
 SlurmdSpoolDir=$SPOOL_DIR/%n
 SlurmctldPidFile=$RUN_DIR/slurmctld.pid

@@ -50,6 +50,7 @@ __all__ = [
     "gpus_from_env",
     "nproc_for",
     "resolve_torchrun",
+    "default_port",
     "main",
 ]
 
@@ -186,6 +187,19 @@ def _slurm_env_for_srun(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def default_port(env: Mapping[str, str] | None = None) -> int:
+    """Rendezvous port: $RLMETA_TORCHRUN_PORT, else one per SLURM job, else DEFAULT_PORT.
+
+    Two multi-node jobs whose first node is the same machine would otherwise both
+    try to open the c10d store on 29500.
+    """
+    env = os.environ if env is None else env
+    if env.get("RLMETA_TORCHRUN_PORT"):
+        return int(env["RLMETA_TORCHRUN_PORT"])
+    job = env.get("SLURM_JOB_ID", "")
+    return DEFAULT_PORT + int(job) % 1000 if job.isdigit() else DEFAULT_PORT
+
+
 def _parse_nproc(value: str) -> int | str:
     if value == "auto":
         return value
@@ -212,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
     p.add_argument("--cpu-procs", type=int, default=1,
                    help="processes per node when --nproc is 0 or no GPU is visible (default 1)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("RLMETA_TORCHRUN_PORT", DEFAULT_PORT)),
-                   help=f"rendezvous port for multi-node runs (default {DEFAULT_PORT} or $RLMETA_TORCHRUN_PORT)")
+    p.add_argument("--port", type=int, default=None,
+                   help="c10d rendezvous port of the srun form (default: $RLMETA_TORCHRUN_PORT, else "
+                        f"{DEFAULT_PORT} + SLURM_JOB_ID mod 1000 inside a SLURM job, else {DEFAULT_PORT})")
     p.add_argument("--srun", action="store_true",
                    help="use the srun + c10d rendezvous form even for one node")
     p.add_argument("--cpus-per-task", type=int, default=None,
@@ -250,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torchrun = ns.torchrun or resolve_torchrun()
     use_srun = ns.srun or ns.nodes > 1
     cmd = torchrun_command(
-        ns.script, args, nproc=nproc, nodes=ns.nodes, port=ns.port,
+        ns.script, args, nproc=nproc, nodes=ns.nodes, port=ns.port or default_port(),
         srun=use_srun, cpus_per_task=ns.cpus_per_task if use_srun else None,
         torchrun=torchrun,
     )

@@ -133,17 +133,13 @@ class MLXPolicy:
     def _sample(self, ids, n, temperature, top_p, max_new_tokens, seed):
         mx.random.seed(seed)
         inv_t = 1.0 / temperature if temperature > 0 else 1.0
-        width = max(len(p) for p in ids)
-        pads = [width - len(p) for p in ids]
-        cache = [BatchKVCache(pads) for _ in self.model.layers]
-        x = mx.array([[self.pad_id] * k + list(p) for p, k in zip(ids, pads)], dtype=mx.int32)
-        logits = lm_head(self.model, self.model.model(x, cache=cache)[:, -1:])[:, 0]
+        order, cache, logits = self._prefill(ids)
         if n > 1:
             logits = mx.repeat(logits, n, axis=0)
             for c in cache:
                 c.keys, c.values = mx.repeat(c.keys, n, axis=0), mx.repeat(c.values, n, axis=0)
                 c.offset, c.left_padding = mx.repeat(c.offset, n, axis=0), mx.repeat(c.left_padding, n, axis=0)
-        rows = list(range(len(ids) * n))  # batch row -> output row
+        rows = [order[j // n] * n + j % n for j in range(len(ids) * n)]  # batch row -> output row
         tokens: list[list[int]] = [[] for _ in rows]
         logps: list[list[float]] = [[] for _ in rows]
         stops = set(self.stop_ids)
@@ -165,6 +161,29 @@ class MLXPolicy:
                 nxt, rows = nxt[idx], [rows[i] for i in keep]
             logits = lm_head(self.model, self.model.model(nxt[:, None], cache=cache))[:, -1]
         return tokens, logps
+
+    def _prefill(self, ids: list[list[int]], groups: int = 4):
+        """Prefill the prompts in ``groups`` length-sorted groups (less padding), one batch cache.
+
+        Returns ``(order, cache, last_logits)``: batch row ``j`` holds prompt ``order[j]``.
+        """
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        size = -(-len(ids) // groups)
+        cache, logits = None, []
+        for k in range(0, len(order), size):
+            part = [ids[i] for i in order[k:k + size]]
+            width = max(len(p) for p in part)
+            pads = [width - len(p) for p in part]
+            c = [BatchKVCache(pads) for _ in self.model.layers]
+            x = mx.array([[self.pad_id] * m + list(p) for p, m in zip(part, pads)], dtype=mx.int32)
+            logits.append(lm_head(self.model, self.model.model(x, cache=c)[:, -1:])[:, 0])
+            mx.eval(logits[-1], [cc.state for cc in c])
+            if cache is None:
+                cache = c
+            else:
+                for a, b in zip(cache, c):
+                    a.extend(b)
+        return order, cache, mx.concatenate(logits)
 
     def logprobs(self, prompt_ids, completion_ids, temperature: float = 1.0) -> list[np.ndarray]:
         """Teacher-forced log-probs of each completion token, batched under ``LOGITS_BUDGET``."""
