@@ -39,8 +39,13 @@ def import_mlx_lm_lora():
 
 
 def questions(n: int) -> list[str]:
-    rows = [json.loads(line) for line in (ROOT / "resources/gsm8k/train.jsonl").read_text().splitlines()[:n]]
-    return [r["question"] for r in rows]
+    """``n`` prompts of one token length: a GSM8K question behind a two-digit id (one token per digit).
+
+    Equal lengths keep the comparison about the trainers: mlx-lm-lora batches prompts of similar
+    length together, our trainer samples uniformly, and mixed lengths would add padding to ours only.
+    """
+    q = json.loads((ROOT / "resources/gsm8k/train.jsonl").read_text().splitlines()[0])["question"]
+    return [f"Problem {i % 100:02d}. {q}" for i in range(n)]
 
 
 def messages(q: str) -> list[dict]:

@@ -26,10 +26,12 @@ rule train_fomaml:
         runtime=480,
         gpu=lambda w: EXPERIMENTS[w.exp]["meta"]["nproc"] if config["platform"] == "slurm" else 0,
         nodes=1,
+        cpus_per_task=2,
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m rlmeta.launch --nproc {params.nproc} --nodes {resources.nodes} --"
+        "python -m rlmeta.launch --nproc {params.nproc} --nodes {resources.nodes}"
+        " --cpus-per-task {resources.cpus_per_task} --"
         " scripts/train_fomaml.py --model {params.model:q} --tasks-dir {input.tasks} --subjects {params.subjects}"
         " --meta-json {params.meta:q} --seed {params.seed} --out {output.model} --metrics {output.metrics}"
         " {params.wandb} > {log} 2>&1"
