@@ -123,6 +123,11 @@ def base_policy(exp):
     return model_for_backend(e["model"], e["backend"])
 
 
+def warmstart_backend(exp):
+    e = EXPERIMENTS[exp]
+    return e["warmstart"]["backend"] or e["backend"]
+
+
 def base_policy_input(exp):
     e = EXPERIMENTS[exp]
     if e["warmstart"]["steps"] > 0:

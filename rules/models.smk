@@ -35,8 +35,8 @@ rule warmstart:
         directory(f"{R}/{{exp}}/warmstart"),
     params:
         seed=SEED,
-        model=lambda w: model_for_backend(EXPERIMENTS[w.exp]["model"], EXPERIMENTS[w.exp]["backend"]),
-        backend=lambda w: EXPERIMENTS[w.exp]["backend"],
+        model=lambda w: model_for_backend(EXPERIMENTS[w.exp]["model"], warmstart_backend(w.exp)),
+        backend=lambda w: warmstart_backend(w.exp),
         ws=lambda w: EXPERIMENTS[w.exp]["warmstart"],
     log:
         f"{R}/logs/{{exp}}/warmstart.log",

@@ -9,7 +9,7 @@ from rlmeta.policy import load_policy
 from rlmeta.policy.base import Generation, Policy
 
 BACKENDS = ["mlx", "torch"]
-MAX_NEW = 12
+MAX_NEW = 8
 
 
 @pytest.fixture(scope="module", autouse=True)

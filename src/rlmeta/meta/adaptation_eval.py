@@ -20,7 +20,8 @@ import torch
 
 from rlmeta.answers import last_boxed
 from rlmeta.meta.distributed import DistContext
-from rlmeta.meta.fomaml import ADAPTER_DIR, batch_loss, lora_config, meta_parameters, meta_settings, restore, sgd_step, snapshot
+from rlmeta.meta.fomaml import (ADAPTER_DIR, batch_loss, lora_config, meta_parameters, meta_settings, restore,
+                                sgd_step, snapshot)
 from rlmeta.meta.tasks import TaskSampler, collate, encode, load_tasks, messages
 
 log = logging.getLogger(__name__)
@@ -85,20 +86,20 @@ def greedy(model, tok, rows: list[dict], max_new_tokens: int, batch: int = 16) -
     return out
 
 
-def accuracy(completions: list[str], answers: list[str]) -> float:
-    """Share correct under math-verify (rlmeta.rewards), else exact ``\\boxed{}`` string match."""
+def correctness(pairs: list[tuple[str, str]]) -> list[float]:
+    """1.0/0.0 per (completion, answer): math-verify (rlmeta.rewards, worker processes with
+    timeouts), else exact match of the last ``\\boxed{}``."""
     try:
         from rlmeta.rewards.mathverify import math_verify_batch
-
-        scores = math_verify_batch(list(zip(completions, answers)), workers=1, timeout_s=5.0)
     except ImportError:
-        scores = [float((last_boxed(c) or "").strip() == a.strip()) for c, a in zip(completions, answers)]
-    return sum(scores) / max(1, len(scores))
+        return [float((last_boxed(c) or "").strip() == a.strip()) for c, a in pairs]
+    return math_verify_batch(pairs, workers=2, timeout_s=5.0) if pairs else []
 
 
 def evaluate_init(path: str, base: str, heldout: dict[str, list[dict]], cfg: dict, seed: int,
                   max_new_tokens: int) -> dict[str, dict]:
-    """Per subject: ``pre_adapt_loss``, ``query_loss`` (after adapting) and ``accuracy``."""
+    """Per subject: ``pre_adapt_loss``, ``query_loss`` (after adapting), greedy ``completions``
+    of the query problems and their ``answers``."""
     ctx = DistContext(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     tok, model = load_init(path, base, cfg["lora"], seed, ctx.device)
     params = meta_parameters(model)
@@ -118,11 +119,11 @@ def evaluate_init(path: str, base: str, heldout: dict[str, list[dict]], cfg: dic
             loss.backward()
             sgd_step(params, cfg["inner_lr"])
         post = query_loss(model, query, tok.pad_token_id, cfg["query_batch"], ctx)
-        acc = accuracy(greedy(model, tok, query_rows, max_new_tokens), [r["answer"] for r in query_rows])
+        completions = greedy(model, tok, query_rows, max_new_tokens)
         restore(params, theta)
-        out[subject] = {"pre_adapt_loss": pre, "query_loss": post, "accuracy": acc, "n_query": len(query_rows)}
-        log.info("%s %s: query loss %.4f -> %.4f after %d steps, accuracy %.3f", Path(path).name, subject, pre, post,
-                 cfg["inner_steps"], acc)
+        out[subject] = {"pre_adapt_loss": pre, "query_loss": post, "completions": completions,
+                        "answers": [r["answer"] for r in query_rows]}
+        log.info("%s %s: query loss %.4f -> %.4f after %d inner steps", path, subject, pre, post, cfg["inner_steps"])
     return out
 
 
@@ -133,6 +134,12 @@ def evaluate(base: str, meta_dir: str, tasks_dir: str, subjects: list[str], meta
     heldout = load_tasks(tasks_dir, subjects, "heldout")
     b = evaluate_init(base, base, heldout, cfg, seed, max_new_tokens)
     m = evaluate_init(meta_dir, base, heldout, cfg, seed, max_new_tokens)
+    pairs = [(c, a) for r in (b, m) for s in subjects for c, a in zip(r[s]["completions"], r[s]["answers"])]
+    scores = iter(correctness(pairs))
+    for r in (b, m):
+        for s in subjects:
+            n = len(r[s]["answers"])
+            r[s]["accuracy"], r[s]["n_query"] = sum(next(scores) for _ in range(n)) / n, n
     per = {s: {"base_query_loss": b[s]["query_loss"], "meta_query_loss": m[s]["query_loss"],
                "base_accuracy": b[s]["accuracy"], "meta_accuracy": m[s]["accuracy"],
                "base_pre_adapt_loss": b[s]["pre_adapt_loss"], "meta_pre_adapt_loss": m[s]["pre_adapt_loss"],

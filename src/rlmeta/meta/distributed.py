@@ -40,7 +40,11 @@ class DistContext:
 
     def _sum(self, t: torch.Tensor, dim: str | None) -> torch.Tensor:
         if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.mesh.get_group(dim) if dim else None)
+            group = self.mesh.get_group(dim) if dim else None
+            on_dev = t.to(self.device)  # NCCL reduces device tensors only
+            dist.all_reduce(on_dev, op=dist.ReduceOp.SUM, group=group)
+            if on_dev is not t:
+                t.copy_(on_dev)
         return t
 
     def shard_sum(self, t: torch.Tensor) -> torch.Tensor:

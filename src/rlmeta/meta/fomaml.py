@@ -226,7 +226,7 @@ def load_model(model_dir: str, lora: dict | None, seed: int, device):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     torch.manual_seed(seed)
     if lora is not None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         model = get_peft_model(model, lora_config(lora))
     return tok, model
@@ -262,7 +262,7 @@ def save_final(model, tokenizer, model_dir: str, lora: dict | None, out: Path, c
             if lora is not None:  # keep the unmerged meta-adapter too (eval_adaptation adapts it)
                 fresh.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
                 fresh = fresh.merge_and_unload()
-            fresh.save_pretrained(tmp, safe_serialization=True)
+            fresh.to(_source_dtype(model_dir)).save_pretrained(tmp, safe_serialization=True)
             save_tokenizer(tokenizer, tmp)
             cfg_path = tmp / "config.json"
             cfg = json.loads(cfg_path.read_text())
@@ -271,6 +271,14 @@ def save_final(model, tokenizer, model_dir: str, lora: dict | None, out: Path, c
                 cfg["rope_theta"] = rope
                 cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     ctx.barrier()
+
+
+def _source_dtype(model_dir: str) -> torch.dtype:
+    """The dtype in the source checkpoint's config.json (the final save keeps it), else float32."""
+    cfg_path = Path(model_dir) / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
 def latest_checkpoint(ckpt_dir: Path, spec: dict) -> Path | None:
@@ -298,7 +306,8 @@ def train(model_dir: str, tasks_dir: str, subjects: list[str], meta: dict, seed:
     ckpt_dir = Path(ckpt_dir) if ckpt_dir else out.parent
     ctx = init_distributed(shard_size)
     try:
-        tok, model = load_model(model_dir, cfg["lora"], seed, ctx.device)
+        # under FSDP2 the model loads on CPU and fully_shard moves each rank's shards to its device
+        tok, model = load_model(model_dir, cfg["lora"], seed, torch.device("cpu") if ctx.distributed else ctx.device)
         model = shard_model(model, ctx, bf16=ctx.device.type == "cuda")
         support = load_tasks(tasks_dir, subjects, "support")
         learner = FOMAML(model, tok, support, load_tasks(tasks_dir, subjects, "query"), cfg, seed, ctx)

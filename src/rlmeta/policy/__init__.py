@@ -9,19 +9,23 @@ BACKENDS = ("mlx", "torch")
 
 
 def load_policy(path_or_id: str | Path, backend: str, *, lora: dict | str | Path | None = None,
-                dtype: str = "float32") -> Policy:
+                dtype: str = "float32", device: str | None = None) -> Policy:
     """Open a checkpoint on ``backend`` (``mlx`` or ``torch``).
 
     ``lora``: None, a config ``lora`` block (fresh trainable adapters), or an adapter folder
-    written by ``rlmeta.policy.lora.save_adapter`` on the same backend.
+    written by ``rlmeta.policy.lora.save_adapter`` on the same backend. ``device`` (torch only):
+    default CUDA when available, else CPU.
     """
     if backend == "mlx":
-        from rlmeta.policy.mlx_policy import MLXPolicy as cls
+        from rlmeta.policy.mlx_policy import MLXPolicy
+
+        policy = MLXPolicy.load(path_or_id, dtype=dtype)
     elif backend == "torch":
-        from rlmeta.policy.torch_policy import TorchPolicy as cls
+        from rlmeta.policy.torch_policy import TorchPolicy
+
+        policy = TorchPolicy.load(path_or_id, dtype=dtype, device=device)
     else:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
-    policy = cls.load(path_or_id, dtype=dtype)
     if isinstance(lora, dict):
         from rlmeta.policy.lora import apply_lora
 

@@ -108,12 +108,12 @@ class TorchPolicy:
 
     @classmethod
     def load(cls, path: str | Path, dtype: str = "float32", device: str | None = None) -> "TorchPolicy":
-        """Open a checkpoint folder (or hub id) with transformers."""
+        """Open a checkpoint folder (or hub id) with transformers, on CUDA when there is one."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
-        model.to(device or "cpu").eval()
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
         return cls(model, tokenizer, source=path)
 
     @property

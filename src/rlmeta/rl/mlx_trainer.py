@@ -250,8 +250,12 @@ class MLXTrainer:
         return state.get("spec") == self.spec and state.get("sampler_kind") == type(self.sampler).__name__
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.4g}"
+def progress(row: dict, steps: int) -> str:
+    """The step's stderr line: reward, loss, kl, clip ratio, grad norm, length, s/step."""
+    f = lambda k: "-" if row[k] is None else f"{row[k]:.4g}"  # noqa: E731
+    return (f"step {row['step']}/{steps} reward={f('reward_mean')} loss={f('loss')} kl={f('kl')} "
+            f"clip={f('clip_ratio')} grad_norm={f('grad_norm')} len={f('completion_len_mean')} "
+            f"{row['step_seconds']:.2f}s/step")
 
 
 def train_mlx(model_dir: str | Path, prompts_path: str | Path, experiment: dict, out_dir: str | Path,
@@ -290,14 +294,12 @@ def train_mlx(model_dir: str | Path, prompts_path: str | Path, experiment: dict,
             writer.add(row)
             writer.flush()
             run.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=row["step"])
-            print(f"step {row['step']}/{steps} reward={_fmt(row['reward_mean'])} loss={_fmt(row['loss'])} "
-                  f"kl={_fmt(row['kl'])} clip={_fmt(row['clip_ratio'])} grad_norm={_fmt(row['grad_norm'])} "
-                  f"len={_fmt(row['completion_len_mean'])} {row['step_seconds']:.2f}s/step", file=sys.stderr, flush=True)
+            print(progress(row, steps), file=sys.stderr, flush=True)
             check_finite({k: v for k, v in row.items() if k != "step"}, row["step"], ckpt)
             if not out["weights_finite"]:
                 raise NonFiniteMetricError(f"non-finite weights after the updates of step {row['step']} "
                                            f"(lr={row['lr']:.3g}); last good checkpoint: {ckpt or 'none (start over)'}")
-            if trainer.step % every == 0 or trainer.step == steps:
+            if trainer.step % every == 0:
                 ckpt = trainer.save(out_dir / str(trainer.step))
     writer.close()
     final = trainer.policy.save(out_dir / "final")
