@@ -115,11 +115,22 @@ def model_input(model):
     return [f"{R}/models/{model}"] if "build" in MODELS[model] else []
 
 
+def warmstart_key(exp):
+    """The experiment whose warm start ``exp`` reuses: the first (by name) with the same
+    model, dataset, prompt, train-prompt cap and warm-start settings."""
+
+    def signature(n):
+        e = EXPERIMENTS[n]
+        return as_json([e["model"], e["dataset"], e["prompt"], e["max_train_prompts"], e["warmstart"], warmstart_backend(n)])
+
+    return min(n for n in EXPERIMENTS if signature(n) == signature(exp))
+
+
 def base_policy(exp):
-    """The RL starting point: the warm-started checkpoint when warmstart.steps > 0."""
+    """The RL starting point: the (shared) warm-started checkpoint when warmstart.steps > 0."""
     e = EXPERIMENTS[exp]
     if e["warmstart"]["steps"] > 0:
-        return f"{R}/{exp}/warmstart"
+        return f"{R}/warmstart/{warmstart_key(exp)}"
     return model_for_backend(e["model"], e["backend"])
 
 
@@ -131,7 +142,7 @@ def warmstart_backend(exp):
 def base_policy_input(exp):
     e = EXPERIMENTS[exp]
     if e["warmstart"]["steps"] > 0:
-        return [f"{R}/{exp}/warmstart"]
+        return [f"{R}/warmstart/{warmstart_key(exp)}"]
     return model_input(e["model"])
 
 

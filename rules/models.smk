@@ -32,7 +32,7 @@ rule warmstart:
         model=lambda w: model_input(EXPERIMENTS[w.exp]["model"]),
         prompts=f"{R}/{{exp}}/prompts.parquet",
     output:
-        directory(f"{R}/{{exp}}/warmstart"),
+        directory(f"{R}/warmstart/{{exp}}"),
     params:
         seed=SEED,
         model=lambda w: model_for_backend(EXPERIMENTS[w.exp]["model"], warmstart_backend(w.exp)),
@@ -40,7 +40,7 @@ rule warmstart:
         ws=lambda w: EXPERIMENTS[w.exp]["warmstart"],
     log:
         f"{R}/logs/{{exp}}/warmstart.log",
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=60,

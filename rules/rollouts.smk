@@ -17,7 +17,7 @@ rule generate:
         f"{R}/logs/{{exp}}/generate_{{policy}}.log",
     wildcard_constraints:
         policy="base|trained",
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
@@ -43,7 +43,7 @@ rule score:
         reward_params=lambda w: as_json(EXPERIMENTS[w.exp]["reward_params"]),
     log:
         f"{R}/logs/{{exp}}/score_{{policy}}.log",
-    threads: 2
+    threads: 1
     resources:
         mem_mb=2000,
         runtime=20,

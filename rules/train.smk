@@ -20,7 +20,7 @@ rule train_mlx:
         f"{R}/logs/{{exp}}/train.log",
     wildcard_constraints:
         exp=exps_where(backend="mlx"),
-    threads: 2
+    threads: 1
     resources:
         mem_mb=8000,
         runtime=240,
@@ -50,7 +50,7 @@ rule train_trl:
         f"{R}/logs/{{exp}}/train.log",
     wildcard_constraints:
         exp=exps_where(backend="torch", algorithm=("grpo", "gspo")),
-    threads: 2
+    threads: 1
     resources:
         mem_mb=16000,
         runtime=480,

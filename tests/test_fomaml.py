@@ -119,6 +119,7 @@ def test_train_resume_and_lora_merge(env, tmp_path):
     b_out, b_metrics = tmp_path / "b/checkpoints/final", tmp_path / "b/m.parquet"
     train(meta=META, out=b_out, metrics=b_metrics, wandb_cfg={"mode": "disabled"}, stop_after=2, **kw)
     assert not b_out.exists() and (tmp_path / "b/checkpoints/2/state.json").exists()
+    b_metrics.unlink()  # Snakemake deletes a failed job's outputs; the rows come back from the checkpoint
     train(meta=META, out=b_out, metrics=b_metrics, wandb_cfg={"mode": "disabled"}, **kw)
     wa, wb = _weights(a), _weights(b_out)
     for k in wa:

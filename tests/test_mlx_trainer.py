@@ -96,26 +96,26 @@ def test_negated_reward_does_not_improve(tiny, prompts, tmp_path):
     assert all(row["reward_mean"] == -row["reward/toy_digits"] for row in rows)
 
 
-def test_final_checkpoint_opens_in_transformers_with_same_logprobs(learned):
+def assert_transformers_agrees(final: Path) -> None:
+    """``final`` opens in mlx_lm and transformers, with the same completion log-probs (1e-4)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from rlmeta.policy import load_policy
 
-    _, out, _ = learned
-    final = out / "checkpoints" / "final"
     policy = load_policy(final, "mlx")
     gens = policy.generate([[{"role": "user", "content": "go"}]], n=3, max_new_tokens=6, seed=1)
-    p, c = [g.prompt_ids for g in gens], [g.token_ids for g in gens]
-    mlx_lp = policy.logprobs(p, c)
     hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
-    for g, pi, ci, lp in zip(gens, p, c, mlx_lp):
-        ids = torch.tensor([pi + ci])
+    for g, lp in zip(gens, policy.logprobs([g.prompt_ids for g in gens], [g.token_ids for g in gens])):
         with torch.no_grad():
-            logits = hf(ids).logits[0, len(pi) - 1:-1]
-        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ci)[:, None])[:, 0].numpy()
+            logits = hf(torch.tensor([g.prompt_ids + g.token_ids])).logits[0, len(g.prompt_ids) - 1:-1]
+        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(g.token_ids)[:, None])[:, 0].numpy()
         np.testing.assert_allclose(lp, ref, atol=1e-4)
         np.testing.assert_allclose(lp, g.logprobs, atol=1e-4)  # sampling and teacher forcing agree
+
+
+def test_final_checkpoint_opens_in_transformers_with_same_logprobs(learned):
+    assert_transformers_agrees(learned[1] / "checkpoints" / "final")
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "gspo"])
@@ -168,6 +168,7 @@ def test_resume_ends_where_an_uninterrupted_run_does(tiny, prompts, tmp_path, va
     assert state["step"] == 4 and state["spec"]["experiment"] == json.loads(json.dumps(exp, sort_keys=True))
     if variant == "lora_gspo":  # merged: no adapter names in the final weights
         assert not any("lora" in k for k in a) and (tmp_path / "b/checkpoints/2/adapter").is_dir()
+        assert_transformers_agrees(tmp_path / "b/checkpoints/final")
 
 
 def test_poisoned_learning_rate_stops_and_keeps_the_last_good_checkpoint(tiny, prompts, tmp_path):

@@ -120,13 +120,12 @@ def inner_scientist_reference(row: dict) -> str:
     kw = _keywords(f"{title} {summary}")
     kw += [w for w in ("the event", "public reaction", "official response", "new data", "the outcome") if w not in kw]
     k = kw[:5]
-    known = f"The report says: {summary.rstrip('. ')}." if summary else f"The report is titled {title}."
-    body = (
-        f'The headline "{title}" suggests that {k[0]} matters for what happens next.',
-        f"{known} Related context includes {k[1]}, {k[2]} and {k[3]}.",
-        f"A good answer explains {k[0]} clearly and makes a claim about {k[1]} that later reports can confirm or refute.",
-        f"Check follow-up coverage of {k[2]}, compare official statements on {k[3]}, and look for data about {k[4]}.",
-        f"Within the next few weeks, more reporting on {k[0]} will appear and the main claim about {k[1]} will hold.",
+    body = (  # short on purpose: a tiny model must fit all five sections in ~160 tokens
+        f'"{title}" suggests that {k[0]} matters.',
+        f"Related context: {k[1]}, {k[2]} and {k[3]}.",
+        f"A good answer explains {k[0]} and makes a testable claim about {k[1]}.",
+        f"Check follow-up coverage of {k[2]} and data on {k[3]}.",
+        f"More reporting on {k[0]} will confirm the claim about {k[1]}.",
     )
     return "\n".join(f"{h} {b}" for h, b in zip(SECTIONS, body))
 

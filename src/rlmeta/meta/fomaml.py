@@ -311,8 +311,8 @@ def train(model_dir: str, tasks_dir: str, subjects: list[str], meta: dict, seed:
         model = shard_model(model, ctx, bf16=ctx.device.type == "cuda")
         support = load_tasks(tasks_dir, subjects, "support")
         learner = FOMAML(model, tok, support, load_tasks(tasks_dir, subjects, "query"), cfg, seed, ctx)
-        spec = {"model": str(model_dir), "tasks_dir": str(tasks_dir), "subjects": list(subjects), "meta": cfg,
-                "seed": seed}
+        spec = {"model": str(model_dir), "tasks_dir": str(tasks_dir), "subjects": list(subjects), "seed": seed,
+                "meta": {k: v for k, v in cfg.items() if k not in ("nproc", "checkpoint_every")}}
         start, last = 0, latest_checkpoint(ckpt_dir, spec) if resume else None
         if last is not None:
             state = load_resume(last, model, learner.opt, ctx)
@@ -320,7 +320,9 @@ def train(model_dir: str, tasks_dir: str, subjects: list[str], meta: dict, seed:
             start = state["step"]
             if ctx.is_main:
                 log.info("resuming from %s (step %d)", last, start)
-        writer = MetricsWriter(metrics, metric_columns(subjects), resume_step=start if last else None)
+        writer = MetricsWriter(metrics, metric_columns(subjects))
+        if last is not None:  # the rows so far travel in the checkpoint (Snakemake deletes outputs on rerun)
+            writer.rows = state["metrics"]
         name = (wandb_cfg or {}).get("name") or (out.parent.parent.name if out.parent.name == "checkpoints" else out.name)
         w = {"mode": "offline", "project": "rlmeta", **(wandb_cfg or {})}
         run_ctx = (wandb_run(w["mode"], w["project"], w.get("entity"), name, ckpt_dir, {**spec, "world": ctx.world})
@@ -349,7 +351,7 @@ def train(model_dir: str, tasks_dir: str, subjects: list[str], meta: dict, seed:
                 if s % cfg["checkpoint_every"] == 0 and s < cfg["outer_steps"]:
                     last = ckpt_dir / str(s)
                     save_resume(last, model, learner.opt, ctx,
-                                {"step": s, "scheduler": learner.sched.state_dict(), "spec": spec})
+                                {"step": s, "scheduler": learner.sched.state_dict(), "spec": spec, "metrics": writer.rows})
                     if ctx.is_main:
                         _prune(ckpt_dir, spec, keep)
         save_final(model, tok, model_dir, cfg["lora"], out, ctx)
