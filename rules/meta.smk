@@ -15,6 +15,7 @@ rule train_fomaml:
         subjects=lambda w: " ".join(DATASETS[EXPERIMENTS[w.exp]["dataset"]]["subjects"]),
         meta=lambda w: as_json(EXPERIMENTS[w.exp]["meta"]),
         nproc=lambda w: EXPERIMENTS[w.exp]["meta"]["nproc"],
+        shard_size=lambda w: EXPERIMENTS[w.exp]["meta"]["shard_size"],
         wandb=wandb_args(),
     log:
         f"{R}/logs/{{exp}}/train.log",
@@ -33,7 +34,8 @@ rule train_fomaml:
         "python -m rlmeta.launch --nproc {params.nproc} --nodes {resources.nodes}"
         " --cpus-per-task {resources.cpus_per_task} --"
         " scripts/train_fomaml.py --model {params.model:q} --tasks-dir {input.tasks} --subjects {params.subjects}"
-        " --meta-json {params.meta:q} --seed {params.seed} --out {output.model} --metrics {output.metrics}"
+        " --meta-json {params.meta:q} --shard-size {params.shard_size} --seed {params.seed} --out {output.model}"
+        " --metrics {output.metrics}"
         " {params.wandb} > {log} 2>&1"
 
 

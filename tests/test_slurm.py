@@ -351,6 +351,57 @@ def test_two_node_torchrun_rendezvous(fixture_run, slurm_cluster):
     assert step["JobName"] == "torchrun" and step["State"] == "COMPLETED" and "," in step["NodeList"], step
 
 
+FOMAML_CONFIG = ROOT / "tests" / "fixtures" / "slurm_fomaml.yaml"
+FOMAML_LOCAL_RULES = ["prepare_math", "split_math_tasks", "build_model", "report_fomaml"]
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_real_workflow_fomaml_on_slurm(slurm_cluster, tmp_path):
+    """The real Snakefile with the slurm profile on the tiny FOMAML experiment
+    (tests/fixtures/slurm_fomaml.yaml): data, tokenizer/model and report rules run on the
+    submit host; train_fomaml (torchrun, 2 workers) and eval_adaptation are SLURM jobs."""
+    # a work directory that looks like the repository, with its own .snakemake and results/
+    workdir = tmp_path / "wf"
+    workdir.mkdir()
+    for entry in ROOT.iterdir():
+        if not entry.name.startswith(".") and entry.name != "results":
+            (workdir / entry.name).symlink_to(entry)
+    target = "results/math_fomaml/report/report.html"
+    # --configfile and the target go in extra_args: run() appends targets right after
+    # --configfile/--config, whose nargs="+" would swallow them ("--" keeps them apart)
+    run = slurm_cluster.run(workdir / "Snakefile", workdir, extra_args=["--configfile", str(FOMAML_CONFIG), "--", target],
+                            timeout=420)
+    assert run.returncode == 0, run.log_tail(120)
+    assert run.run_id, "no 'SLURM run ID' in the snakemake log"
+    assert (workdir / target).exists() and (workdir / "results/math_fomaml/eval/summary.json").exists()
+
+    # one SLURM job per cluster rule, each COMPLETED; the light rules ran on the submit host
+    jobs = run.jobs_by_rule()
+    assert sorted(jobs) == ["eval_adaptation", "train_fomaml"], run.jobs
+    for rule, row in jobs.items():
+        assert row["State"] == "COMPLETED" and row["ExitCode"] == "0:0", (rule, row)
+        assert row["JobName"] == run.run_id
+    for rule in FOMAML_LOCAL_RULES:
+        assert re.search(rf"^localrule {rule}:$", run.log, re.M), rule
+
+    # train_fomaml: the rule's gpu = meta.nproc = 2 under platform=slurm -> --gpus=2 -> gres/gpu=2
+    assert "gres/gpu=2" in jobs["train_fomaml"]["AllocTRES"], jobs["train_fomaml"]
+    assert "gres/gpu=1" in jobs["eval_adaptation"]["AllocTRES"], jobs["eval_adaptation"]
+    call = " ".join(run.sbatch_calls()["train_fomaml"].split(" --wrap=")[0].split())
+    assert re.search(r" --nodes=1 --cpus-per-task=\d+ -D \S+ --gpus=2$", call), call
+    slurm_logs = {p.parent.name: p.read_text() for p in (workdir / ".snakemake" / "slurm_logs").glob("rule_*/*.log")}
+    assert "python -m rlmeta.launch --nproc 2 --nodes 1" in slurm_logs["rule_train_fomaml"]
+    # the launcher's command line (the rule sends stderr to its log)
+    train_log = (workdir / "results/logs/math_fomaml/train.log").read_text()
+    assert re.search(r"^rlmeta\.launch: \S*torchrun --standalone --nproc_per_node=2 scripts/train_fomaml\.py ",
+                     train_log, re.M), train_log[-3000:]
+    steps = sacct_rows(run.run_id, ["JobID", "JobName", "State", "AllocTRES"], allocations_only=False)
+    step = next(r for r in steps if r["JobID"] == f"{jobs['train_fomaml']['JobID']}.0")
+    assert step["State"] == "COMPLETED" and "gres/gpu=2" in step["AllocTRES"], step
+    print(f"real FOMAML workflow under SLURM: {run.seconds:.0f} s")
+
+
 # --------------------------------------------------------------------------- no cluster needed
 
 def _profile(name: str) -> dict:

@@ -10,6 +10,7 @@ batches split over all ranks. Fast weights are the ranks' local shards, updated 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -64,13 +65,18 @@ class DistContext:
             dist.barrier()
 
 
-def init_distributed(shard_size: int = 1) -> DistContext:
-    """Join torchrun's process group (gloo on CPU, NCCL on CUDA) when WORLD_SIZE > 1."""
+def init_distributed(shard_size: int = 0) -> DistContext:
+    """Join torchrun's process group (gloo on CPU, NCCL on CUDA) when WORLD_SIZE > 1.
+
+    ``shard_size`` 0 (auto) shards over all ranks on CUDA (models too big for one GPU) and
+    is 1 (task-parallel) on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world == 1:
         return DistContext(device=torch.device("cuda" if cuda else "cpu"))
     from torch.distributed.device_mesh import init_device_mesh
+
+    shard_size = shard_size or (world if cuda else 1)
 
     if shard_size < 1 or world % shard_size:
         raise ValueError(f"--shard-size {shard_size} must divide the world size {world}")
@@ -154,7 +160,9 @@ def save_resume(path, model: nn.Module, optimizer, ctx: DistContext, state: dict
         tmp.mkdir(parents=True)
     ctx.barrier()
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), no_dist=not ctx.distributed)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), no_dist=not ctx.distributed)
     torch.save(torch.get_rng_state(), tmp / f"rng_{ctx.rank}.pt")
     ctx.barrier()
     if ctx.is_main:
@@ -176,7 +184,9 @@ def load_resume(path, model: nn.Module, optimizer, ctx: DistContext) -> dict:
     path = Path(path)
     msd, osd = get_state_dict(model, optimizer)
     sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=str(path), no_dist=not ctx.distributed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(sd, checkpoint_id=str(path), no_dist=not ctx.distributed)
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     rng = path / f"rng_{ctx.rank}.pt"
     if rng.exists():

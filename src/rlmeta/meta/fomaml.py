@@ -296,7 +296,7 @@ def latest_checkpoint(ckpt_dir: Path, spec: dict) -> Path | None:
 
 def train(model_dir: str, tasks_dir: str, subjects: list[str], meta: dict, seed: int, out: str | Path,
           metrics: str | Path, wandb_cfg: dict | None = None, ckpt_dir: str | Path | None = None,
-          shard_size: int = 1, resume: bool = True, stop_after: int | None = None, keep: int = 2) -> Path:
+          shard_size: int = 0, resume: bool = True, stop_after: int | None = None, keep: int = 2) -> Path:
     """Meta-train and save the final checkpoint to ``out``; returns ``out``. ``stop_after`` ends this
     run after that many outer steps without a final save (as if preempted; for resume tests)."""
     from rlmeta.tracking import MetricsWriter, check_finite, wandb_run
@@ -382,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="final checkpoint folder (written atomically)")
     p.add_argument("--metrics", required=True, help="train_metrics.parquet to write")
     p.add_argument("--checkpoint-dir", default=None, help="resume checkpoints <dir>/<step>/ (default: --out's parent)")
-    p.add_argument("--shard-size", type=int, default=1,
-                   help="ranks sharing one FSDP2 model copy (1 = task-parallel; world = plain FSDP)")
+    p.add_argument("--shard-size", type=int, default=0,
+                   help="ranks sharing one FSDP2 model copy: 1 = task-parallel, world = plain FSDP, "
+                        "0 = auto (world on CUDA, 1 on CPU)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="resume checkpoints kept (default 2)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a matching checkpoint exists")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
