@@ -368,10 +368,13 @@ def test_real_workflow_fomaml_on_slurm(slurm_cluster, tmp_path):
         if not entry.name.startswith(".") and entry.name != "results":
             (workdir / entry.name).symlink_to(entry)
     target = "results/math_fomaml/report/report.html"
+    # --workflow-profile none: else Snakemake also loads the repository's profiles/default as
+    # the implicit "workflow profile", whose keys (config: platform=local, default-resources,
+    # resources: gpu=0) override the slurm profile's (gpu capped to 0, no partition).
     # --configfile and the target go in extra_args: run() appends targets right after
-    # --configfile/--config, whose nargs="+" would swallow them ("--" keeps them apart)
-    run = slurm_cluster.run(workdir / "Snakefile", workdir, extra_args=["--configfile", str(FOMAML_CONFIG), "--", target],
-                            timeout=420)
+    # --configfile/--config, whose nargs="+" would swallow them ("--" keeps them apart).
+    run = slurm_cluster.run(workdir / "Snakefile", workdir, timeout=420,
+                            extra_args=["--workflow-profile", "none", "--configfile", str(FOMAML_CONFIG), "--", target])
     assert run.returncode == 0, run.log_tail(120)
     assert run.run_id, "no 'SLURM run ID' in the snakemake log"
     assert (workdir / target).exists() and (workdir / "results/math_fomaml/eval/summary.json").exists()
@@ -390,16 +393,39 @@ def test_real_workflow_fomaml_on_slurm(slurm_cluster, tmp_path):
     assert "gres/gpu=1" in jobs["eval_adaptation"]["AllocTRES"], jobs["eval_adaptation"]
     call = " ".join(run.sbatch_calls()["train_fomaml"].split(" --wrap=")[0].split())
     assert re.search(r" --nodes=1 --cpus-per-task=\d+ -D \S+ --gpus=2$", call), call
-    slurm_logs = {p.parent.name: p.read_text() for p in (workdir / ".snakemake" / "slurm_logs").glob("rule_*/*.log")}
+    log_dir = workdir / ".snakemake" / "slurm_logs"  # rule_<name>/<wildcards>/<jobid>.log
+    slurm_logs = {p.relative_to(log_dir).parts[0]: p.read_text() for p in log_dir.glob("rule_*/**/*.log")}
     assert "python -m rlmeta.launch --nproc 2 --nodes 1" in slurm_logs["rule_train_fomaml"]
     # the launcher's command line (the rule sends stderr to its log)
     train_log = (workdir / "results/logs/math_fomaml/train.log").read_text()
     assert re.search(r"^rlmeta\.launch: \S*torchrun --standalone --nproc_per_node=2 scripts/train_fomaml\.py ",
                      train_log, re.M), train_log[-3000:]
+    assert re.search(r"world 2 = 1 task groups? x 2 shards", train_log), train_log[-3000:]  # FSDP2 over both ranks
     steps = sacct_rows(run.run_id, ["JobID", "JobName", "State", "AllocTRES"], allocations_only=False)
     step = next(r for r in steps if r["JobID"] == f"{jobs['train_fomaml']['JobID']}.0")
     assert step["State"] == "COMPLETED" and "gres/gpu=2" in step["AllocTRES"], step
     print(f"real FOMAML workflow under SLURM: {run.seconds:.0f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "Snakemake >= 8 loads profiles/default (next to the Snakefile or in the work directory) as the "
+    "implicit workflow profile, and its keys override --profile's per key: under --profile "
+    "profiles/slurm the run gets config platform=local, profiles/default's default-resources (no "
+    "slurm_partition) and the global limit gpu=0; under profiles/apple-silicon it loses metal=1. "
+    "Remove this marker once the local profile has another name (or the docs say --workflow-profile none)."))
+def test_slurm_profile_is_not_overridden_by_profiles_default(tmp_path):
+    """`snakemake --profile profiles/slurm` in the repository must run with platform=slurm."""
+    for entry in ROOT.iterdir():
+        if not entry.name.startswith(".") and entry.name != "results":
+            (tmp_path / entry.name).symlink_to(entry)
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--profile", "profiles/slurm",
+                          "--", "results/headlines_gspo/train_metrics.parquet"],
+                         cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=300)
+    text = out.stdout + out.stderr
+    using = re.search(r"^Using .*$", text, re.M)
+    assert using and "workflow specific profile" not in using.group(0), using and using.group(0)
+    assert out.returncode != 0 and "uses backend mlx" in text, text[-2000:]
 
 
 # --------------------------------------------------------------------------- no cluster needed

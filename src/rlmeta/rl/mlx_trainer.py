@@ -150,8 +150,7 @@ class MLXTrainer:
         batch = {"ids": ids, "plen": plen, "mask": mask, "old": mx.array(old),
                  "adv": mx.array(adv.astype(np.float32)), "ref": None}
         if self.ref is not None:
-            batch["ref"] = mx.stop_gradient(sequence_logprobs(self.ref, ids, plen, mask, float(t["temperature"])))
-            mx.eval(batch["ref"])
+            batch["ref"] = self.reference_logprobs(ids, plen, mask)
         lens = np.array([len(x.token_ids) for x in gens])
         spread = total.reshape(-1, g).std(axis=1)
         stats = {"reward_mean": float(total.mean()), "reward_std": float(total.std(ddof=1)) if total.size > 1 else 0.0,
@@ -160,6 +159,12 @@ class MLXTrainer:
                  "new_tokens": int(lens.sum() + sum(len(x.prompt_ids) for x in gens)),
                  **{f"reward/{n}": float(v.mean()) for n, v in comps.items()}}
         return {"batch": batch, "stats": stats, "indices": idx, "generations": gens}
+
+    def reference_logprobs(self, ids: mx.array, plen: mx.array, mask: mx.array) -> mx.array:
+        """The frozen reference's completion log-probs (the KL term's), evaluated."""
+        ref = mx.stop_gradient(sequence_logprobs(self.ref, ids, plen, mask, float(self.t["temperature"])))
+        mx.eval(ref)
+        return ref
 
     # -- update ----------------------------------------------------------------------------
     def _loss(self, model, ids, plen, mask, old, ref, adv, num_items):
@@ -178,6 +183,11 @@ class MLXTrainer:
 
     def update(self, batch: dict, old_logp: bool) -> dict:
         """One AdamW update on the whole batch (micro-batched, gradients accumulated)."""
+        grads, loss, metrics = self.gradients(batch, old_logp)
+        return {"loss": loss, **self.apply(grads), **metrics}
+
+    def gradients(self, batch: dict, old_logp: bool) -> tuple[dict, float, dict]:
+        """(gradients, loss, policy-loss metrics) of the batch, summed over its micro-batches."""
         mask = batch["mask"]
         n, tokens = mask.shape[0], max(mask.sum().item(), 1.0)
         loss_total, grads, metrics = 0.0, None, {}
@@ -196,13 +206,17 @@ class MLXTrainer:
             mw = rows_w if self.level == "sequence" else tok_w
             for k, v in self._metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + v * (tok_w if k == "kl" else mw)
+        return grads, loss_total, metrics
+
+    def apply(self, grads: dict) -> dict:
+        """Clip and apply ``grads`` (AdamW); ``grad_norm`` and whether every weight is still finite."""
         max_norm = self.t["max_grad_norm"]
         grads, norm = optim.clip_grad_norm(grads, math.inf if max_norm is None else float(max_norm))
         self.optimizer.update(self.policy.model, grads)
         params = tree_flatten(self.policy.model.trainable_parameters())
         finite = mx.stack([mx.isfinite(p).all() for _, p in params]).all()
         mx.eval(params, self.optimizer.state, finite)
-        return {"loss": loss_total, "grad_norm": norm.item(), "weights_finite": finite.item(), **metrics}
+        return {"grad_norm": norm.item(), "weights_finite": finite.item()}
 
     def train_step(self) -> dict:
         """Rollout + ``updates_per_batch`` updates; returns the step's train_metrics row (+ ``updates``)."""

@@ -1,0 +1,184 @@
+"""Where the seconds of one MLX GRPO/GSPO training step go.
+
+Runs ``MLXTrainer.train_step`` itself with each phase wrapped in a timer and an ``mx.eval``
+barrier on its outputs: generation (``policy.generate``), reward scoring (``score_batch``),
+the rest of the rollout (packing the batch, the reference model's log-probs when beta > 0),
+each update's forward + backward (``MLXTrainer.gradients``) and optimizer step
+(``MLXTrainer.apply``), then one checkpoint (``MLXTrainer.save``). The old log-probs of the
+importance ratio are the sampler's own (recorded during generation), so there is no separate
+pass for them. Prints a table per step, then as its last line one JSON object: the phase
+seconds of the last step (``phases``), of every step (``steps``), and the settings.
+
+    .venv/bin/python benchmarks/mlx_step_profile.py [--model DIR] [--prompts PARQUET] [--steps 2]
+        [--experiment-json JSON] [--padded]
+
+``--padded`` turns off ``sequence_logprobs``' packed NumPy path (``mlx_policy.HOST_GEMM``): the
+padded batch through mlx-lm, as before. Without ``--model``/``--prompts`` it uses the headlines
+warm start and prompts under ``results/`` when present, else a tiny Qwen3 of the same shape
+(hidden 64, 2 layers, vocabulary 2048) and synthetic ~300-450-token prompts built into /tmp.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "results/warmstart/headlines_grpo_ued"
+PROMPTS = ROOT / "results/headlines_gspo/prompts.parquet"
+EXPERIMENT = {"algorithm": "gspo", "rewards": {"sections": 0.5, "length": 0.25, "coherence": 0.25},
+              "reward_params": {"length": {"min_words": 30, "max_words": 120}},
+              "train": {"steps": 2, "batch_prompts": 8, "group_size": 4, "learning_rate": 5e-4, "temperature": 0.9,
+                        "max_new_tokens": 160, "updates_per_batch": 2, "loss_type": "grpo", "checkpoint_every": 8}}
+BUILD = {"tokenizer": "bpe", "vocab_size": 2048, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+         "num_kv_heads": 2, "intermediate_size": 256}
+
+
+def fallback_inputs(tmp: Path) -> tuple[Path, Path]:
+    """A tiny Qwen3 of the headlines shape and synthetic long prompts (cached under /tmp)."""
+    from rlmeta.io import write_records
+    from rlmeta.models.build import build_tiny_model
+    from rlmeta.tables import PROMPTS as SCHEMA
+
+    model = Path(tempfile.gettempdir()) / "rlmeta-profile-model"
+    if not (model / "config.json").exists():
+        build_tiny_model(model, BUILD, [ROOT / "resources/gsm8k/train.jsonl"], 0)
+    lines = [json.loads(x)["question"] for x in (ROOT / "resources/gsm8k/train.jsonl").read_text().splitlines()[:64]]
+    rows = []
+    for i in range(32):
+        text = " ".join(lines[(i + k) % len(lines)] for k in range(4 + i % 3))
+        rows.append({"prompt_id": f"p{i}", "experiment": "profile", "item_id": f"i{i}", "task": f"t{i}",
+                     "split": "train", "reference": None, "reference_completion": None,
+                     "prompt": [{"role": "system", "content": "Write a news story with a headline and sections."},
+                                {"role": "user", "content": text}]})
+    write_records(tmp / "prompts.parquet", rows, SCHEMA)
+    return model, tmp / "prompts.parquet"
+
+
+class Phases:
+    """Accumulates wall seconds per phase name; ``wrap`` times a callable with an eval barrier."""
+
+    def __init__(self):
+        self.t: dict[str, float] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.t[name] = self.t.get(name, 0.0) + seconds
+
+    def wrap(self, name, fn, evaluate=True):
+        import mlx.core as mx
+
+        def timed(*args, **kw):
+            t0 = time.perf_counter()
+            out = fn(*args, **kw)
+            if evaluate:
+                mx.eval([a for a in _arrays(out)])
+            self.add(name() if callable(name) else name, time.perf_counter() - t0)
+            return out
+
+        return timed
+
+
+def _arrays(x):
+    import mlx.core as mx
+
+    if isinstance(x, mx.array):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _arrays(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _arrays(v)
+
+
+def profile(a) -> dict:
+    import mlx.core as mx
+
+    from rlmeta.policy import mlx_policy
+    from rlmeta.rl import mlx_trainer
+    from rlmeta.rl.mlx_trainer import MLXTrainer
+
+    mlx_policy.HOST_GEMM = not a.padded
+    experiment = json.loads(a.experiment_json) if a.experiment_json else EXPERIMENT
+    experiment["train"]["steps"] = max(int(experiment["train"].get("steps", 1)), a.steps)
+    tmp = Path(tempfile.mkdtemp(prefix="mlx-step-profile-"))
+    model, prompts = a.model, a.prompts
+    if model is None and prompts is None and not (MODEL.is_dir() and PROMPTS.exists()):
+        model, prompts = fallback_inputs(tmp)
+        experiment["rewards"] = {"coherence": 1.0}
+    model, prompts = model or MODEL, prompts or PROMPTS
+    t0 = time.perf_counter()
+    trainer = MLXTrainer(model, prompts, experiment, seed=a.seed)
+    load_s = time.perf_counter() - t0
+
+    ph = Phases()
+    state = {"update": 0}
+    trainer.policy.generate = ph.wrap("generation", trainer.policy.generate)
+    mlx_trainer.score_batch = ph.wrap("rewards", mlx_trainer.score_batch)
+    trainer.reference_logprobs = ph.wrap("ref_logprobs", trainer.reference_logprobs)
+    rollout = trainer.rollout
+    trainer.rollout = ph.wrap("rollout", rollout)
+
+    def gradients(batch, old_logp, _f=trainer.gradients):
+        state["update"] += 1
+        return ph.wrap(f"update{state['update']}_fwd_bwd", _f)(batch, old_logp)
+
+    trainer.gradients = gradients
+    trainer.apply = ph.wrap(lambda: f"update{state['update']}_optimizer", trainer.apply)
+
+    steps = []
+    for i in range(a.steps):
+        ph.t.clear()
+        state["update"] = 0
+        mx.eval(trainer.policy.model.parameters())
+        t0 = time.perf_counter()
+        row = trainer.train_step()
+        total = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        trainer.save(tmp / "checkpoints" / str(trainer.step))
+        ph.add("checkpoint", time.perf_counter() - t1)
+        t = dict(ph.t)
+        t["pack_batch"] = t.pop("rollout") - t["generation"] - t["rewards"] - t.get("ref_logprobs", 0.0)
+        t["old_logprobs"] = 0.0  # recorded by the sampler: no pass
+        accounted = sum(v for k, v in t.items() if k != "checkpoint")
+        t["other"] = total - accounted
+        t["step_total"] = total
+        steps.append({"step": i + 1, "completion_len_mean": row["completion_len_mean"], "loss": row["loss"],
+                      "grad_norm": row["grad_norm"], "seconds": t})
+        print(table(steps[-1]), file=sys.stderr, flush=True)
+    return {"phases": steps[-1]["seconds"], "steps": steps, "packed": not a.padded, "model": str(model),
+            "load_seconds": load_s, "train": experiment["train"]}
+
+
+def table(step: dict) -> str:
+    t = step["seconds"]
+    order = ["generation", "rewards", "old_logprobs", "ref_logprobs", "pack_batch"]
+    order += sorted(k for k in t if k.startswith("update"))
+    order += ["other", "step_total", "checkpoint"]
+    lines = [f"step {step['step']} (completion len {step['completion_len_mean']:.1f}, loss {step['loss']:.4g})",
+             f"  {'phase':<24}{'seconds':>10}{'share':>8}"]
+    for k in (k for k in order if k in t):
+        share = "" if k in ("step_total", "checkpoint") else f"{t[k] / t['step_total']:.1%}"
+        lines.append(f"  {k:<24}{t[k]:>10.3f}{share:>8}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help=f"checkpoint folder (default {MODEL.relative_to(ROOT)})")
+    p.add_argument("--prompts", type=Path, help=f"prompts parquet (default {PROMPTS.relative_to(ROOT)})")
+    p.add_argument("--experiment-json", help="experiment spec as JSON (default: the headlines GSPO run)")
+    p.add_argument("--steps", type=int, default=2, help="steps to profile (the JSON's phases: the last)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--padded", action="store_true", help="the padded mlx-lm path of sequence_logprobs (before)")
+    a = p.parse_args(argv)
+    res = profile(a)
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
