@@ -1,6 +1,8 @@
 # Helpers shared by the rules: validated config, paths, and small input functions.
+import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -14,7 +16,7 @@ try:
     _validated = validate_config(config)
 except ConfigError as err:
     sys.exit(str(err))
-validate(_validated, schema=str(Path(workflow.basedir) / "config" / "schema.yaml"))
+validate(_validated, schema=str(Path(workflow.basedir) / "config" / "schema.yaml"), set_default=False)
 config.clear()
 config.update(_validated)
 
@@ -37,7 +39,7 @@ def exps_where(**conditions):
         return all(e[k] in v if isinstance(v, (tuple, list)) else e[k] == v for k, v in conditions.items())
 
     names = [n for n, e in EXPERIMENTS.items() if ok(e)]
-    return "|".join(sorted(names, key=len, reverse=True)) if names else "(?!x)x"
+    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) if names else "(?!x)x"
 
 
 def rl_experiments():
@@ -116,14 +118,17 @@ def model_input(model):
 
 
 def warmstart_key(exp):
-    """The experiment whose warm start ``exp`` reuses: the first (by name) with the same
-    model, dataset, prompt, train-prompt cap and warm-start settings."""
+    """Folder name of the warm start ``exp`` uses: experiments with the same model, dataset,
+    prompt, train-prompt cap and warm-start settings share one (``<model>_<prompt>_<hash>``)."""
+    e = EXPERIMENTS[exp]
+    sig = as_json([e["model"], e["dataset"], e["prompt"], e["max_train_prompts"], e["warmstart"], warmstart_backend(exp)])
+    return f"{e['model']}_{e['prompt']}_{hashlib.sha256(sig.encode()).hexdigest()[:8]}"
 
-    def signature(n):
-        e = EXPERIMENTS[n]
-        return as_json([e["model"], e["dataset"], e["prompt"], e["max_train_prompts"], e["warmstart"], warmstart_backend(n)])
 
-    return min(n for n in EXPERIMENTS if signature(n) == signature(exp))
+def warmstart_source(key):
+    """The experiment whose prompts a shared warm start reads: a named experiment before sweep points."""
+    owners = [n for n in EXPERIMENTS if warmstart_key(n) == key]
+    return min(owners, key=lambda n: ("__" in n, n))
 
 
 def base_policy(exp):
@@ -154,9 +159,11 @@ def policy_input(exp, policy):
     return base_policy_input(exp) if policy == "base" else [f"{R}/{exp}/checkpoints/final"]
 
 
-def wandb_args():
+def wandb_args(wildcards=None, input=None):
+    """W&B flags; used as a derived param (a function of input), so a mode change does not retrain."""
     w = config["wandb"]
-    return f"--wandb-mode {w['mode']} --wandb-project {w['project']}"
+    entity = f" --wandb-entity {w['entity']}" if w.get("entity") else ""
+    return f"--wandb-mode {w['mode']} --wandb-project {w['project']}{entity}"
 
 
 def check_platform(exp):

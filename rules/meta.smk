@@ -16,7 +16,7 @@ rule train_fomaml:
         meta=lambda w: as_json(EXPERIMENTS[w.exp]["meta"]),
         nproc=lambda w: EXPERIMENTS[w.exp]["meta"]["nproc"],
         shard_size=lambda w: EXPERIMENTS[w.exp]["meta"]["shard_size"],
-        wandb=wandb_args(),
+        wandb=wandb_args,
     log:
         f"{R}/logs/{{exp}}/train.log",
     wildcard_constraints:

@@ -29,24 +29,24 @@ rule build_model:
 rule warmstart:
     """Supervised fine-tuning on reference completions so the base policy emits the format."""
     input:
-        model=lambda w: model_input(EXPERIMENTS[w.exp]["model"]),
-        prompts=f"{R}/{{exp}}/prompts.parquet",
+        model=lambda w: model_input(EXPERIMENTS[warmstart_source(w.key)]["model"]),
+        prompts=lambda w: f"{R}/{warmstart_source(w.key)}/prompts.parquet",
     output:
-        directory(f"{R}/warmstart/{{exp}}"),
+        directory(f"{R}/warmstart/{{key}}"),
     params:
         seed=SEED,
-        model=lambda w: model_for_backend(EXPERIMENTS[w.exp]["model"], warmstart_backend(w.exp)),
-        backend=lambda w: warmstart_backend(w.exp),
-        ws=lambda w: EXPERIMENTS[w.exp]["warmstart"],
+        model=lambda w: model_for_backend(EXPERIMENTS[warmstart_source(w.key)]["model"], warmstart_backend(warmstart_source(w.key))),
+        backend=lambda w: warmstart_backend(warmstart_source(w.key)),
+        ws=lambda w: EXPERIMENTS[warmstart_source(w.key)]["warmstart"],
     log:
-        f"{R}/logs/{{exp}}/warmstart.log",
+        f"{R}/logs/warmstart/{{key}}.log",
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
         gpu=0,
     conda:
-        lambda w: env_for(w.exp)
+        lambda w: env_for(warmstart_source(w.key))
     shell:
         "python scripts/warmstart.py --model {params.model:q} --prompts {input.prompts} --out {output}"
         " --steps {params.ws[steps]} --batch-size {params.ws[batch_size]} --lr {params.ws[learning_rate]}"

@@ -15,7 +15,7 @@ rule train_mlx:
         spec=lambda w: as_json(train_spec(w.exp)),
         out_dir=lambda w, output: os.path.dirname(output.model),
         check=lambda w: check_platform(w.exp),
-        wandb=wandb_args(),
+        wandb=wandb_args,
     log:
         f"{R}/logs/{{exp}}/train.log",
     wildcard_constraints:
@@ -45,7 +45,7 @@ rule train_trl:
         model=lambda w: base_policy(w.exp),
         spec=lambda w: as_json(train_spec(w.exp)),
         out_dir=lambda w, output: os.path.dirname(output.model),
-        wandb=wandb_args(),
+        wandb=wandb_args,
     log:
         f"{R}/logs/{{exp}}/train.log",
     wildcard_constraints:

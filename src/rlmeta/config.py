@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -186,9 +187,15 @@ def expand_sweeps(config: dict) -> dict:
                 for p in parents:
                     node = node.setdefault(p, {})
                 node[last] = value
-                parts.append(f"{last}={value}")
+                parts.append(f"{last}={_slug(value)}")
             experiments[f"{sweep}__" + "__".join(parts)] = exp
     return experiments
+
+
+def _slug(value) -> str:
+    """A path- and regex-safe rendering of a sweep value (lists joined with '+')."""
+    text = "+".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", text)
 
 
 def experiment(config: dict, name: str) -> dict:

@@ -134,21 +134,76 @@ HOST_GEMM = True
 PACKED_MODEL_TYPES = ("qwen2", "qwen3")
 
 
+HOST_GEMM_THREADS = 1
+"""OpenBLAS threads for those products: its spinning workers lose badly on a shared 2-core box
+(2-4x slower than one thread); ``None`` leaves NumPy's setting alone."""
+
+
 def _host(a: mx.array) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
+
+
+_BLAS_THREADS: list = []
+
+
+def _openblas_threads():
+    """(get, set) of the thread count of NumPy's OpenBLAS, or None (another BLAS, not found)."""
+    if not _BLAS_THREADS:
+        import ctypes
+        import re
+
+        found = None
+        try:
+            libs = sorted(set(re.findall(r"(/\S*openblas\S*\.so[\w.]*)", Path("/proc/self/maps").read_text())))
+        except OSError:
+            libs = []
+        for path in libs:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("scipy_openblas", ""),
+                                   ("openblas", "")):
+                get, put = f"{prefix}_get_num_threads{suffix}", f"{prefix}_set_num_threads{suffix}"
+                if hasattr(lib, get) and hasattr(lib, put):
+                    found = (getattr(lib, get), getattr(lib, put))
+                    found[0].restype, found[1].argtypes = ctypes.c_int, [ctypes.c_int]
+                    break
+            if found:
+                break
+        _BLAS_THREADS.append(found)
+    return _BLAS_THREADS[0]
+
+
+class _blas_threads:
+    """Run NumPy's OpenBLAS on ``HOST_GEMM_THREADS`` threads inside the block (when it can be set)."""
+
+    def __enter__(self):
+        self.prev, fns = None, _openblas_threads() if HOST_GEMM_THREADS else None
+        if fns is not None and fns[0]() != HOST_GEMM_THREADS:
+            self.prev = fns[0]()
+            fns[1](HOST_GEMM_THREADS)
+        return self
+
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            _openblas_threads()[1](self.prev)
 
 
 @mx.custom_function
 def host_matmul_t(x: mx.array, w: mx.array) -> mx.array:
     """``x @ w.T`` for ``x (N, in)``, ``w (out, in)``, with the product in NumPy."""
-    return mx.array(_host(x) @ _host(w).T)
+    xn, wn = _host(x), _host(w)
+    with _blas_threads():
+        return mx.array(xn @ wn.T)
 
 
 @host_matmul_t.vjp
 def _host_matmul_t_vjp(primals, cotangent, output):
     x, w = primals
-    g = _host(cotangent)
-    return mx.array(g @ _host(w)), mx.array(g.T @ _host(x))
+    g, xn, wn = _host(cotangent), _host(x), _host(w)
+    with _blas_threads():
+        return mx.array(g @ wn), mx.array(g.T @ xn)
 
 
 def _host_linear(module: nn.Module, x: mx.array) -> mx.array:
@@ -173,7 +228,7 @@ def _packable(model: nn.Module) -> bool:
     embed = getattr(core, "embed_tokens", None)
     if type(embed) is not nn.Embedding or embed.weight.dtype != mx.float32:
         return False
-    if hasattr(model, "lm_head") and type(model.lm_head) is not nn.Linear:
+    if hasattr(model, "lm_head") and (type(model.lm_head) is not nn.Linear or "bias" in model.lm_head):
         return False
     for layer in core.layers:
         attn = getattr(layer, "self_attn", None)
@@ -291,24 +346,30 @@ def host_attention(seqs, scale: float, biases: dict | None = None):
 
     Each of ``seqs`` (``PackedPlan.seqs``) attends to its key ranges; the VJP recomputes the weights.
     """
-
     biases = {} if biases is None else biases  # causal masks by (query, key) length
 
     @mx.custom_function
     def attend(q, k, v):
         qn, kn, vn = _host(q), _host(k), _host(v)
+        with _blas_threads():
+            return mx.array(forward(qn, kn, vn))
+
+    def forward(qn, kn, vn):
         out = np.zeros(qn.shape, np.float32)
         n_kv = kn.shape[1]
         for start, length, ranges in seqs:
             qs, ks, vs = _gqa_heads(qn[start:start + length], n_kv), _keys(kn, ranges), _keys(vn, ranges)
             o = np.stack([_probs(qs[j], ks[j], scale, length, biases) @ vs[j] for j in range(n_kv)])
             out[start:start + length] = _from_gqa_heads(o, length)
-        return mx.array(out)
+        return out
 
     @attend.vjp
     def attend_vjp(primals, cotangent, output):
         qn, kn, vn = (_host(a) for a in primals)
-        do, on = _host(cotangent), _host(output)
+        with _blas_threads():
+            return tuple(mx.array(a) for a in backward(qn, kn, vn, _host(cotangent), _host(output)))
+
+    def backward(qn, kn, vn, do, on):
         dq, dk, dv = np.zeros(qn.shape, np.float32), np.zeros(kn.shape, np.float32), np.zeros(vn.shape, np.float32)
         n_kv = kn.shape[1]
         sc = np.float32(scale)
@@ -331,9 +392,60 @@ def host_attention(seqs, scale: float, biases: dict | None = None):
                 dk[s:s + m] += dks[:, at:at + m].transpose(1, 0, 2)
                 dv[s:s + m] += dvs[:, at:at + m].transpose(1, 0, 2)
                 at += m
-        return mx.array(dq), mx.array(dk), mx.array(dv)
+        return dq, dk, dv
 
     return attend
+
+
+HEAD_CHUNK = 1 << 23
+"""Logits elements held at once by ``host_token_logprobs`` (32 MiB of float32)."""
+
+
+def host_token_logprobs(targets: np.ndarray, inv_temperature: float):
+    """``log_softmax(h @ w.T * inv_temperature)[i, targets[i]]`` for ``h (N, d)``, ``w (V, d)``, in
+    NumPy, ``HEAD_CHUNK`` logits at a time; the VJP recomputes the logits."""
+    scale = np.float32(inv_temperature)
+
+    def chunks(n, vocab):
+        step = max(1, HEAD_CHUNK // max(1, vocab))
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+    def logits(hn, wn, sl):
+        z = hn[sl] @ wn.T
+        if inv_temperature != 1:
+            z *= scale
+        m = z.max(axis=-1, keepdims=True)
+        return z, m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True))
+
+    @mx.custom_function
+    def token_logprobs(h, w):
+        hn, wn = _host(h), _host(w)
+        out = np.empty(hn.shape[0], np.float32)
+        with _blas_threads():
+            for sl in chunks(hn.shape[0], wn.shape[0]):
+                z, lse = logits(hn, wn, sl)
+                out[sl] = z[np.arange(z.shape[0]), targets[sl]] - lse[:, 0]
+        return mx.array(out)
+
+    @token_logprobs.vjp
+    def token_logprobs_vjp(primals, cotangent, output):
+        hn, wn = (_host(a) for a in primals)
+        g = _host(cotangent)
+        dh, dw = np.empty_like(hn), np.zeros_like(wn)
+        with _blas_threads():
+            for sl in chunks(hn.shape[0], wn.shape[0]):
+                z, lse = logits(hn, wn, sl)
+                z -= lse
+                np.exp(z, out=z)  # softmax
+                z *= -g[sl, None]
+                z[np.arange(z.shape[0]), targets[sl]] += g[sl]
+                if inv_temperature != 1:
+                    z *= scale
+                dh[sl] = z @ wn
+                dw += z.T @ hn[sl]
+        return mx.array(dh), mx.array(dw)
+
+    return token_logprobs
 
 
 def packed_logprobs(model: nn.Module, plan: PackedPlan, completion_mask: mx.array,
@@ -361,13 +473,9 @@ def packed_logprobs(model: nn.Module, plan: PackedPlan, completion_mask: mx.arra
         h = h + _host_linear(mlp.down_proj, swiglu(_host_linear(mlp.gate_proj, x), _host_linear(mlp.up_proj, x)))
     h = core.norm(h[plan.n_prefix:])
     head = model.lm_head.weight if hasattr(model, "lm_head") else core.embed_tokens.weight
-    logits = host_matmul_t(h, head).astype(mx.float32)
-    if hasattr(model, "lm_head") and "bias" in model.lm_head:
-        logits = logits + model.lm_head.bias
-    if temperature not in (0, 1):
-        logits = logits * (1.0 / temperature)
-    chosen = mx.take_along_axis(logits, mx.array(plan.targets)[:, None], axis=-1)[:, 0]
-    lp = mx.concatenate([chosen - mx.logsumexp(logits, axis=-1), mx.zeros((1,), mx.float32)])
+    inv_t = 1.0 / temperature if temperature not in (0, 1) else 1.0
+    lp = host_token_logprobs(plan.targets, inv_t)(h, head)
+    lp = mx.concatenate([lp, mx.zeros((1,), mx.float32)])
     return lp[mx.array(plan.gather)] * completion_mask
 
 
