@@ -270,12 +270,6 @@ def test_adding_a_sweep_reruns_nothing_of_the_finished_experiments(done, tmp_pat
     assert not any(j["rule"] == "warmstart" for j in planned)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "warmstart_key() names the shared warm start after the alphabetically first experiment "
-    "with the same signature; a sweep whose name sorts before 'gsm8k_grpo_lora' moves it to "
-    "results/warmstart/<sweep point>, so gsm8k_grpo_lora and gsm8k_gspo re-run from the warm "
-    "start on (input set and params change). Remove this marker once the key no longer depends "
-    "on which experiments exist."))
 def test_sweep_name_does_not_move_the_shared_warm_start(done, tmp_path):
     workdir, results, _ = done
     cfg = override(tmp_path, SWEEP.format(name="a_lr"))
@@ -283,12 +277,6 @@ def test_sweep_name_does_not_move_the_shared_warm_start(done, tmp_path):
     assert _new_points_only(planned, "a_lr") == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "wandb_args() ('--wandb-mode M --wandb-project P') is a non-derived param of train_mlx, "
-    "train_trl and train_fomaml, so switching wandb.mode (offline -> online) re-runs every training "
-    "job and everything downstream (25 jobs of the default). Remove this marker once the W&B "
-    "settings reach the trainers without being tracked params (e.g. a derived param "
-    "`lambda w, input: wandb_args()`, or environment variables)."))
 def test_switching_wandb_mode_does_not_retrain(done, tmp_path):
     workdir, results, _ = done
     cfg = override(tmp_path, "wandb: {mode: online}\n")

@@ -127,11 +127,6 @@ def test_run_experiments_restricts_all_to_chosen_points(wf):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "point names embed str(value): a list value gives \"tm__target_modules=['q_proj', 'v_proj']\" and "
-    "exps_where() joins names into an unescaped regex, so no train/evaluate/report rule matches "
-    "(MissingInputException in rule summary); such names would also put quotes, brackets and spaces "
-    "into paths and shell commands. Remove this marker once point names are path-safe."))
 def test_sweep_over_a_list_valued_knob(wf):
     workdir, base = wf
     cfg = write(base, "sweep_list.yaml", """sweeps:
@@ -148,10 +143,6 @@ run_experiments: null
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "train.lora: null is allowed by the schema, but rules/common.smk calls snakemake.utils.validate "
-    "with set_default=True, whose default filler calls None.setdefault ('NoneType' object has no "
-    "attribute 'setdefault'); set_default=False would do (rlmeta.config fills defaults already)."))
 def test_sweep_turning_lora_off(wf):
     workdir, base = wf
     cfg = write(base, "sweep_lora.yaml", """sweeps:
