@@ -176,9 +176,12 @@ class MLXTrainer:
         return loss
 
     def _chunks(self, batch: dict) -> list[slice]:
-        """Row slices whose logits stay under ``LOGITS_BUDGET`` (one slice for small batches)."""
+        """Row slices whose logits stay under ``LOGITS_BUDGET`` (one slice for small batches), of
+        whole groups where the budget allows: ``sequence_logprobs`` runs a shared prompt once per slice."""
         n, t = batch["mask"].shape
         rows = max(1, LOGITS_BUDGET // max(1, t * int(self.policy.config.get("vocab_size", 1))))
+        g = int(self.t["group_size"])
+        rows = rows - rows % g if rows >= g else rows
         return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
 
     def update(self, batch: dict, old_logp: bool) -> dict:
