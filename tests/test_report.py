@@ -137,7 +137,8 @@ def test_rules_and_snakemake_report(tmp_path):
     write_rl_fixture(res, "gsm8k_grpo_lora", "xml_cot", n_prompts=6, samples=2)
     write_fomaml_fixture(res, "math_fomaml")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    sm = [sys.executable, "-m", "snakemake", "--cores", "2", "--config", "wandb={mode: disabled}"]
+    sm = [sys.executable, "-m", "snakemake", "--cores", "2", "--config", "wandb={mode: disabled}",
+          "run_experiments=[headlines_gspo, gsm8k_grpo_lora, math_fomaml]"]
     out = subprocess.run(sm, cwd=wf, capture_output=True, text=True, env=env, timeout=600)
     logs = "\n".join(p.read_text() for p in (res / "logs").rglob("*.log")) if (res / "logs").exists() else ""
     assert out.returncode == 0, out.stderr[-4000:] + logs[-3000:]
