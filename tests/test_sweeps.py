@@ -89,11 +89,12 @@ def test_sweep_dry_run_gives_each_point_its_own_folder(wf):
                 assert all(out.startswith(f"{results}/{point}/") for out in job["output"]), job
     # one warm start for the whole gsm8k family (two experiments and four points share it)
     warm = [j for j in planned if j["rule"] == "warmstart"]
-    assert sorted(j["wildcards"]["exp"] for j in warm) == ["gsm8k_grpo_lora", "headlines_grpo_ued"]
+    keys = sorted(j["wildcards"]["key"] for j in warm)
+    assert len(keys) == 2 and keys[0].startswith("tiny_inner_scientist_") and keys[1].startswith("tiny_xml_cot_")
     for job in planned:
         if job["rule"] in ("train_trl", "generate") and job["wildcards"]["exp"] in POINTS \
                 and job["wildcards"].get("policy", "base") == "base":
-            assert f"{results}/warmstart/gsm8k_grpo_lora" in job["input"], job
+            assert f"{results}/warmstart/{keys[1]}" in job["input"], job
     # the cross-experiment summary reads every experiment, sweep points included
     summary = the(planned, "summary")
     for exp in DEFAULT_EXPERIMENTS + POINTS:
@@ -113,7 +114,8 @@ def test_run_experiments_restricts_all_to_chosen_points(wf):
     by_exp = per_experiment(planned)
     # the chosen points, plus the prompts the shared warm start is trained on
     assert set(by_exp) == set(chosen) | {"gsm8k_grpo_lora"}
-    assert by_exp["gsm8k_grpo_lora"] == {("make_prompts", ""), ("warmstart", "")}
+    assert by_exp["gsm8k_grpo_lora"] == {("make_prompts", "")}
+    assert [j["wildcards"]["key"].startswith("tiny_xml_cot_") for j in planned if j["rule"] == "warmstart"] == [True]
     for point in chosen:
         assert by_exp[point] == PER_POINT
     assert sorted(the(planned, "all")["input"]) == sorted(
