@@ -14,7 +14,6 @@ goes to ``<out>/final``. Metrics use the TRL trainer's train_metrics columns, on
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -326,21 +325,6 @@ def train_mlx(model_dir: str | Path, prompts_path: str | Path, experiment: dict,
 
 def main(argv: list[str] | None = None) -> int:
     """Command line of ``scripts/train_mlx.py``."""
-    p = argparse.ArgumentParser(prog="train_mlx.py", description="Online GRPO/GSPO on MLX (mlx-lm policy).")
-    p.add_argument("--model", required=True, help="base checkpoint folder (or hub id)")
-    p.add_argument("--prompts", required=True, help="prompts parquet (train split used)")
-    p.add_argument("--experiment-json", required=True,
-                   help="experiment spec as JSON (algorithm, rewards, reward_params, train) or a .json file")
-    p.add_argument("--out", required=True, help="folder for <step>/ checkpoints and final/")
-    p.add_argument("--metrics", required=True, help="train_metrics.parquet to write")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wandb-mode", choices=["offline", "online", "disabled"], default="offline")
-    p.add_argument("--wandb-project", default="rlmeta")
-    p.add_argument("--wandb-entity", default=None)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    spec = a.experiment_json
-    experiment = json.loads(spec if spec.lstrip().startswith("{") else Path(spec).read_text())
-    train_mlx(a.model, a.prompts, experiment, a.out, a.metrics,
-              {"mode": a.wandb_mode, "project": a.wandb_project, "entity": a.wandb_entity}, a.seed)
-    return 0
+    from rlmeta.rl.cli import run_trainer
+
+    return run_trainer(train_mlx, "train_mlx.py", 'Online GRPO/GSPO on MLX (mlx-lm policy).', 'folder for <step>/ checkpoints and final/', argv)
