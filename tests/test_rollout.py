@@ -80,3 +80,19 @@ def test_scripts_help():
         res = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True,
                              text=True, timeout=60)
         assert res.returncode == 0 and "--model" in res.stdout
+
+
+def test_generate_with_unreachable_hub_model_says_what_to_do(tmp_path):
+    """A hub id with no network ends in one line that names the model and suggests a local path."""
+    import os
+
+    prompts = tmp_path / "prompts.parquet"
+    pq.write_table(prompts_table(2), prompts)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/generate.py"), "--model", "Qwen/Qwen3-1.7B",
+                          "--backend", "torch", "--prompts", str(prompts), "--out", str(tmp_path / "r.parquet")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert "cannot download Qwen/Qwen3-1.7B" in last and "local path" in last, last
+    assert not (tmp_path / "r.parquet").exists()

@@ -16,16 +16,19 @@ def load_policy(path_or_id: str | Path, backend: str, *, lora: dict | str | Path
     written by ``rlmeta.policy.lora.save_adapter`` on the same backend. ``device`` (torch only):
     default CUDA when available, else CPU.
     """
-    if backend == "mlx":
-        from rlmeta.policy.mlx_policy import MLXPolicy
+    from rlmeta.models.hub import hub_errors
 
-        policy = MLXPolicy.load(path_or_id, dtype=dtype)
-    elif backend == "torch":
-        from rlmeta.policy.torch_policy import TorchPolicy
-
-        policy = TorchPolicy.load(path_or_id, dtype=dtype, device=device)
-    else:
+    if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    with hub_errors(str(path_or_id), backend=backend):  # offline hub id -> one clear line
+        if backend == "mlx":
+            from rlmeta.policy.mlx_policy import MLXPolicy
+
+            policy = MLXPolicy.load(path_or_id, dtype=dtype)
+        else:
+            from rlmeta.policy.torch_policy import TorchPolicy
+
+            policy = TorchPolicy.load(path_or_id, dtype=dtype, device=device)
     if isinstance(lora, dict):
         from rlmeta.policy.lora import apply_lora
 
