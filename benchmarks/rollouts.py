@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-GSM8K = [ROOT / "resources/gsm8k/test.jsonl", Path("/work/shared/data/gsm8k/test.jsonl")]
+GSM8K = [ROOT / "resources/gsm8k/test.jsonl", ROOT.parent / "shared/data/gsm8k/test.jsonl"]
 MODELS = {
     "tiny": {"tokenizer": "bpe", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
              "intermediate_size": 256},

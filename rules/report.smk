@@ -8,7 +8,7 @@ report: "../report/captions/workflow.rst"
 
 
 # Helpers are lambdas: `snakemake --lint` flags `def` next to rules in one file.
-REPORTED = chosen_experiments()
+REPORTED = CHOSEN
 """Experiments in the cross-experiment summary (those `all` builds)."""
 
 _fig = lambda name, sub: report(

@@ -20,7 +20,7 @@ import pyarrow as pa
 from rlmeta.config import ROOT
 from rlmeta.tables import PROMPTS
 
-GSM8K = next(p for p in (ROOT / "resources/gsm8k/test.jsonl", Path("/work/shared/data/gsm8k/test.jsonl"))
+GSM8K = next(p for p in (ROOT / "resources/gsm8k/test.jsonl", ROOT.parent / "shared/data/gsm8k/test.jsonl")
              if p.exists())
 
 

@@ -14,7 +14,7 @@ from rlmeta.models.tokenizer import (
     TEMPLATE_STRINGS, corpus_texts, load_qwen_tokenizer, make_tokenizer, train_bpe_tokenizer,
 )
 
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def corpus_files() -> list[Path]:
@@ -23,7 +23,7 @@ def corpus_files() -> list[Path]:
         files = [base / "rss", base / "gsm8k" / "test.jsonl", base / "math" / "test.jsonl"]
         if all(f.exists() for f in files):
             return files
-    pytest.skip("no RSS/GSM8K/MATH corpus in resources/ or /work/shared/data")
+    pytest.skip("no RSS/GSM8K/MATH corpus in resources/ or ../shared/data")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -13,7 +13,7 @@ from rlmeta.models.build import build_tiny_model
 from rlmeta.tables import PROMPTS
 from rlmeta.warmstart import main as warmstart_main, sft_examples, warmstart
 
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SYSTEM = "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
 SFT = dict(steps=20, batch_size=4, learning_rate=1e-2, max_seq_len=192, seed=0)
 
@@ -22,7 +22,7 @@ def _data(*parts: str) -> Path:
     for base in (ROOT / "resources", SHARED):
         if (base.joinpath(*parts)).exists():
             return base.joinpath(*parts)
-    pytest.skip(f"no {'/'.join(parts)} in resources/ or /work/shared/data")
+    pytest.skip(f"no {'/'.join(parts)} in resources/ or ../shared/data")
 
 
 @pytest.fixture(scope="module", autouse=True)
