@@ -2,16 +2,13 @@
 
 Run `snakemake --cores 2` (or `make run`) for the embedded default; see README.md and docs/.
 """
+
 from snakemake.utils import min_version
 
 min_version("8.20")
 
 
 configfile: "config/config.yaml"
-
-
-# Jobs import the package from src/ (also inside conda envs, which hold only the dependencies).
-shell.prefix("set -euo pipefail; export PYTHONPATH=%s/src${{PYTHONPATH:+:$PYTHONPATH}}; " % workflow.basedir)
 
 
 include: "rules/common.smk"
@@ -42,6 +39,6 @@ localrules:
 
 
 rule all:
+    default_target: True
     input:
         final_targets(),
-    default_target: True

@@ -7,13 +7,15 @@ Cases (each in a temporary copy of the workflow, with a temporary results folder
   temperatures sweep over gsm8k_grpo_lora (205 experiments, about 1650 jobs);
 - ``uptodate_rerun``: ``snakemake --cores 2`` (a real run, not a dry run) of the default
   after every output exists and every job's metadata is recorded (marked done with
-  ``--touch --forceall``, see tests/test_reruns.py); it must say "Nothing to be done";
+  ``--touch --forceall``, ``rlmeta.testing.workflow.mark_done``); it must say "Nothing to be done";
 - ``uptodate_dryrun``: ``snakemake -n`` of the same.
 
 Wall seconds are the median of ``--repeat`` runs; CPU seconds (user + system of the
-Snakemake process) show how much of the wall time was waiting for a busy machine.
+Snakemake process) show how much of the wall time was waiting for a busy machine. The default
+is one run per case (about 2-3 minutes in all on a 2-core machine, for ``make bench``); the figures
+in docs/benchmarks.md are medians of ``--repeat 3``.
 
-    python benchmarks/dag.py [--repeat 3] [--lrs 20 --temps 10]
+    python benchmarks/dag.py [--repeat 1] [--lrs 20 --temps 10]
 
 The last line printed is one JSON object with ``sweep200_dryrun_s`` and ``uptodate_rerun_s``.
 """
@@ -29,9 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from test_reruns import common_args, mark_done, mirror_workflow, snakemake  # noqa: E402
+from rlmeta.testing.workflow import common_args, mark_done, mirror_workflow, snakemake
 
 
 def sweep_yaml(lrs: int, temps: int) -> str:
@@ -75,7 +75,7 @@ def measure(name: str, args, cwd: Path, repeat: int, check=None) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeat", type=int, default=3, help="runs per case (median reported)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per case (median reported)")
     p.add_argument("--lrs", type=int, default=20)
     p.add_argument("--temps", type=int, default=10)
     ns = p.parse_args()
@@ -92,7 +92,8 @@ def main() -> int:
         points = ns.lrs * ns.temps
         rows = [
             measure("default_dryrun", ["-n", "--cores", "2", *common_args(tmp / "fresh")], wf, ns.repeat),
-            measure(f"sweep{points}_dryrun", ["-n", "--cores", "2", *common_args(tmp / "sweep", [sweep])], wf, ns.repeat),
+            measure(f"sweep{points}_dryrun", ["-n", "--cores", "2", *common_args(tmp / "sweep", [sweep])], wf,
+                    ns.repeat),
         ]
         t0 = time.perf_counter()
         mark_done(wf, tmp / "done")

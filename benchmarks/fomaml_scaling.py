@@ -6,6 +6,8 @@ temporary folder unless --model/--tasks-dir are given, runs a few outer steps pe
 (the first step, with its warm-up, is left out). Prints a table, then as the LAST line one
 JSON object with tokens_per_s_1, tokens_per_s_2 (task-parallel) and scaling = tps2 / tps1.
 
+Each layout is one ``rlmeta launch --nproc 0 --cpu-procs N -- train-fomaml ...`` (torchrun, gloo).
+
     .venv/bin/python benchmarks/fomaml_scaling.py [--steps 5] [--model DIR --tasks-dir DIR]
 """
 from __future__ import annotations
@@ -19,32 +21,33 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SUBJECTS = ["algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
-            "prealgebra", "precalculus"]
+from rlmeta.settings import MATH_SUBJECTS, ROOT, MetaSettings, ModelBuild
+
+SUBJECTS = list(MATH_SUBJECTS)
+TINY = ModelBuild(tokenizer="bpe")  # the embedded default's "tiny" model (config/config.yaml)
 
 
 def embedded_default(work: Path) -> tuple[Path, Path]:
     """The default tiny model and MATH tasks, built from resources/ into ``work``."""
-    sys.path.insert(0, str(ROOT / "src"))
     from rlmeta.data.math_problems import prepare_math, split_math_tasks
-    from rlmeta.models.build import DEFAULT_BUILD, build_tiny_model
+    from rlmeta.models.build import build_tiny_model
 
     res = ROOT / "resources"
     prepare_math(str(res / "math"), work / "math")
     split_math_tasks(work / "math/train.parquet", SUBJECTS, 0.30, 0.40, 1234, work / "math_tasks")
     corpus = [f for sub in ("rss", "gsm8k", "math") for f in sorted((res / sub).glob("*")) if f.is_file()]
-    return build_tiny_model(work / "tiny", DEFAULT_BUILD, corpus, 1234), work / "math_tasks"
+    return build_tiny_model(work / "tiny", TINY, corpus, 1234), work / "math_tasks"
 
 
-def run(model: Path, tasks: Path, meta: dict, nproc: int, shard: int, out: Path) -> dict:
+def run(model: Path, tasks: Path, meta: MetaSettings, nproc: int, shard: int, out: Path) -> dict:
     """One torchrun launch; returns wall time and the steady-state tokens/s and s/step."""
     import pyarrow.parquet as pq
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "scripts/train_fomaml.py"), "--model", str(model), "--tasks-dir", str(tasks), "--subjects",
-           *SUBJECTS, "--meta-json", json.dumps(meta), "--seed", "1234", "--out", str(out / "final"),
-           "--metrics", str(out / "m.parquet"), "--wandb-mode", "disabled", "--shard-size", str(shard), "--no-resume"]
+    meta = MetaSettings.model_validate({**meta.model_dump(), "nproc": nproc, "shard_size": shard})
+    cmd = [sys.executable, "-m", "rlmeta", "launch", "--nproc", "0", "--cpu-procs", str(nproc), "--",
+           "train-fomaml", "--model", str(model), "--tasks-dir", str(tasks), "--subjects", *SUBJECTS,
+           "--meta", meta.model_dump_json(), "--seed", "1234", "--out", str(out / "final"),
+           "--metrics", str(out / "m.parquet"), "--wandb", '{"mode": "disabled"}', "--no-resume"]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
     if p.returncode:
@@ -61,15 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="outer steps per run (the first is not timed)")
     p.add_argument("--meta-json", default="{}", help="meta settings over the defaults below")
     a = p.parse_args(argv)
-    meta = {"outer_steps": a.steps, "meta_batch_size": 4, "inner_steps": 2, "support_batch": 8, "query_batch": 8,
-            "max_seq_len": 384, "checkpoint_every": 10_000, **json.loads(a.meta_json)}
+    meta = MetaSettings.model_validate({
+        "outer_steps": a.steps, "meta_batch_size": 4, "inner_steps": 2, "support_batch": 8, "query_batch": 8,
+        "max_seq_len": 384, "checkpoint_every": 10_000, **json.loads(a.meta_json)})
     with tempfile.TemporaryDirectory(prefix="fomaml_bench_") as tmp:
         work = Path(tmp)
         model, tasks = (a.model, a.tasks_dir) if a.model and a.tasks_dir else embedded_default(work)
         layouts = [("1 process", 1, 1), ("2 processes, task-parallel", 2, 1), ("2 processes, FSDP-sharded", 2, 2)]
         res = {name: run(model, tasks, meta, n, s, work / f"run{i}") for i, (name, n, s) in enumerate(layouts)}
-    print(f"FOMAML meta-training, {os.cpu_count()} CPUs, 1 thread per process, meta-batch {meta['meta_batch_size']}, "
-          f"k={meta['inner_steps']}, batches {meta['support_batch']}/{meta['query_batch']}, {a.steps - 1} timed steps")
+    print(f"FOMAML meta-training, {os.cpu_count()} CPUs, 1 thread per process, meta-batch {meta.meta_batch_size}, "
+          f"k={meta.inner_steps}, batches {meta.support_batch}/{meta.query_batch}, {a.steps - 1} timed steps")
     print(f"{'layout':<30} {'tokens/s':>10} {'s/step':>8} {'wall s':>8}")
     for name, r in res.items():
         print(f"{name:<30} {r['tokens_per_s']:>10.0f} {r['s_per_step']:>8.3f} {r['wall_s']:>8.1f}")

@@ -1,7 +1,7 @@
 """Where the seconds of one MLX GRPO/GSPO training step go.
 
 Runs ``MLXTrainer.train_step`` itself with each phase wrapped in a timer and an ``mx.eval``
-barrier on its outputs: generation (``policy.generate``), reward scoring (``score_batch``),
+barrier on its outputs: generation (``policy.generate``), reward scoring (``rlmeta.scoring.score``),
 the rest of the rollout (packing the batch, the reference model's log-probs when beta > 0),
 each update's forward + backward (``MLXTrainer.gradients``) and optimizer step
 (``MLXTrainer.apply``), then one checkpoint (``MLXTrainer.save``). The old log-probs of the
@@ -10,9 +10,10 @@ pass for them. Prints a table per step, then as its last line one JSON object: t
 seconds of the last step (``phases``), of every step (``steps``), and the settings.
 
     .venv/bin/python benchmarks/mlx_step_profile.py [--model DIR] [--prompts PARQUET] [--steps 2]
-        [--experiment-json JSON] [--padded]
+        [--experiment-json JSON] [--max-new-tokens N] [--padded]
 
-``--padded`` turns off ``sequence_logprobs``' packed NumPy path (``mlx_policy.HOST_GEMM``): the
+``--experiment-json`` is an ``RLJob`` (algorithm, rewards, reward_params, train) as JSON.
+``--padded`` turns off ``sequence_logprobs``' packed NumPy path (``mlx_packed.HOST_GEMM``): the
 padded batch through mlx-lm, as before. Without ``--model``/``--prompts`` it uses the headlines
 warm start and prompts under ``results/`` when present, else a tiny Qwen3 of the same shape
 (hidden 64, 2 layers, vocabulary 2048) and synthetic ~300-450-token prompts built into /tmp.
@@ -20,21 +21,24 @@ warm start and prompts under ``results/`` when present, else a tiny Qwen3 of the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from rlmeta.settings import ROOT, ModelBuild, RLJob
+
 MODEL = ROOT / "results/warmstart/headlines_grpo_ued"
 PROMPTS = ROOT / "results/headlines_gspo/prompts.parquet"
 EXPERIMENT = {"algorithm": "gspo", "rewards": {"sections": 0.5, "length": 0.25, "coherence": 0.25},
               "reward_params": {"length": {"min_words": 30, "max_words": 120}},
               "train": {"steps": 2, "batch_prompts": 8, "group_size": 4, "learning_rate": 5e-4, "temperature": 0.9,
                         "max_new_tokens": 160, "updates_per_batch": 2, "loss_type": "grpo", "checkpoint_every": 8}}
-BUILD = {"tokenizer": "bpe", "vocab_size": 2048, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
-         "num_kv_heads": 2, "intermediate_size": 256}
+BUILD = ModelBuild(tokenizer="bpe", vocab_size=2048, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                   intermediate_size=256)
 
 
 def fallback_inputs(tmp: Path) -> tuple[Path, Path]:
@@ -43,7 +47,8 @@ def fallback_inputs(tmp: Path) -> tuple[Path, Path]:
     from rlmeta.models.build import build_tiny_model
     from rlmeta.tables import PROMPTS as SCHEMA
 
-    model = Path(tempfile.gettempdir()) / "rlmeta-profile-model"
+    key = hashlib.sha256(BUILD.model_dump_json().encode()).hexdigest()[:12]
+    model = Path(tempfile.gettempdir()) / f"rlmeta-profile-model-{key}"
     if not (model / "config.json").exists():
         build_tiny_model(model, BUILD, [ROOT / "resources/gsm8k/train.jsonl"], 0)
     lines = [json.loads(x)["question"] for x in (ROOT / "resources/gsm8k/train.jsonl").read_text().splitlines()[:64]]
@@ -94,30 +99,35 @@ def _arrays(x):
             yield from _arrays(v)
 
 
-def profile(a) -> dict:
+def profile(a, tmp: Path) -> dict:
     import mlx.core as mx
 
-    from rlmeta.policy import mlx_policy
+    from rlmeta.policy import mlx_packed
     from rlmeta.rl import mlx_trainer
     from rlmeta.rl.mlx_trainer import MLXTrainer
+    from rlmeta.tracking import MetricsTable
 
-    mlx_policy.HOST_GEMM = not a.padded
-    experiment = json.loads(a.experiment_json) if a.experiment_json else EXPERIMENT
-    experiment["train"]["steps"] = max(int(experiment["train"].get("steps", 1)), a.steps)
-    tmp = Path(tempfile.mkdtemp(prefix="mlx-step-profile-"))
+    mlx_packed.HOST_GEMM = not a.padded
+    experiment = json.loads(a.experiment_json) if a.experiment_json else json.loads(json.dumps(EXPERIMENT))
+    train = experiment.setdefault("train", {})
+    train["steps"] = max(int(train.get("steps", 1)), a.steps)
+    if a.max_new_tokens:
+        train["max_new_tokens"] = a.max_new_tokens
     model, prompts = a.model, a.prompts
     if model is None and prompts is None and not (MODEL.is_dir() and PROMPTS.exists()):
         model, prompts = fallback_inputs(tmp)
-        experiment["rewards"] = {"coherence": 1.0}
+        experiment["rewards"], experiment["reward_params"] = {"coherence": 1.0}, {}
     model, prompts = model or MODEL, prompts or PROMPTS
+    job = RLJob.model_validate({"backend": "mlx", **experiment})
     t0 = time.perf_counter()
-    trainer = MLXTrainer(model, prompts, experiment, seed=a.seed)
+    trainer = MLXTrainer(model, prompts, job, seed=a.seed)
+    metrics = MetricsTable([f"reward/{n}" for n in job.rewards])
     load_s = time.perf_counter() - t0
 
     ph = Phases()
     state = {"update": 0}
     trainer.policy.generate = ph.wrap("generation", trainer.policy.generate)
-    mlx_trainer.score_batch = ph.wrap("rewards", mlx_trainer.score_batch)
+    mlx_trainer.score = ph.wrap("rewards", mlx_trainer.score, evaluate=False)  # NumPy scores: no barrier
     trainer.reference_logprobs = ph.wrap("ref_logprobs", trainer.reference_logprobs)
     rollout = trainer.rollout
     trainer.rollout = ph.wrap("rollout", rollout)
@@ -137,8 +147,9 @@ def profile(a) -> dict:
         t0 = time.perf_counter()
         row = trainer.train_step()
         total = time.perf_counter() - t0
+        metrics.add({k: v for k, v in row.items() if k not in ("updates", "indices", "weights_finite")})
         t1 = time.perf_counter()
-        trainer.save(tmp / "checkpoints" / str(trainer.step))
+        trainer.save(tmp / "checkpoints" / str(trainer.step), metrics)
         ph.add("checkpoint", time.perf_counter() - t1)
         t = dict(ph.t)
         t["pack_batch"] = t.pop("rollout") - t["generation"] - t["rewards"] - t.get("ref_logprobs", 0.0)
@@ -150,7 +161,7 @@ def profile(a) -> dict:
                       "grad_norm": row["grad_norm"], "seconds": t})
         print(table(steps[-1]), file=sys.stderr, flush=True)
     return {"phases": steps[-1]["seconds"], "steps": steps, "packed": not a.padded, "model": str(model),
-            "load_seconds": load_s, "train": experiment["train"]}
+            "load_seconds": load_s, "train": job.train.model_dump(mode="json")}
 
 
 def table(step: dict) -> str:
@@ -174,8 +185,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=2, help="steps to profile (the JSON's phases: the last)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--padded", action="store_true", help="the padded mlx-lm path of sequence_logprobs (before)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="override train.max_new_tokens (default: the experiment's, 160 for headlines)")
     a = p.parse_args(argv)
-    res = profile(a)
+    tmp = Path(tempfile.mkdtemp(prefix="mlx-step-profile-"))
+    try:
+        res = profile(a, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(res))
     return res
 

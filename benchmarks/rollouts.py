@@ -9,7 +9,11 @@ large: hidden 512, 8 layers), so almost every completion runs to ``max_new_token
 The large model's sequential rate is measured on its first ``--large-seq-prompts`` prompts
 (the rate of a one-at-a-time loop does not depend on how many prompts it walks through).
 
-    python benchmarks/rollouts.py [--quick]
+    python benchmarks/rollouts.py [--quick | --full]
+
+The defaults (32 tiny prompts, 4 large ones, 1 of them sequential, 32 new tokens, 4 samples) keep
+the run to a few minutes on a 2-core machine, for ``make bench``; ``--full`` is the size measured in
+docs/benchmarks.md (64 tiny prompts, 16 large, 2 sequential, 64 new tokens), about 10 minutes here.
 
 The last line printed is one JSON object (``batched_over_sequential_{mlx,torch}`` are the tiny
 model's ratios).
@@ -21,17 +25,17 @@ import json
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from rlmeta.settings import ROOT, ModelBuild
 
 GSM8K = [ROOT / "resources/gsm8k/test.jsonl", ROOT.parent / "shared/data/gsm8k/test.jsonl"]
 MODELS = {
-    "tiny": {"tokenizer": "bpe", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-             "intermediate_size": 256},
-    "large": {"tokenizer": "bpe", "hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 4,
-              "intermediate_size": 1536},
+    "tiny": ModelBuild(tokenizer="bpe", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_size=256),
+    "large": ModelBuild(tokenizer="bpe", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
+                        intermediate_size=1536),
 }
 
 
@@ -63,10 +67,8 @@ def sequential_mlx(policy, prompts, samples, max_new) -> int:
     sampler, n = make_sampler(temp=1.0), 0
     for ids in policy.encode_prompts(prompts):
         for _ in range(samples):
-            last = None
-            for last in stream_generate(policy.model, policy.wrapper, ids, max_tokens=max_new, sampler=sampler):
-                pass
-            n += last.generation_tokens
+            stream = stream_generate(policy.model, policy.wrapper, ids, max_tokens=max_new, sampler=sampler)
+            n += deque(stream, maxlen=1)[0].generation_tokens  # the last response counts every token
     return n
 
 
@@ -133,17 +135,22 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="16 tiny prompts, 4 large, 32 new tokens")
-    ap.add_argument("--prompts", type=int, default=64, help="tiny-model prompts")
+    ap.add_argument("--full", action="store_true", help="64 tiny prompts, 16 large (2 sequential), 64 new tokens")
+    ap.add_argument("--prompts", type=int, default=32, help="tiny-model prompts")
     ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--large-prompts", type=int, default=16, help="large-model prompts (batched)")
-    ap.add_argument("--large-seq-prompts", type=int, default=2, help="large-model prompts for the sequential rate")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--large-prompts", type=int, default=4, help="large-model prompts (batched)")
+    ap.add_argument("--large-seq-prompts", type=int, default=1, help="large-model prompts for the sequential rate")
     ap.add_argument("--models", nargs="+", default=["tiny", "large"], choices=list(MODELS))
     ap.add_argument("--backends", nargs="+", default=["mlx", "torch"], choices=["mlx", "torch"])
     ap.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (both paths)")
     args = ap.parse_args(argv)
+    if args.quick and args.full:
+        ap.error("--quick and --full exclude each other")
     if args.quick:
         args.prompts, args.large_prompts, args.large_seq_prompts, args.max_new_tokens = 16, 4, 1, 32
+    if args.full:
+        args.prompts, args.large_prompts, args.large_seq_prompts, args.max_new_tokens = 64, 16, 2, 64
     res = run(args)
     summary = {"config": {k: v for k, v in vars(args).items()}, **res}
     for backend in args.backends:

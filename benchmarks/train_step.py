@@ -1,18 +1,25 @@
-"""Seconds per GRPO training step: our MLX trainer vs mlx-lm-lora's ``train_grpo``, and the TRL path
-vs a bare ``GRPOTrainer`` (delegated to ``benchmarks/train_step_trl.py`` when present).
+"""Seconds per GRPO training step: our MLX trainer vs mlx-lm-lora's ``train_grpo``, and with ``--trl``
+the TRL path vs a bare ``GRPOTrainer`` (delegated to ``benchmarks/train_step_trl.py`` with these sizes).
 
 Both MLX trainers get the same model, prompts, reward, batch (prompts x group size), completion
 length, sampler (temperature 1, no top-p/top-k), loss (``grpo`` aggregation, eps 0.2/0.28,
 beta 0, one update per rollout), full fine-tuning and AdamW with bias correction. A step is one
 rollout (generation + rewards) plus one update. mlx-lm-lora is not a project dependency: it is
-imported from the environment, else from ``.bench-deps/`` (``pip install --no-deps --target
-.bench-deps mlx-lm-lora``). Prints a table, then one JSON line with the ratios (ours / theirs).
+imported from the environment, else from ``.bench-deps/``, where ``make bench`` (or ``make
+bench-deps``) installs the version pinned in the Makefile. Prints a table, then one JSON line with
+the ratios (ours / theirs).
 
-    .venv/bin/python benchmarks/train_step.py [--model DIR] [--steps 5] [--batch-prompts 4] ...
+The defaults (3 timed steps after 1 warm-up, 4 prompts x 4 completions, 64 new tokens) take about
+2 minutes on a 2-core machine; the figure in docs/benchmarks.md was measured with ``--steps 5
+--warmup 2``. ``make bench`` runs ``train_step_trl.py`` on its own, so ``--trl`` is off by default
+(``trl_path_over_bare_trl`` is then null here).
+
+    .venv/bin/python benchmarks/train_step.py [--model DIR] [--steps 3] [--batch-prompts 4] [--trl] ...
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -20,19 +27,23 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from rlmeta.settings import ROOT, ModelBuild, RLJob
+from rlmeta.testing.rewards import registered
+
 BENCH_DEPS = ROOT / ".bench-deps"
-BUILD = {"tokenizer": "bpe", "vocab_size": 2048, "hidden_size": 128, "num_layers": 4, "num_heads": 4,
-         "num_kv_heads": 2, "intermediate_size": 384}
+BUILD = ModelBuild(tokenizer="bpe", vocab_size=2048, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                   intermediate_size=384)
 
 
 def import_mlx_lm_lora():
+    """mlx-lm-lora's GRPO trainer module: from the environment, else from ``.bench-deps/``."""
     try:
         import mlx_lm_lora  # noqa: F401
     except ImportError:
         if not BENCH_DEPS.is_dir():
-            raise SystemExit("mlx-lm-lora missing: pip install --no-deps --target .bench-deps mlx-lm-lora")
-        sys.path.insert(0, str(BENCH_DEPS))
+            raise SystemExit("mlx-lm-lora missing: run `make bench-deps` (installs the pinned peers into "
+                             ".bench-deps/)") from None
+        sys.path.append(str(BENCH_DEPS))  # after the venv: only the peer itself comes from there
     from mlx_lm_lora.trainer import grpo_trainer
 
     return grpo_trainer
@@ -52,10 +63,11 @@ def messages(q: str) -> list[dict]:
     return [{"role": "system", "content": "Answer in <reasoning> and <answer> tags."}, {"role": "user", "content": q}]
 
 
-def reward(completion, reference=None, prompt=None, **_) -> float:
-    from rlmeta.rewards import REGISTRY
+def reward(completion, reference=None, prompt=None) -> float:
+    """The benchmark's reward (``bench_reward``): the built-in coherence score, with its defaults."""
+    from rlmeta.rewards.text import coherence
 
-    return REGISTRY["coherence"].fn(completion)
+    return coherence(completion)
 
 
 def median(xs: list[float]) -> float:
@@ -64,25 +76,23 @@ def median(xs: list[float]) -> float:
 
 
 class Ours:
-    """rlmeta's ``MLXTrainer``, one ``train_step`` per call."""
+    """rlmeta's ``MLXTrainer``, one ``train_step`` per call (``bench_reward`` must be registered)."""
 
     def __init__(self, model: Path, a, tmp: Path):
         from rlmeta.io import write_records
-        from rlmeta.rewards import REGISTRY, RewardSpec
         from rlmeta.rl.mlx_trainer import MLXTrainer
         from rlmeta.tables import PROMPTS
 
-        REGISTRY["bench_reward"] = RewardSpec("bench_reward", reward, "coherence (benchmark)")
         tmp.mkdir(parents=True, exist_ok=True)
         rows = [{"prompt_id": f"p{i}", "experiment": "bench", "item_id": f"i{i}", "task": f"t{i}", "split": "train",
                  "prompt": messages(q), "reference": None, "reference_completion": None}
                 for i, q in enumerate(questions(a.prompts))]
         write_records(tmp / "prompts.parquet", rows, PROMPTS)
-        exp = {"algorithm": "grpo", "rewards": {"bench_reward": 1.0}, "train": {
+        job = RLJob.model_validate({"algorithm": "grpo", "backend": "mlx", "rewards": {"bench_reward": 1.0}, "train": {
             "steps": a.warmup + a.steps, "batch_prompts": a.batch_prompts, "group_size": a.group_size,
             "learning_rate": 1e-5, "max_new_tokens": a.max_new_tokens, "temperature": 1.0, "top_p": 1.0,
-            "beta": 0.0, "epsilon_low": 0.2, "epsilon_high": 0.28, "loss_type": "grpo", "updates_per_batch": 1}}
-        self.trainer = MLXTrainer(model, tmp / "prompts.parquet", exp, seed=0)
+            "beta": 0.0, "epsilon_low": 0.2, "epsilon_high": 0.28, "loss_type": "grpo", "updates_per_batch": 1}})
+        self.trainer = MLXTrainer(model, tmp / "prompts.parquet", job, seed=0)
 
     def step(self) -> tuple[float, float, float]:
         """(wall s, CPU s, mean completion length) of one step."""
@@ -151,9 +161,9 @@ def bench_mlx(model: Path, a, tmp: Path) -> dict:
 
 
 def bench_trl(a) -> dict | None:
-    """Last JSON line of ``benchmarks/train_step_trl.py`` (None when that script is absent or fails)."""
+    """Last JSON line of ``benchmarks/train_step_trl.py`` (None without ``--trl``, or when it is absent or fails)."""
     script = ROOT / "benchmarks" / "train_step_trl.py"
-    if not script.exists() or a.skip_trl:
+    if not script.exists() or not a.trl:
         return None
     cmd = [sys.executable, str(script), "--batch-prompts", str(a.batch_prompts), "--group-size", str(a.group_size),
            "--max-new-tokens", str(a.max_new_tokens)]
@@ -168,13 +178,13 @@ def bench_trl(a) -> dict | None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="checkpoint folder (default: build a tiny Qwen3 once into /tmp)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--prompts", type=int, default=16, help="train prompts (GSM8K questions)")
     p.add_argument("--batch-prompts", type=int, default=4)
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--skip-trl", action="store_true")
+    p.add_argument("--trl", action="store_true", help="also run train_step_trl.py with the same sizes")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -182,10 +192,12 @@ def main(argv: list[str] | None = None) -> dict:
         if model is None:
             from rlmeta.models.build import build_tiny_model
 
-            model = Path(tempfile.gettempdir()) / "rlmeta-bench-model"
+            key = hashlib.sha256(BUILD.model_dump_json().encode()).hexdigest()[:12]
+            model = Path(tempfile.gettempdir()) / f"rlmeta-bench-model-{key}"
             if not (model / "config.json").exists():
                 build_tiny_model(model, BUILD, [ROOT / "resources/gsm8k/train.jsonl"], 0)
-        res = bench_mlx(model, a, tmp)
+        with registered("bench_reward", reward, "coherence (benchmark)"):
+            res = bench_mlx(model, a, tmp)
         ours, theirs = res["ours"], res["theirs"]
     trl = bench_trl(a)
     print(f"\n{'trainer':<28}{'s/step':>10}{'cpu s/step':>12}{'completion len':>16}")

@@ -1,14 +1,20 @@
 """Seconds per GRPO step: our TRL path (``train_trl``) vs a bare ``GRPOTrainer`` script.
 
 Both train the same tiny Qwen3 (built here with ``build_tiny_model``) on the same GSM8K prompts
-(xml_cot format) with the same settings: batch prompts x group size, completion length, lr,
-CPU fp32, no activation checkpointing, reward ``xml_count``. A step's time is the wall time
-between consecutive ``on_step_end`` events, so it includes generation, scoring, the update and
-every callback (our metrics table, stderr line, NaN check). The first ``--warmup`` steps are
-dropped. Runs alternate (bare, ours, bare, ours, ...) to spread machine noise over both.
+(xml_cot format) with the same settings: batch prompts x group size, completion length, lr and
+its (constant) schedule, CPU fp32, no activation checkpointing, reward ``xml_count``. A step's
+time is the wall time between consecutive ``on_step_end`` events, so it includes generation,
+scoring, the update and every callback (our metrics table, stderr line, NaN check). The first
+``--warmup`` steps are dropped. Runs alternate (bare, ours, bare, ours, ...) to spread machine noise over both.
 
 Prints a table, then as its LAST line one JSON object with ``trl_path_over_bare_trl``
 (our median s/step / bare median s/step; target <= 1.0) and the raw figures.
+
+The defaults (4 steps per run, 1 warm-up, 2 runs of each path: 6 timed steps each) take under
+a minute on an idle 2-core machine (a few when its cores are shared); the figure in
+docs/benchmarks.md was measured with ``--steps 6``.
+
+    .venv/bin/python benchmarks/train_step_trl.py [--steps 4] [--repeats 2] [--batch-prompts 8] ...
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from rlmeta.settings import ROOT, ModelBuild, RLJob, WandbSettings
 
 
 def make_clock():
@@ -53,7 +59,7 @@ def setup(work: Path, n_prompts: int, vocab: int):
     from rlmeta.tables import PROMPTS
 
     gsm = ROOT / "resources" / "gsm8k" / "train.jsonl"
-    model = build_tiny_model(work / "model", {"tokenizer": "bpe", "vocab_size": vocab}, [gsm], seed=0)
+    model = build_tiny_model(work / "model", ModelBuild(tokenizer="bpe", vocab_size=vocab), [gsm], seed=0)
     rows = [json.loads(line) for line in gsm.read_text().splitlines()[:n_prompts]]
     table = [dict(prompt_id=f"p{i}", experiment="bench", item_id=f"i{i}", task="gsm8k", split="train",
                   prompt=xml_cot({"question": r["question"]}), reference=r["answer"].split("####")[-1].strip(),
@@ -62,24 +68,25 @@ def setup(work: Path, n_prompts: int, vocab: int):
     return model, work / "prompts.parquet"
 
 
-def run_ours(model, prompts, experiment, out: Path, seed: int) -> list[float]:
+def run_ours(model, prompts, job: RLJob, out: Path, seed: int) -> list[float]:
     from rlmeta.rl.trl_trainer import train_trl
 
     clock = make_clock()
-    train_trl(model, prompts, experiment, out / "checkpoints", out / "train_metrics.parquet",
-              {"mode": "disabled"}, seed, callbacks=[clock])
+    train_trl(model, prompts, job, out / "checkpoints", out / "train_metrics.parquet",
+              WandbSettings(mode="disabled"), seed, callbacks=[clock])
     return clock.times
 
 
-def run_bare(model, prompts, experiment, out: Path, seed: int) -> list[float]:
+def run_bare(model, prompts, job: RLJob, out: Path, seed: int) -> list[float]:
     """What a TRL user writes by hand: GRPOConfig + GRPOTrainer + a reward function."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     from rlmeta.io import read_table
-    from rlmeta.rewards import xml_count
+    from rlmeta.rewards.xml import xml_count
+    from rlmeta.schedules import transformers_name
 
-    t = experiment["train"]
+    t = job.train
     rows = read_table(prompts).to_pylist()
     ds = Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "reference": [r["reference"] for r in rows]})
 
@@ -88,9 +95,10 @@ def run_bare(model, prompts, experiment, out: Path, seed: int) -> list[float]:
 
     args = GRPOConfig(
         output_dir=str(out), use_cpu=True, bf16=False, activation_checkpointing=False, seed=seed, data_seed=seed,
-        max_steps=t["steps"], per_device_train_batch_size=t["batch_prompts"] * t["group_size"],
-        num_generations=t["group_size"], max_completion_length=t["max_new_tokens"],
-        learning_rate=t["learning_rate"], temperature=t["temperature"], epsilon_high=0.28,
+        max_steps=t.steps, per_device_train_batch_size=t.batch_prompts * t.group_size,
+        num_generations=t.group_size, max_completion_length=t.max_new_tokens,
+        learning_rate=t.learning_rate, temperature=t.temperature, epsilon_high=job.epsilons[1],
+        lr_scheduler_type=transformers_name(t.lr_schedule)[0],  # ours is constant; TRL's default decays
         logging_steps=1, report_to="none", save_strategy="no",
     )
     clock = make_clock()
@@ -100,7 +108,7 @@ def run_bare(model, prompts, experiment, out: Path, seed: int) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=6, help="steps per run, warm-up included")
+    p.add_argument("--steps", type=int, default=4, help="steps per run, warm-up included")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="runs of each path (alternating)")
     p.add_argument("--batch-prompts", type=int, default=8)
@@ -117,17 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    experiment = {"algorithm": "grpo", "rewards": {"xml_count": 1.0}, "train": {
+    job = RLJob.model_validate({"algorithm": "grpo", "backend": "torch", "rewards": {"xml_count": 1.0}, "train": {
         "steps": a.steps, "batch_prompts": a.batch_prompts, "group_size": a.group_size,
         "max_new_tokens": a.max_new_tokens, "learning_rate": 1e-3, "temperature": 1.0,
-        "checkpoint_every": 10_000, "trl": {"report_to": "none"}}}
+        "checkpoint_every": 10_000, "trl": {"report_to": "none"}}})
     with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
         work = Path(tmp)
         model, prompts = setup(work, 4 * a.batch_prompts, a.vocab)
         times: dict[str, list[float]] = {"bare": [], "ours": []}
         for r in range(a.repeats):
             for name, fn in (("bare", run_bare), ("ours", run_ours)):
-                steps = fn(model, prompts, experiment, work / f"{name}{r}", a.seed)
+                steps = fn(model, prompts, job, work / f"{name}{r}", a.seed)
                 times[name] += steps[a.warmup:]
                 print(f"run {r} {name}: " + " ".join(f"{s:.3f}" for s in steps), file=sys.stderr, flush=True)
 

@@ -1,49 +1,47 @@
-# Helpers shared by the rules: validated config, paths, and small input functions.
+# Validated settings, paths and every computed value the rules use, as named functions.
 import hashlib
-import json
 import os
 import re
+import json
+import shlex
 import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
+from snakemake.settings.types import DeploymentMethod
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from rlmeta.config import ConfigError, load_schema, validate as validate_config  # noqa: E402
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # a Snakemake outside the project's venv
+from rlmeta.errors import UserError  # noqa: E402
+from rlmeta.settings import startup_checks, validate  # noqa: E402
 
 try:
-    _validated = validate_config(config)
-except ConfigError as err:
+    CFG = validate(config)  # the one validation: typed settings (rlmeta.settings), defaults filled
+    startup_checks(CFG, workflow.basedir)
+except UserError as err:
     sys.exit(str(err))
-validate(_validated, schema=str(Path(workflow.basedir) / "config" / "schema.yaml"), set_default=False)
 config.clear()
-config.update(_validated)
+config.update(CFG.model_dump(mode="json"))
 
-R = config["results"]
-EXPERIMENTS = config["experiments"]
-DATASETS = config["datasets"]
-MODELS = config["models"]
-SEED = config["seed"]
+R = CFG.results
+EXPERIMENTS = CFG.experiments
+DATASETS = CFG.datasets
+MODELS = CFG.models
+SEED = CFG.seed
+CHOSEN = CFG.chosen()
 
-
-def names_of_kind(kind):
-    """Regex alternation of the dataset names of one kind (matches nothing when none)."""
-    names = [n for n, d in DATASETS.items() if d["kind"] == kind]
-    return "|".join(names) if names else "(?!x)x"
-
-
-def exps_where(**conditions):
-    """Regex alternation of experiment names whose fields equal (or are in) ``conditions``."""
-    def ok(e):
-        return all(e[k] in v if isinstance(v, (tuple, list)) else e[k] == v for k, v in conditions.items())
-
-    names = [n for n, e in EXPERIMENTS.items() if ok(e)]
-    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) if names else "(?!x)x"
-
-
-def rl_experiments():
-    return [n for n, e in EXPERIMENTS.items() if e["algorithm"] != "fomaml"]
+# Each job runs `rlmeta <step>`, a shell function for the interpreter that runs Snakemake (so
+# .venv/bin/snakemake works without activating the venv), or inside a conda environment (which holds
+# only the dependencies) the python of that environment, with src/ on PYTHONPATH.
+PY = (
+    "python"
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    else shlex.quote(sys.executable)
+)
+shell.prefix(
+    "set -euo pipefail; "
+    f"export PYTHONPATH={shlex.quote(str(Path(workflow.basedir) / 'src'))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+    f'rlmeta() {{{{ {PY} -m rlmeta "$@"; }}}}; '
+)
 
 
 def as_json(obj):
@@ -51,147 +49,122 @@ def as_json(obj):
     return json.dumps(obj, sort_keys=True)
 
 
-def is_local(source):
-    """True when a dataset source or feed is a local path rather than a hub id or URL."""
-    if source.startswith(("http://", "https://")):
-        return False
-    return Path(source.removeprefix("file://")).exists()
+def exp_of(wildcards):
+    return EXPERIMENTS[wildcards.exp]
+
+
+# -- wildcard constraints ------------------------------------------------------------------
+
+
+def names_of_kind(kind):
+    """Regex alternation of the dataset names of one kind (matches nothing when none)."""
+    names = [n for n, d in DATASETS.items() if d.kind == kind]
+    return "|".join(names) if names else "(?!x)x"
+
+
+def exps_where(**conditions):
+    """Regex alternation of experiment names whose fields equal (or are in) ``conditions``."""
+
+    def ok(e):
+        return all(
+            getattr(e, k) in v if isinstance(v, (tuple, list)) else getattr(e, k) == v for k, v in conditions.items()
+        )
+
+    names = [n for n, e in EXPERIMENTS.items() if ok(e)]
+    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) if names else "(?!x)x"
+
+
+def built_models():
+    return "|".join(n for n, m in MODELS.items() if m.build is not None) or "(?!x)x"
+
+
+# -- data --------------------------------------------------------------------------------------
 
 
 def local_files(source):
-    """Files under a local source folder (so edits re-run the step); [] for hub ids and URLs."""
-    if not is_local(source):
+    """Files under a local source (so edits re-run the step); [] for hub ids and URLs."""
+    if source.startswith(("http://", "https://")):
         return []
     p = Path(source.removeprefix("file://"))
+    if not p.exists():
+        return []
     return sorted(str(f) for f in p.rglob("*") if f.is_file()) if p.is_dir() else [str(p)]
 
 
-def cap_args(ds):
-    """--max-train/--max-test flags of a dataset block (omitted when null)."""
-    return " ".join(f"--{k.replace('_', '-')} {ds[k]}" for k in ("max_train", "max_test") if ds.get(k))
-
-
-def feeds_of(dataset):
-    return DATASETS[dataset]["feeds"]
-
-
 def all_feeds():
-    """Feed name -> (dataset, url) over every rss dataset; names must be unique."""
-    out = {}
-    for ds, d in DATASETS.items():
-        if d["kind"] != "rss":
-            continue
-        for feed, url in d["feeds"].items():
-            if feed in out:
-                raise WorkflowError(f"config error: feed name '{feed}' appears in datasets '{out[feed][0]}' and '{ds}'; feed names must be unique")
-            out[feed] = (ds, url)
-    return out
+    """Feed name -> (dataset, url) over every rss dataset (names are unique: checked in settings)."""
+    return {feed: (ds, url) for ds, d in DATASETS.items() if d.kind == "rss" for feed, url in d.feeds.items()}
 
 
 FEEDS = all_feeds()
 
 
-def dataset_tables(dataset):
-    """The prepared tables of a dataset, as make_prompts reads them."""
-    kind = DATASETS[dataset]["kind"]
-    if kind == "rss":
-        return [f"{R}/data/{dataset}.parquet"]
-    return [f"{R}/data/{dataset}/train.parquet", f"{R}/data/{dataset}/test.parquet"]
+def feed_files(wildcards):
+    return local_files(FEEDS[wildcards.feed][1])
 
 
-def model_dir(model):
-    """Local folder of a built model, or the hub id / path of a real one."""
-    m = MODELS[model]
-    return f"{R}/models/{model}" if "build" in m else m["hf"]
+def feed_json(wildcards):
+    """The feed's rss dataset block, restricted to this feed (another feed's change does not re-fetch it)."""
+    ds, url = FEEDS[wildcards.feed]
+    return as_json(DATASETS[ds].model_dump(mode="json") | {"feeds": {wildcards.feed: url}})
 
 
-def model_for_backend(model, backend):
-    m = MODELS[model]
-    if "build" in m:
-        return f"{R}/models/{model}"
-    return m.get("mlx", m["hf"]) if backend == "mlx" else m["hf"]
+def feed_snapshots(wildcards):
+    return expand(f"{R}/data/rss/{{feed}}.xml", feed=list(DATASETS[wildcards.dataset].feeds))
 
 
-def model_input(model):
-    """Snakemake input for a model: the built folder, or nothing for a hub model."""
-    return [f"{R}/models/{model}"] if "build" in MODELS[model] else []
+def dataset_feeds(wildcards):
+    return " ".join(DATASETS[wildcards.dataset].feeds)
 
 
-def warmstart_key(exp):
-    """Folder name of the warm start ``exp`` uses: experiments with the same model, dataset,
-    prompt, train-prompt cap and warm-start settings share one (``<model>_<prompt>_<hash>``)."""
-    e = EXPERIMENTS[exp]
-    sig = as_json([e["model"], e["dataset"], e["prompt"], e["max_train_prompts"], e["warmstart"], warmstart_backend(exp)])
-    return f"{e['model']}_{e['prompt']}_{hashlib.sha256(sig.encode()).hexdigest()[:8]}"
+def dataset_subjects(wildcards):
+    return " ".join(DATASETS[wildcards.dataset].subjects)
 
 
-def warmstart_source(key):
-    """The experiment whose prompts a shared warm start reads: a named experiment before sweep points."""
-    owners = [n for n in EXPERIMENTS if warmstart_key(n) == key]
-    return min(owners, key=lambda n: ("__" in n, n))
+def source_files(wildcards):
+    return local_files(DATASETS[wildcards.dataset].source)
 
 
-def base_policy(exp):
-    """The RL starting point: the (shared) warm-started checkpoint when warmstart.steps > 0."""
-    e = EXPERIMENTS[exp]
-    if e["warmstart"]["steps"] > 0:
-        return f"{R}/warmstart/{warmstart_key(exp)}"
-    return model_for_backend(e["model"], e["backend"])
+def cap_args(wildcards):
+    """--max-train/--max-test flags of a dataset block (omitted when null)."""
+    ds = DATASETS[wildcards.dataset]
+    return " ".join(f"--{k.replace('_', '-')} {getattr(ds, k)}" for k in ("max_train", "max_test") if getattr(ds, k))
 
 
-def warmstart_backend(exp):
-    e = EXPERIMENTS[exp]
-    return e["warmstart"]["backend"] or e["backend"]
+def dataset_tables(wildcards):
+    """The prepared tables of an experiment's dataset, as make_prompts reads them."""
+    name = exp_of(wildcards).dataset
+    if DATASETS[name].kind == "rss":
+        return [f"{R}/data/{name}.parquet"]
+    return [f"{R}/data/{name}/train.parquet", f"{R}/data/{name}/test.parquet"]
 
 
-def base_policy_input(exp):
-    e = EXPERIMENTS[exp]
-    if e["warmstart"]["steps"] > 0:
-        return [f"{R}/warmstart/{warmstart_key(exp)}"]
-    return model_input(e["model"])
-
-
-def policy_path(exp, policy):
-    return base_policy(exp) if policy == "base" else f"{R}/{exp}/checkpoints/final"
-
-
-def policy_input(exp, policy):
-    return base_policy_input(exp) if policy == "base" else [f"{R}/{exp}/checkpoints/final"]
-
-
-def wandb_args(wildcards=None, input=None):
-    """W&B flags; used as a derived param (a function of input), so a mode change does not retrain."""
-    w = config["wandb"]
-    entity = f" --wandb-entity {w['entity']}" if w.get("entity") else ""
-    return f"--wandb-mode {w['mode']} --wandb-project {w['project']}{entity}"
-
-
-def check_platform(exp):
-    """MLX experiments never go to Linux GPU nodes by accident."""
-    if config["platform"] == "slurm" and EXPERIMENTS[exp]["backend"] == "mlx":
-        raise WorkflowError(
-            f"experiment '{exp}' uses backend mlx, which runs on Apple Silicon (or CPU only): "
-            "run it with --profile profiles/apple-silicon or profiles/default, or set its backend to torch"
+def prompt_caps(wildcards):
+    e = exp_of(wildcards)
+    return " ".join(
+        f"--{flag} {getattr(e, key)}"
+        for flag, key in (
+            ("max-train", "max_train_prompts"),
+            ("max-eval", "max_eval_prompts"),
         )
+        if getattr(e, key)
+    )
 
 
-def chosen_experiments():
-    """Experiments `all` builds: run_experiments (or every one), minus MLX ones under slurm."""
-    chosen = []
-    for exp in config["run_experiments"] or list(EXPERIMENTS):
-        if config["platform"] == "slurm" and EXPERIMENTS[exp]["backend"] == "mlx":
-            print(f"note: skipping MLX experiment '{exp}' under the slurm profile", file=sys.stderr)
-            continue
-        chosen.append(exp)
-    return chosen
+def eval_fraction(wildcards):
+    ds = DATASETS[exp_of(wildcards).dataset]
+    return getattr(ds, "eval_fraction", 0.25)
 
 
-CHOSEN = chosen_experiments()
+def tasks_dir(wildcards):
+    return f"{R}/data/{exp_of(wildcards).dataset}_tasks"
 
 
-def final_targets():
-    """Every chosen experiment's report (which pulls in everything upstream) and the summary."""
-    return [f"{R}/{e}/report/report.html" for e in CHOSEN] + [f"{R}/summary.html"]
+def subjects(wildcards):
+    return " ".join(DATASETS[exp_of(wildcards).dataset].subjects)
+
+
+# -- models and policies -----------------------------------------------------------------------
 
 
 def corpus_files():
@@ -201,27 +174,212 @@ def corpus_files():
     return [str(f.relative_to(workflow.basedir)) for f in files]
 
 
-def eval_settings(exp):
-    """Sampling settings of the held-out evaluation (max_prompts 0 = all)."""
-    e = EXPERIMENTS[exp]
-    ev = e["eval"]
-    return {
-        "split": ev["split"],
-        "samples": ev["samples"],
-        "temperature": ev["temperature"],
-        "top_p": e["train"]["top_p"],
-        "max_new_tokens": ev["max_new_tokens"] or e["train"]["max_new_tokens"],
-        "max_prompts": ev["max_prompts"] or 0,
-        "seed": SEED + 1,
-    }
+def build_inputs(wildcards):
+    build = MODELS[wildcards.model].build
+    if build.tokenizer == "bpe":
+        return corpus_files()
+    return local_files("resources/qwen-tokenizer")
 
 
-def train_spec(exp):
-    """The part of an experiment that training depends on (eval changes do not retrain)."""
-    e = EXPERIMENTS[exp]
-    return {k: e[k] for k in ("algorithm", "rewards", "reward_params", "train")}
+def corpus_args(wildcards, input):
+    """The build's corpus files (bpe only; a qwen build reads its vendored tokenizer)."""
+    return " ".join(input) if MODELS[wildcards.model].build.tokenizer == "bpe" else ""
 
 
-def env_for(exp):
+def build_json(wildcards):
+    return as_json(MODELS[wildcards.model].build.model_dump(mode="json"))
+
+
+def model_path(model, backend):
+    """Local folder of a built model, or the hub id / path of a real one."""
+    m = MODELS[model]
+    return f"{R}/models/{model}" if m.build is not None else m.source(backend)
+
+
+def model_input(model):
+    """Snakemake input for a model: the built folder, or nothing for a hub model."""
+    return [f"{R}/models/{model}"] if MODELS[model].build is not None else []
+
+
+def warmstart_backend(name):
+    e = EXPERIMENTS[name]
+    return e.warmstart.backend or e.backend
+
+
+def warmstart_key(name):
+    """Folder name of the warm start an experiment uses: experiments with the same model, dataset,
+    prompt, train-prompt cap and warm-start settings share one (``<model>_<prompt>_<hash8>``)."""
+    e = EXPERIMENTS[name]
+    sig = as_json(
+        [
+            e.model,
+            e.dataset,
+            e.prompt,
+            e.max_train_prompts,
+            e.warmstart.model_dump(mode="json"),
+            warmstart_backend(name),
+        ]
+    )
+    return f"{e.model}_{e.prompt}_{hashlib.sha256(sig.encode()).hexdigest()[:8]}"
+
+
+def warmstart_source(wildcards):
+    """The experiment whose prompts a shared warm start reads: a named experiment before sweep points."""
+    owners = [n for n in EXPERIMENTS if warmstart_key(n) == wildcards.key]
+    return min(owners, key=lambda n: ("__" in n, n))
+
+
+def warmstart_model_input(wildcards):
+    return model_input(EXPERIMENTS[warmstart_source(wildcards)].model)
+
+
+def warmstart_prompts(wildcards):
+    return f"{R}/{warmstart_source(wildcards)}/prompts.parquet"
+
+
+def warmstart_model(wildcards):
+    src = warmstart_source(wildcards)
+    return model_path(EXPERIMENTS[src].model, warmstart_backend(src))
+
+
+def warmstart_backend_of(wildcards):
+    return warmstart_backend(warmstart_source(wildcards))
+
+
+def warmstart_json(wildcards):
+    return as_json(EXPERIMENTS[warmstart_source(wildcards)].warmstart.model_dump(mode="json"))
+
+
+def base_policy(name):
+    """The RL starting point: the (shared) warm-started checkpoint when warmstart.steps > 0."""
+    e = EXPERIMENTS[name]
+    if e.warmstart.steps > 0:
+        return f"{R}/warmstart/{warmstart_key(name)}"
+    return model_path(e.model, e.backend)
+
+
+def base_policy_input(wildcards):
+    e = exp_of(wildcards)
+    if e.warmstart.steps > 0:
+        return [f"{R}/warmstart/{warmstart_key(wildcards.exp)}"]
+    return model_input(e.model)
+
+
+def base_policy_path(wildcards):
+    return base_policy(wildcards.exp)
+
+
+def meta_base_input(wildcards):
+    return model_input(exp_of(wildcards).model)
+
+
+def meta_base_path(wildcards):
+    return model_path(exp_of(wildcards).model, "torch")
+
+
+def policy_input(wildcards):
+    if wildcards.policy == "base":
+        return base_policy_input(wildcards)
+    return [f"{R}/{wildcards.exp}/checkpoints/final"]
+
+
+def policy_path(wildcards):
+    if wildcards.policy == "base":
+        return base_policy(wildcards.exp)
+    return f"{R}/{wildcards.exp}/checkpoints/final"
+
+
+def backend_of(wildcards):
+    return exp_of(wildcards).backend
+
+
+def mlx_guard(wildcards):
+    """No inputs; refuses an MLX experiment under the slurm profile (MLX never goes to Linux GPU nodes)."""
+    if CFG.platform == "slurm" and exp_of(wildcards).backend == "mlx":
+        raise WorkflowError(
+            f"experiment '{wildcards.exp}' uses backend mlx, which runs on Apple Silicon (or CPU only): "
+            "run it with --profile profiles/apple-silicon or profiles/default, or set its backend to torch"
+        )
+    return []
+
+
+def env_for(wildcards):
     """Conda environment of an experiment's backend (used with --software-deployment-method conda)."""
-    return f"../envs/{EXPERIMENTS[exp]['backend']}.yaml"
+    return f"../envs/{exp_of(wildcards).backend}.yaml"
+
+
+def warmstart_env(wildcards):
+    return f"../envs/{warmstart_backend_of(wildcards)}.yaml"
+
+
+# -- settings blocks passed to the steps (a change re-runs exactly the steps that read them) ---
+
+
+def rl_job_json(wildcards):
+    """What training depends on (eval changes do not retrain)."""
+    return as_json(exp_of(wildcards).rl_job().model_dump(mode="json"))
+
+
+def meta_json(wildcards):
+    return as_json(exp_of(wildcards).meta.model_dump(mode="json"))
+
+
+def sampling_json(wildcards):
+    return as_json(exp_of(wildcards).sampling(SEED).model_dump(mode="json"))
+
+
+def eval_max_new_tokens(wildcards):
+    return exp_of(wildcards).sampling(SEED).max_new_tokens
+
+
+def rewards_json(wildcards):
+    e = exp_of(wildcards)
+    return as_json({"rewards": e.reward_weights, "reward_params": e.reward_params})
+
+
+def template_of(wildcards):
+    return exp_of(wildcards).prompt
+
+
+def experiment_json(wildcards):
+    return as_json(exp_of(wildcards).model_dump(mode="json"))
+
+
+def meta_nproc(wildcards):
+    return exp_of(wildcards).meta.nproc
+
+
+def meta_gpus(wildcards):
+    """GPUs of a FOMAML job: meta.nproc under the slurm profile, none elsewhere."""
+    return exp_of(wildcards).meta.nproc if CFG.platform == "slurm" else 0
+
+
+def wandb_json(wildcards=None, input=None):
+    """W&B settings; a derived param (a function of input), so a mode change does not retrain."""
+    return as_json(CFG.wandb.model_dump(mode="json"))
+
+
+def out_dir_of(wildcards, output):
+    return os.path.dirname(output[0])
+
+
+def input_dir_of(wildcards, input):
+    return os.path.dirname(input[0])
+
+
+# -- targets -----------------------------------------------------------------------------------
+
+
+def final_targets():
+    """Every chosen experiment's report (which pulls in everything upstream) and the summary."""
+    for exp in set(CFG.run_experiments or EXPERIMENTS) - set(CHOSEN):
+        print(f"note: skipping MLX experiment '{exp}' under the slurm profile", file=sys.stderr)
+    return [f"{R}/{e}/report/report.html" for e in CHOSEN] + [f"{R}/summary.html"]
+
+
+def summary_inputs(kind):
+    return [f"{R}/{e}/{kind}" for e in CHOSEN]
+
+
+def reported_json():
+    return as_json({e: EXPERIMENTS[e].model_dump(mode="json") for e in CHOSEN})

@@ -12,26 +12,23 @@ rule evaluate:
         checkpoint=f"{R}/{{exp}}/checkpoints/final",
     output:
         f"{R}/{{exp}}/eval/summary.json",
-    params:
-        seed=SEED,
-        base=lambda w: base_policy(w.exp),
-        cfg=lambda w: as_json(EXPERIMENTS[w.exp]),
-        bootstrap=lambda w: EXPERIMENTS[w.exp]["eval"]["bootstrap"],
-        timeout=lambda w: EXPERIMENTS[w.exp]["reward_params"].get("math_correct", {}).get("timeout_s", 5.0),
     log:
         f"{R}/logs/{{exp}}/evaluate.log",
     wildcard_constraints:
         exp=exps_where(algorithm=("grpo", "gspo")),
-    threads: 2
+    conda:
+        "../envs/core.yaml"
+    threads: 1
     resources:
         mem_mb=2000,
         runtime=20,
-    conda:
-        "../envs/core.yaml"
+    params:
+        seed=SEED,
+        base=base_policy_path,
+        config=experiment_json,
     shell:
-        "python scripts/evaluate.py --experiment {wildcards.exp} --prompts {input.prompts}"
+        "rlmeta evaluate --experiment {wildcards.exp} --config {params.config:q} --prompts {input.prompts}"
         " --responses-base {input.responses_base} --responses-trained {input.responses_trained}"
         " --rewards-base {input.rewards_base} --rewards-trained {input.rewards_trained}"
-        " --checkpoint {input.checkpoint} --base-checkpoint {params.base:q} --config-json {params.cfg:q}"
-        " --bootstrap {params.bootstrap} --seed {params.seed} --workers {threads} --timeout {params.timeout}"
+        " --checkpoint {input.checkpoint} --base-checkpoint {params.base:q} --seed {params.seed}"
         " --out {output} > {log} 2>&1"

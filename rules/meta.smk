@@ -4,67 +4,64 @@
 rule train_fomaml:
     """First-order MAML over the MATH subjects, launched by torchrun (one process per GPU)."""
     input:
-        model=lambda w: model_input(EXPERIMENTS[w.exp]["model"]),
-        tasks=lambda w: f"{R}/data/{EXPERIMENTS[w.exp]['dataset']}_tasks",
+        model=meta_base_input,
+        tasks=tasks_dir,
     output:
         model=directory(f"{R}/{{exp}}/checkpoints/final"),
         metrics=f"{R}/{{exp}}/train_metrics.parquet",
-    params:
-        seed=SEED,
-        model=lambda w: model_dir(EXPERIMENTS[w.exp]["model"]),
-        subjects=lambda w: " ".join(DATASETS[EXPERIMENTS[w.exp]["dataset"]]["subjects"]),
-        meta=lambda w: as_json(EXPERIMENTS[w.exp]["meta"]),
-        nproc=lambda w: EXPERIMENTS[w.exp]["meta"]["nproc"],
-        shard_size=lambda w: EXPERIMENTS[w.exp]["meta"]["shard_size"],
-        wandb=wandb_args,
     log:
         f"{R}/logs/{{exp}}/train.log",
     wildcard_constraints:
         exp=exps_where(algorithm="fomaml"),
+    conda:
+        "../envs/torch.yaml"
     threads: 2
     resources:
         mem_mb=16000,
         runtime=480,
-        gpu=lambda w: EXPERIMENTS[w.exp]["meta"]["nproc"] if config["platform"] == "slurm" else 0,
+        gpu=meta_gpus,
         nodes=1,
         cpus_per_task=2,
-    conda:
-        "../envs/torch.yaml"
+    params:
+        seed=SEED,
+        model=meta_base_path,
+        subjects=subjects,
+        meta=meta_json,
+        nproc=meta_nproc,
+        wandb=wandb_json,
     shell:
-        "python -m rlmeta.launch --nproc {params.nproc} --nodes {resources.nodes}"
-        " --cpus-per-task {resources.cpus_per_task} --"
-        " scripts/train_fomaml.py --model {params.model:q} --tasks-dir {input.tasks} --subjects {params.subjects}"
-        " --meta-json {params.meta:q} --shard-size {params.shard_size} --seed {params.seed} --out {output.model}"
-        " --metrics {output.metrics}"
-        " {params.wandb} > {log} 2>&1"
+        "rlmeta launch --nproc {params.nproc} --nodes {resources.nodes} --cpus-per-task {resources.cpus_per_task}"
+        " -- train-fomaml --model {params.model:q} --tasks-dir {input.tasks} --subjects {params.subjects}"
+        " --meta {params.meta:q} --seed {params.seed} --out {output.model} --metrics {output.metrics}"
+        " --wandb {params.wandb:q} > {log} 2>&1"
 
 
 rule eval_adaptation:
     """Adapt base and meta-learned initialisations on held-out problems of each subject; compare."""
     input:
-        base=lambda w: model_input(EXPERIMENTS[w.exp]["model"]),
+        base=meta_base_input,
         meta=f"{R}/{{exp}}/checkpoints/final",
-        tasks=lambda w: f"{R}/data/{EXPERIMENTS[w.exp]['dataset']}_tasks",
+        tasks=tasks_dir,
     output:
         f"{R}/{{exp}}/eval/summary.json",
-    params:
-        seed=SEED,
-        base=lambda w: model_dir(EXPERIMENTS[w.exp]["model"]),
-        subjects=lambda w: " ".join(DATASETS[EXPERIMENTS[w.exp]["dataset"]]["subjects"]),
-        meta=lambda w: as_json(EXPERIMENTS[w.exp]["meta"]),
-        max_new_tokens=lambda w: EXPERIMENTS[w.exp]["eval"]["max_new_tokens"] or 128,
     log:
         f"{R}/logs/{{exp}}/eval_adaptation.log",
     wildcard_constraints:
         exp=exps_where(algorithm="fomaml"),
+    conda:
+        "../envs/torch.yaml"
     threads: 2
     resources:
         mem_mb=8000,
         runtime=120,
         gpu=0,
-    conda:
-        "../envs/torch.yaml"
+    params:
+        seed=SEED,
+        base=meta_base_path,
+        subjects=subjects,
+        meta=meta_json,
+        max_new_tokens=eval_max_new_tokens,
     shell:
-        "python scripts/eval_adaptation.py --base {params.base:q} --meta {input.meta} --tasks-dir {input.tasks}"
-        " --subjects {params.subjects} --meta-json {params.meta:q} --seed {params.seed}"
+        "rlmeta eval-adaptation --base {params.base:q} --meta {input.meta} --tasks-dir {input.tasks}"
+        " --subjects {params.subjects} --settings {params.meta:q} --seed {params.seed}"
         " --max-new-tokens {params.max_new_tokens} --out {output} > {log} 2>&1"

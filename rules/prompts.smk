@@ -4,28 +4,22 @@
 rule make_prompts:
     """Render the experiment's template over its dataset; split into train and eval."""
     input:
-        lambda w: dataset_tables(EXPERIMENTS[w.exp]["dataset"]),
+        dataset_tables,
     output:
         f"{R}/{{exp}}/prompts.parquet",
-    params:
-        seed=SEED,
-        template=lambda w: EXPERIMENTS[w.exp]["prompt"],
-        kind=lambda w: DATASETS[EXPERIMENTS[w.exp]["dataset"]]["kind"],
-        eval_fraction=lambda w: DATASETS[EXPERIMENTS[w.exp]["dataset"]].get("eval_fraction", 0.25),
-        caps=lambda w: " ".join(
-            f"--{flag} {EXPERIMENTS[w.exp][key]}"
-            for flag, key in (("max-train", "max_train_prompts"), ("max-eval", "max_eval_prompts"))
-            if EXPERIMENTS[w.exp][key]
-        ),
     log:
         f"{R}/logs/{{exp}}/make_prompts.log",
+    conda:
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/core.yaml"
+    params:
+        seed=SEED,
+        template=template_of,
+        eval_fraction=eval_fraction,
+        caps=prompt_caps,
     shell:
-        "python scripts/make_prompts.py --experiment {wildcards.exp} --template {params.template}"
-        " --dataset-kind {params.kind} --inputs {input} --out {output} --eval-fraction {params.eval_fraction}"
-        " --seed {params.seed} {params.caps} > {log} 2>&1"
+        "rlmeta make-prompts --experiment {wildcards.exp} --template {params.template} --inputs {input}"
+        " --out {output} --eval-fraction {params.eval_fraction} --seed {params.seed} {params.caps} > {log} 2>&1"

@@ -1,19 +1,8 @@
 # Reports: one per experiment (Markdown, self-contained HTML, PNGs registered for `snakemake --report`)
 # and the summary across experiments.
 
-CAPTIONS = "../report/captions"
-
 
 report: "../report/captions/workflow.rst"
-
-
-# Helpers are lambdas: `snakemake --lint` flags `def` next to rules in one file.
-REPORTED = CHOSEN
-"""Experiments in the cross-experiment summary (those `all` builds)."""
-
-_fig = lambda name, sub: report(
-    f"{R}/{{exp}}/report/{name}.png", caption=f"{CAPTIONS}/{name}.rst", category="{exp}", subcategory=sub
-)
 
 
 rule report:
@@ -28,30 +17,49 @@ rule report:
         rewards_trained=f"{R}/{{exp}}/rewards/trained.parquet",
     output:
         md=f"{R}/{{exp}}/report/report.md",
-        html=report(f"{R}/{{exp}}/report/report.html", caption=f"{CAPTIONS}/report_html.rst", category="{exp}", subcategory="report"),
-        curves=_fig("training_curves", "training"),
-        dists=_fig("reward_distributions", "evaluation"),
-        diffs=_fig("paired_differences", "evaluation"),
-    params:
-        cfg=lambda w: as_json(EXPERIMENTS[w.exp]),
-        out_dir=lambda w, output: os.path.dirname(output.md),
-        samples=6,
+        html=report(
+            f"{R}/{{exp}}/report/report.html",
+            caption="../report/captions/report_html.rst",
+            category="{exp}",
+            subcategory="report",
+        ),
+        curves=report(
+            f"{R}/{{exp}}/report/training_curves.png",
+            caption="../report/captions/training_curves.rst",
+            category="{exp}",
+            subcategory="training",
+        ),
+        dists=report(
+            f"{R}/{{exp}}/report/reward_distributions.png",
+            caption="../report/captions/reward_distributions.rst",
+            category="{exp}",
+            subcategory="evaluation",
+        ),
+        diffs=report(
+            f"{R}/{{exp}}/report/paired_differences.png",
+            caption="../report/captions/paired_differences.rst",
+            category="{exp}",
+            subcategory="evaluation",
+        ),
     log:
         f"{R}/logs/{{exp}}/report.log",
     wildcard_constraints:
         exp=exps_where(algorithm=("grpo", "gspo")),
+    conda:
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../envs/core.yaml"
+    params:
+        config=experiment_json,
+        out_dir=out_dir_of,
     shell:
-        "python scripts/report.py --experiment {wildcards.exp} --config-json {params.cfg:q} --summary {input.summary}"
+        "rlmeta report --experiment {wildcards.exp} --config {params.config:q} --summary {input.summary}"
         " --metrics {input.metrics} --prompts {input.prompts}"
         " --responses-base {input.responses_base} --responses-trained {input.responses_trained}"
         " --rewards-base {input.rewards_base} --rewards-trained {input.rewards_trained}"
-        " --samples {params.samples} --out-dir {params.out_dir} > {log} 2>&1"
+        " --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule report_fomaml:
@@ -61,46 +69,61 @@ rule report_fomaml:
         metrics=f"{R}/{{exp}}/train_metrics.parquet",
     output:
         md=f"{R}/{{exp}}/report/report.md",
-        html=report(f"{R}/{{exp}}/report/report.html", caption=f"{CAPTIONS}/report_html.rst", category="{exp}", subcategory="report"),
-        curves=_fig("meta_training", "training"),
-        bars=_fig("adaptation", "evaluation"),
-    params:
-        cfg=lambda w: as_json(EXPERIMENTS[w.exp]),
-        out_dir=lambda w, output: os.path.dirname(output.md),
+        html=report(
+            f"{R}/{{exp}}/report/report.html",
+            caption="../report/captions/report_html.rst",
+            category="{exp}",
+            subcategory="report",
+        ),
+        curves=report(
+            f"{R}/{{exp}}/report/meta_training.png",
+            caption="../report/captions/meta_training.rst",
+            category="{exp}",
+            subcategory="training",
+        ),
+        bars=report(
+            f"{R}/{{exp}}/report/adaptation.png",
+            caption="../report/captions/adaptation.rst",
+            category="{exp}",
+            subcategory="evaluation",
+        ),
     log:
         f"{R}/logs/{{exp}}/report.log",
     wildcard_constraints:
         exp=exps_where(algorithm="fomaml"),
+    conda:
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../envs/core.yaml"
+    params:
+        config=experiment_json,
+        out_dir=out_dir_of,
     shell:
-        "python scripts/report.py --experiment {wildcards.exp} --config-json {params.cfg:q} --summary {input.summary}"
+        "rlmeta report --experiment {wildcards.exp} --config {params.config:q} --summary {input.summary}"
         " --metrics {input.metrics} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule summary:
     """One row per experiment with its headline numbers: results/summary.parquet and summary.html."""
     input:
-        summaries=[f"{R}/{e}/eval/summary.json" for e in REPORTED],
-        metrics=[f"{R}/{e}/train_metrics.parquet" for e in REPORTED],
+        summaries=summary_inputs("eval/summary.json"),
+        metrics=summary_inputs("train_metrics.parquet"),
     output:
         parquet=f"{R}/summary.parquet",
-        html=report(f"{R}/summary.html", caption=f"{CAPTIONS}/summary.rst", category="summary"),
-    params:
-        exps=as_json({e: EXPERIMENTS[e] for e in REPORTED}),
-        results=lambda w, output: os.path.dirname(output.parquet) or ".",
+        html=report(f"{R}/summary.html", caption="../report/captions/summary.rst", category="summary"),
     log:
         f"{R}/logs/summary.log",
+    conda:
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../envs/core.yaml"
+    params:
+        experiments=reported_json(),
+        results=out_dir_of,
     shell:
-        "python scripts/summarize.py --results {params.results} --experiments-json {params.exps:q}"
+        "rlmeta summarize --results {params.results} --experiments {params.experiments:q}"
         " --out-parquet {output.parquet} --out-html {output.html} > {log} 2>&1"

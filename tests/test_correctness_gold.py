@@ -1,41 +1,59 @@
-"""Correctness rewards on real gold data (GSM8K test, MATH-500) and math-verify timeouts."""
+"""Correctness rewards on real gold data (GSM8K, MATH-500) and math-verify timeouts."""
 import json
 import os
 import signal
 import time
-from pathlib import Path
+from fractions import Fraction
 
 import pytest
 
-from rlmeta.answers import gsm8k_final_answer
+from rlmeta.answers import gsm8k_final_answer, numbers_equal
 from rlmeta.prompts import xml_cot_reference
-from rlmeta.rewards import mathverify
+from rlmeta.rewards import REGISTRY, mathverify
 from rlmeta.rewards.mathverify import math_verify_batch
 from rlmeta.rewards.xml import gsm8k_correct
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-GSM8K = DATA / "gsm8k" / "test.jsonl"
-MATH500 = DATA / "math" / "math500_test.jsonl"
-
 
 def _jsonl(path):
-    if not path.exists():
-        pytest.skip(f"{path} not found (shared data absent)")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_gsm8k_gold_xml_completions_are_correct():
-    rows = _jsonl(GSM8K)
+def test_gsm8k_gold_xml_completions_are_correct(shared_data):
+    rows = _jsonl(shared_data / "gsm8k" / "test.jsonl")
     refs = [gsm8k_final_answer(r["answer"]) for r in rows]
     comps = [xml_cot_reference({"solution": r["answer"], "answer": a}) for r, a in zip(rows, refs)]
     assert len(rows) == 1319 and all(refs)
     assert all(gsm8k_correct(c, reference=a) == 1.0 for c, a in zip(comps, refs))
     shifted = [gsm8k_correct(c, reference=a) for c, a in zip(comps, refs[1:] + refs[:1])]
     assert sum(shifted) / len(shifted) < 0.05
+    # the raw gold solutions ("... #### 72") pass lm-eval's strict and flexible extractions
+    for name in ("gsm8k_strict", "gsm8k_flexible"):
+        scores = REGISTRY[name].score([r["answer"] for r in rows], refs)
+        assert scores.min() == 1.0, (name, [rows[i]["answer"][-40:] for i in (scores < 1).nonzero()[0][:5]])
 
 
-def test_math500_gold_solutions_verify():
-    rows = _jsonl(MATH500)
+def test_largest_gsm8k_answers_equal_only_themselves(shared_data):
+    """GSM8K answers reach 1.9e8: a relative tolerance (the old 1e-6) took 192000000 and 192000001 for
+    equal. Every large answer must equal itself in any spelling, and no other answer or neighbour."""
+    answers = [gsm8k_final_answer(r["answer"]) for split in ("train", "test")
+               for r in _jsonl(shared_data / "gsm8k" / f"{split}.jsonl")]
+    assert len(answers) == 7473 + 1319 and all(answers)
+    distinct = sorted(set(answers), key=Fraction)
+    largest = distinct[-20:]
+    assert Fraction(largest[-1]) == 192_000_000 and Fraction(largest[0]) >= 500_000, largest
+    for a in largest:
+        n = int(a)
+        assert numbers_equal(a, a) and numbers_equal(f"{n:,}", a) and numbers_equal(f"${n:,}.00", a)
+        others = [b for b in distinct if b != a] + [str(n - 1), str(n + 1), f"{n}.5", f"{n - 0.5}", f"{n * 10}"]
+        assert not [b for b in others if numbers_equal(b, a) or numbers_equal(a, b)], a
+        # and so does the reward that grades them
+        assert gsm8k_correct(f"<answer>\n{n:,}\n</answer>", reference=a) == 1.0
+        assert gsm8k_correct(f"<answer>\n{n + 1}\n</answer>", reference=a) == 0.0
+        assert gsm8k_correct(f"so the total is {n - 1}.", reference=a) == 0.0
+
+
+def test_math500_gold_solutions_verify(shared_data):
+    rows = _jsonl(shared_data / "math" / "math500_test.jsonl")
     sols, answers = [r["solution"] for r in rows], [r["answer"] for r in rows]
     scores = math_verify_batch(list(zip(sols, answers)), workers=2, timeout_s=5)
     n = 150  # unequal pairs cost ~10x more sympy time; a sample keeps the file well under 60 s

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import subprocess
 import sys
 import types
@@ -14,22 +15,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlmeta.answers import gsm8k_final_answer, to_float
-from rlmeta.data.gsm8k import main, prepare_gsm8k
+from rlmeta.cli import main
+from rlmeta.data.gsm8k import prepare_gsm8k
+from rlmeta.errors import UserError
+from rlmeta.settings import ROOT as REPO
 from rlmeta.tables import PROBLEMS
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not (SHARED / "gsm8k").is_dir(), reason=f"shared data not found at {SHARED}")
 
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@needs_shared
-def test_full_shared_data_every_answer_is_a_number(tmp_path, caplog):
+def test_full_shared_data_every_answer_is_a_number(shared_data, tmp_path, caplog):
     caplog.set_level(logging.WARNING)
-    assert prepare_gsm8k(str(SHARED / "gsm8k"), tmp_path) == {"train": 7473, "test": 1319}
+    assert prepare_gsm8k(str(shared_data / "gsm8k"), tmp_path) == {"train": 7473, "test": 1319}
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     for split, n in (("train", 7473), ("test", 1319)):
         table = pq.read_table(tmp_path / f"{split}.parquet")
@@ -38,7 +37,8 @@ def test_full_shared_data_every_answer_is_a_number(tmp_path, caplog):
         assert all(to_float(a) is not None and "," not in a for a in answers)
         assert table.column("problem_id").to_pylist()[:2] == [f"gsm8k/{split}/0", f"gsm8k/{split}/1"]
         assert table.column("subject").null_count == table.column("level").null_count == n
-        assert set(table.column("split").to_pylist()) == {split} and set(table.column("source").to_pylist()) == {"gsm8k"}
+        assert set(table.column("split").to_pylist()) == {split}
+        assert set(table.column("source").to_pylist()) == {"gsm8k"}
     train = pq.read_table(tmp_path / "train.parquet").to_pylist()
     assert train[0]["answer"] == "72" and train[0]["solution"].endswith("#### 72")
     assert train[345]["answer"] == "1080"  # "#### 1,080" in the source
@@ -95,12 +95,13 @@ def test_parquet_source_max_rows_and_byte_identical_reruns(tmp_path):
         rows = [json.loads(line) for line in (REPO / "resources" / "gsm8k" / f"{split}.jsonl").read_text().splitlines()]
         pq.write_table(pa.Table.from_pylist(rows), src / f"{split}.parquet")
     assert prepare_gsm8k(str(src), tmp_path / "a", max_train=50, max_test=10) == {"train": 50, "test": 10}
-    assert main(["--source", str(REPO / "resources" / "gsm8k"), "--out-dir", str(tmp_path / "b"),
+    assert main(["prepare-gsm8k", "--source", str(REPO / "resources" / "gsm8k"), "--out-dir", str(tmp_path / "b"),
                  "--max-train", "50", "--max-test", "10"]) == 0
-    assert main(["--source", str(REPO / "resources" / "gsm8k"), "--out-dir", str(tmp_path / "c"),
+    assert main(["prepare-gsm8k", "--source", str(REPO / "resources" / "gsm8k"), "--out-dir", str(tmp_path / "c"),
                  "--max-train", "50", "--max-test", "10"]) == 0
     for split in ("train", "test"):  # same rows from parquet or jsonl, and identical bytes on rerun
-        assert sha(tmp_path / "a" / f"{split}.parquet") == sha(tmp_path / "b" / f"{split}.parquet") == sha(tmp_path / "c" / f"{split}.parquet")
+        a, b, c = (sha(tmp_path / run / f"{split}.parquet") for run in ("a", "b", "c"))
+        assert a == b == c, split
     ids = pq.read_table(tmp_path / "a" / "train.parquet").column("problem_id").to_pylist()
     assert ids == [f"gsm8k/train/{i}" for i in range(50)]
 
@@ -117,14 +118,24 @@ def test_hub_id_uses_load_dataset_main(tmp_path, monkeypatch):
     assert calls == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test")]
 
 
-def test_missing_source_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a hub id"):
-        prepare_gsm8k(str(tmp_path / "nope" / "deeper" / "x"), tmp_path)
-    with pytest.raises(FileNotFoundError, match="train.jsonl or train.parquet"):
+def test_missing_source_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "nope" / "deeper" / "x"
+    with pytest.raises(UserError, match=f"^source: {re.escape(str(missing))} does not exist"):
+        prepare_gsm8k(str(missing), tmp_path)
+    with pytest.raises(UserError, match="train.jsonl or train.parquet"):
         prepare_gsm8k(str(tmp_path), tmp_path / "out")
+    # owner/name under an existing folder is a typo, not a hub id (no download attempt)
+    monkeypatch.chdir(REPO)
+    with pytest.raises(UserError, match="resources/gsm8k_typo does not exist .*'resources' is a local folder"):
+        prepare_gsm8k("resources/gsm8k_typo", tmp_path / "out")
+    # on the command line: exit status 2 and one line naming the step
+    assert main(["prepare-gsm8k", "--source", str(missing), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"rlmeta prepare-gsm8k: error: source: {missing} does not exist"), err
+    assert not (tmp_path / "out").exists()
 
 
-def test_script_help():
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_gsm8k.py"), "--help"],
-                         capture_output=True, text=True, check=True)
-    assert "--max-train" in out.stdout
+def test_step_help():
+    out = subprocess.run([sys.executable, "-m", "rlmeta", "prepare-gsm8k", "--help"], capture_output=True, text=True,
+                         check=True, cwd=REPO)
+    assert "--max-train" in out.stdout and "--source" in out.stdout

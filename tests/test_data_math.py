@@ -14,14 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlmeta.answers import last_boxed
-from rlmeta.data.math_problems import (SLUGS, balanced_head, main_prepare, main_split, parse_level, prepare_math,
-                                       split_math_tasks, split_sizes)
-from rlmeta.tables import MATH_SUBJECTS, PROBLEMS
+from rlmeta.cli import main
+from rlmeta.data.math_problems import SLUGS, balanced_head, parse_level, prepare_math, split_math_tasks, split_sizes
+from rlmeta.settings import MATH_TYPES
+from rlmeta.settings import ROOT as REPO
+from rlmeta.tables import PROBLEMS
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SAMPLE = REPO / "resources" / "math"
-needs_shared = pytest.mark.skipif(not (SHARED / "math").is_dir(), reason=f"shared data not found at {SHARED}")
 
 
 def sha(path: Path) -> str:
@@ -35,11 +34,10 @@ def sample_train(tmp_path_factory) -> Path:
     return out / "train.parquet"
 
 
-@needs_shared
-def test_math500_answers_agree_with_math_verify():
+def test_math500_answers_agree_with_math_verify(shared_data):
     from math_verify import parse, verify
 
-    rows = [json.loads(line) for line in (SHARED / "math" / "math500_test.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (shared_data / "math" / "math500_test.jsonl").read_text().splitlines()]
     differ = []
     for r in rows:
         got = last_boxed(r["solution"])
@@ -71,10 +69,9 @@ def test_parse_level():
     assert [parse_level(x) for x in ("Level 3", "Level ?", 4, None, "5")] == [3, None, 4, None, 5]
 
 
-@needs_shared
-def test_full_shared_math(tmp_path, caplog):
+def test_full_shared_math(shared_data, tmp_path, caplog):
     caplog.set_level(logging.WARNING)
-    assert prepare_math(str(SHARED / "math"), tmp_path) == {"train": 7498, "test": 5000}
+    assert prepare_math(str(shared_data / "math"), tmp_path) == {"train": 7498, "test": 5000}
     # the release has two train solutions with an empty \boxed{}: dropped, each named
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert [w.split(": ")[1] for w in warned] == ["row 5529 dropped", "row 5531 dropped"]
@@ -109,7 +106,8 @@ def test_fallback_ids_bad_rows_and_balanced_cap(tmp_path, caplog):
     for row, why in ((1, "unknown subject"), (2, "boxed"), (4, "invalid JSON")):
         assert any(f"train.jsonl: row {row} dropped: " in w and why in w for w in warnings), (row, warnings)
     rows = pq.read_table(tmp_path / "out" / "train.parquet").to_pylist()
-    assert [(r["problem_id"], r["level"]) for r in rows] == [("math/train/geometry/0", None), ("math/train/geometry/1", 2)]
+    assert [(r["problem_id"], r["level"]) for r in rows] == [("math/train/geometry/0", None),
+                                                             ("math/train/geometry/1", 2)]
     # caps take subjects round-robin, keeping source order
     fake = [{"subject": s, "i": i} for s in SLUGS for i in range(3)]
     kept = balanced_head(fake, 9)
@@ -122,7 +120,7 @@ def test_hendrycks_hub_id_loads_each_subject_config(tmp_path, monkeypatch):
 
     def load_dataset(name, config=None, split=None):
         calls.append((name, config, split))
-        kind = {v: k for k, v in MATH_SUBJECTS.items()}[config]
+        kind = {v: k for k, v in MATH_TYPES.items()}[config]
         return [{"problem": "p", "level": "Level 1", "type": kind, "solution": r"\boxed{1}"}]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
@@ -145,7 +143,8 @@ def test_task_split_ratios_disjoint_reproducible(sample_train, tmp_path):
         all_ids = ids["support"] + ids["query"] + ids["heldout"]
         assert sorted(all_ids) == sorted(r["problem_id"] for r in train if r["subject"] == subject)
         assert all_ids != sorted(all_ids, key=[r["problem_id"] for r in train].index)  # shuffled, not source order
-    assert main_split(["--train", str(sample_train), "--seed", "1234", "--out-dir", str(tmp_path / "b")]) == 0
+    assert main(["split-math-tasks", "--train", str(sample_train), "--seed", "1234",
+                 "--out-dir", str(tmp_path / "b")]) == 0
     split_math_tasks(sample_train, ["geometry"], 0.30, 0.40, 99, tmp_path / "c")
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["geometry"]
     for subject in SLUGS:
@@ -166,26 +165,41 @@ def test_split_sizes_and_errors(sample_train, tmp_path):
 
 def test_prepare_byte_identical_reruns(tmp_path):
     for run in ("a", "b"):
-        assert main_prepare(["--source", str(SAMPLE), "--out-dir", str(tmp_path / run), "--max-train", "70"]) == 0
+        assert main(["prepare-math", "--source", str(SAMPLE), "--out-dir", str(tmp_path / run),
+                     "--max-train", "70"]) == 0
     for split in ("train", "test"):
         assert sha(tmp_path / "a" / f"{split}.parquet") == sha(tmp_path / "b" / f"{split}.parquet")
     subjects = pq.read_table(tmp_path / "a" / "train.parquet").column("subject").to_pylist()
     assert {s: subjects.count(s) for s in SLUGS} == {s: 10 for s in SLUGS}
 
 
-@needs_shared
-def test_resource_samples_are_reproducible(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_resource_samples", REPO / "scripts" / "make_resource_samples.py")
+def test_resource_samples_are_reproducible(shared_data, tmp_path):
+    script = REPO / "scripts" / "make_resource_samples.py"
+    spec = importlib.util.spec_from_file_location("make_resource_samples", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main(["--shared", str(SHARED), "--out", str(tmp_path)]) == 0
+    assert module.main(["--shared", str(shared_data), "--out", str(tmp_path)]) == 0
     made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert len(made) == 10
     for rel in made:
         assert sha(tmp_path / rel) == sha(REPO / "resources" / rel), rel
 
 
-def test_scripts_help():
-    for script, flag in (("prepare_math.py", "--max-test"), ("split_math_tasks.py", "--support-ratio")):
-        out = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True, check=True)
+def test_steps_help():
+    for step, flag in (("prepare-math", "--max-test"), ("split-math-tasks", "--support-ratio")):
+        out = subprocess.run([sys.executable, "-m", "rlmeta", step, "--help"], capture_output=True, text=True,
+                             check=True, cwd=REPO)
         assert flag in out.stdout
+
+
+def test_split_cli_errors_are_one_line(tmp_path, capsys):
+    """A missing train file is an argparse error; too few rows of a subject is a one-line user error."""
+    with pytest.raises(SystemExit) as e:
+        main(["split-math-tasks", "--train", str(tmp_path / "nope.parquet"), "--seed", "1", "--out-dir", str(tmp_path)])
+    assert e.value.code == 2 and "nope.parquet: no such file" in capsys.readouterr().err
+    assert main(["prepare-math", "--source", str(SAMPLE), "--out-dir", str(tmp_path / "one"), "--max-train", "7"]) == 0
+    capsys.readouterr()
+    assert main(["split-math-tasks", "--train", str(tmp_path / "one" / "train.parquet"), "--seed", "1",
+                 "--out-dir", str(tmp_path / "tasks")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("rlmeta split-math-tasks: error: need at least 2 rows of a subject"), err

@@ -15,10 +15,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from rlmeta.data.rss import FeedError, build_headlines, fetch_feeds, headline_id, main_build, main_fetch, normalise_link, strip_html
+from rlmeta.cli import main
+from rlmeta.data.rss import FeedError, build_headlines, fetch_feeds, headline_id, normalise_link, strip_html
+from rlmeta.errors import UserError
+from rlmeta.settings import ROOT as REPO
 from rlmeta.tables import HEADLINES
 
-REPO = Path(__file__).resolve().parents[1]
 RSS = REPO / "resources" / "rss"
 UTC = dt.timezone.utc
 BOZO_WITH_ENTRIES = (b"<rss><channel><title>t</title><item><title>kept one</title><link>http://x.test/1</link></item>"
@@ -43,7 +45,7 @@ def server():
     state = {"agents": [], "hits": {}}
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             state["agents"].append(self.headers.get("User-Agent"))
             hits = state["hits"][self.path] = state["hits"].get(self.path, 0) + 1
             if self.path == "/always-503" or (self.path == "/flaky.rss" and hits == 1):
@@ -138,14 +140,21 @@ def test_dedup_across_feeds_first_wins(server, tmp_path):
     assert len(set(ids)) == len(ids) and ids == ba.column("headline_id").to_pylist()  # ids do not depend on the feed
 
 
-def test_all_fail_names_every_feed(server, tmp_path, caplog):
+def test_all_fail_names_every_feed(server, tmp_path, caplog, capsys):
     base, _ = server
     feeds = {"nothere": f"{base}/nothere.xml", "garbage": f"{base}/broken.xml"}
     fetch_feeds(feeds, tmp_path, backoff_s=0.01, retries=0)
-    with pytest.raises(FeedError, match="nothere.*garbage"):
+    with pytest.raises(FeedError, match="nothere.*garbage") as err:
         build_headlines(tmp_path, list(feeds), tmp_path / "h.parquet")
+    assert isinstance(err.value, UserError)
     assert not (tmp_path / "h.parquet").exists()
-    assert main_build(["--snapshots", str(tmp_path), "--feeds", *feeds, "--out", str(tmp_path / "h.parquet")]) == 1
+    capsys.readouterr()
+    # a user error: exit status 2 and one line naming the step and every feed tried
+    assert main(["build-headlines", "--snapshots", str(tmp_path), "--feeds", *feeds, "--out",
+                 str(tmp_path / "h.parquet")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("rlmeta build-headlines: error: no feed yielded a headline") and "nothere" in last, last
+    assert "garbage" in last and not (tmp_path / "h.parquet").exists()
 
 
 def test_bozo_feed_with_entries_is_kept_with_warning(server, tmp_path, caplog):
@@ -183,8 +192,10 @@ def test_file_url_and_relative_path(tmp_path, monkeypatch):
 def test_bundled_config_end_to_end_and_byte_identical(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     for run in ("one", "two"):
-        assert main_fetch(["--config", "config/config.yaml", "--dataset", "headlines", "--out-dir", str(tmp_path / run)]) == 0
-        assert main_build(["--snapshots", str(tmp_path / run), "--feeds", *COUNTS, "--out", str(tmp_path / f"{run}.parquet")]) == 0
+        assert main(["fetch-rss", "--config", "config/config.yaml", "--name", "headlines",
+                     "--out-dir", str(tmp_path / run)]) == 0
+        assert main(["build-headlines", "--snapshots", str(tmp_path / run), "--feeds", *COUNTS,
+                     "--out", str(tmp_path / f"{run}.parquet")]) == 0
     assert sha(tmp_path / "one.parquet") == sha(tmp_path / "two.parquet")
     table = pq.read_table(tmp_path / "one.parquet")
     assert table.schema.equals(HEADLINES, check_metadata=False) and len(table) == sum(COUNTS.values())
@@ -202,7 +213,29 @@ def test_helpers():
     assert len(headline_id(None, "t")) == 16
 
 
-def test_scripts_help():
-    for script in ("fetch_rss.py", "build_headlines.py"):
-        out = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True, check=True)
-        assert "usage:" in out.stdout
+def test_fetch_cli_dataset_block_and_errors(tmp_path, capsys):
+    block = json.dumps({"kind": "rss", "feeds": {"heise": str(RSS / "heise.atom"), "tpm": (RSS / "tpm.atom").as_uri()}})
+    assert main(["fetch-rss", "--dataset", block, "--out-dir", str(tmp_path / "snap")]) == 0
+    assert {p.name for p in (tmp_path / "snap").iterdir()} == {"heise.xml", "heise.json", "tpm.xml", "tpm.json"}
+    assert main(["build-headlines", "--snapshots", str(tmp_path / "snap"), "--feeds", "heise", "tpm",
+                 "--out", str(tmp_path / "h.parquet")]) == 0
+    assert pq.read_table(tmp_path / "h.parquet").column("feed").to_pylist() == ["heise"] * 15 + ["tpm"] * 20
+    capsys.readouterr()
+    # a config dataset of another kind is a one-line user error
+    assert main(["fetch-rss", "--config", str(REPO / "config" / "config.yaml"), "--name", "gsm8k",
+                 "--out-dir", str(tmp_path / "x")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("rlmeta fetch-rss: error: ") and "datasets.gsm8k is not an rss dataset" in last, last
+    # a bad block is an argparse error (exit 2) that names the key
+    with pytest.raises(SystemExit) as e:
+        main(["fetch-rss", "--dataset", '{"kind": "rss", "feeds": {"a": "a.xml"}, "timeout": 3}',
+              "--out-dir", str(tmp_path / "y")])
+    assert e.value.code == 2 and "unknown key 'timeout' (did you mean 'timeout_s'?)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_steps_help():
+    for step in ("fetch-rss", "build-headlines"):
+        out = subprocess.run([sys.executable, "-m", "rlmeta", step, "--help"], capture_output=True, text=True,
+                             check=True, cwd=REPO)
+        assert "usage: rlmeta " + step in out.stdout

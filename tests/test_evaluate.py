@@ -1,148 +1,36 @@
-"""evaluate on fixture tables written with the real schemas; also home of the fixture builders
-that test_report*.py import."""
+"""evaluate on fixture tables written with the real schemas (rlmeta.testing.fixtures): the summary
+reads the accuracy/format columns the score step wrote; the CLI adds provenance."""
 from __future__ import annotations
 
 import hashlib
 import json
-import random
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
+from rlmeta.cli import main
 from rlmeta.evaluation.evaluate import config_hash, evaluate
-from rlmeta.evaluation.evaluate import main as evaluate_main
-from rlmeta.io import read_table, write_json, write_records, write_table
-from rlmeta.prompts import SECTIONS, get_template
+from rlmeta.prompts import TEMPLATES
 from rlmeta.scoring import score_responses
-from rlmeta.tables import PROMPTS, RESPONSES, rewards_schema, train_metrics_schema
-
-REWARDS = {
-    "xml_cot": {"xml_strict": 0.5, "xml_soft": 0.25, "integer_answer": 0.25, "gsm8k_correct": 1.0},
-    "math_boxed": {"math_correct": 1.0},
-    "inner_scientist": {"sections": 0.5, "length": 0.25, "coherence": 0.25},
-}
-SUBJECTS = ["algebra", "geometry", "number_theory"]
-NASTY = "<script>alert('x')</script> & <b>bold</b>"
+from rlmeta.settings import Experiment
+from rlmeta.tables import PROMPTS, RESPONSES, rewards_schema
+from rlmeta.testing.fixtures import prompt_rows, response_rows, write_rl_fixture
 
 
-def prompt_rows(exp: str, template: str, questions: list[tuple[str, str | None]], tasks=None) -> list[dict]:
-    tpl = get_template(template)
-    rows = []
-    for i, (q, ref) in enumerate(questions):
-        row = {"question": q, "title": q, "summary": "A summary."}
-        rows.append({"prompt_id": f"p{i:03d}", "experiment": exp, "item_id": f"i{i}", "split": "eval",
-                     "task": (tasks or ["gsm8k"] * len(questions))[i], "prompt": tpl(row), "reference": ref,
-                     "reference_completion": None})
-    return rows
-
-
-def response_rows(policy: str, completions: dict[tuple[str, int], str]) -> list[dict]:
-    return [{"prompt_id": pid, "sample_idx": s, "policy": policy, "completion": c, "n_tokens": len(c.split()),
-             "finish_reason": "stop" if len(c) < 200 else "length", "temperature": 0.8, "seed": 7}
-            for (pid, s), c in sorted(completions.items())]
-
-
-def write_policy_tables(res: Path, exp: str, prompts: list[dict], comps: dict[str, dict], rewards: dict) -> None:
-    """prompts.parquet, responses/{base,trained}.parquet and rewards/{...} (scored with the real rewards)."""
-    write_records(res / exp / "prompts.parquet", prompts, PROMPTS)
+def scored_tables(template: str, prompts: list[dict], comps: dict[str, dict], params: dict | None = None):
+    """(prompts, responses, rewards) tables of hand-made completions, scored as the score step does: the
+    template's default rewards and its task metrics (the accuracy/format columns evaluate reads)."""
     ptab = pa.Table.from_pylist(prompts, schema=PROMPTS)
-    for pol, c in comps.items():
-        rtab = pa.Table.from_pylist(response_rows(pol, c), schema=RESPONSES)
-        write_table(res / exp / "responses" / f"{pol}.parquet", rtab, RESPONSES)
-        scored = score_responses(ptab, rtab, rewards, workers=0)
-        write_table(res / exp / "rewards" / f"{pol}.parquet", scored, rewards_schema(list(rewards)))
+    rewards, metrics = TEMPLATES[template].default_rewards, TEMPLATES[template].metrics
+    resp = {pol: pa.Table.from_pylist(response_rows(pol, c), schema=RESPONSES) for pol, c in comps.items()}
+    rew = {pol: score_responses(ptab, r, rewards, params, metrics=metrics) for pol, r in resp.items()}
+    for t in rew.values():
+        assert t.schema.equals(rewards_schema(list(rewards), list(metrics)))
+    return ptab, resp, rew
 
 
-def _completion(template: str, ref: str | None, good: bool, rng: random.Random, q: str) -> str:
-    if template == "xml_cot":
-        ans = ref if good and rng.random() < 0.8 else str(rng.randint(1, 99))
-        if good:
-            return f"<reasoning>\nAdd the numbers in {q}\n</reasoning>\n<answer>\n{ans}\n</answer>"
-        return rng.choice([f"I think it is {ans}.", f"#### {ans}", f"{NASTY} so {ans}",
-                           f"<reasoning>{q}</reasoning> <answer>{ans}</answer> and more"])
-    if template == "math_boxed":
-        if good and rng.random() < 0.75:
-            return rng.choice([f"So the answer is $\\boxed{{{ref}}}$.", "Simplify: $\\boxed{\\frac{2}{4}}$."
-                               if ref == "\\frac{1}{2}" else f"$\\boxed{{{ref}}}$"])
-        return rng.choice(["I do not know.", "$\\boxed{7}$", f"{NASTY} \\boxed{{3}}"])
-    k = 5 if good else rng.randint(0, 3)
-    body = " ".join(rng.choice(["markets", "policy", "data", "voters", "rain", "prices", "science"]) for _ in range(12))
-    text = "\n".join(f"{h} {body}" for h in SECTIONS[:k])
-    return text if good else f"{NASTY}\n{text}"
-
-
-def write_rl_fixture(res: Path, exp: str, template: str, n_prompts: int = 10, samples: int = 3, seed: int = 0,
-                     steps: int = 12) -> dict:
-    """A synthetic RL experiment: prompts, responses, rewards, train_metrics and a checkpoint."""
-    rng = random.Random(seed)
-    if template == "xml_cot":
-        qs = [(f"What is {a} + {b}?", str(a + b)) for a, b in ((rng.randint(1, 40), rng.randint(1, 40)) for _ in range(n_prompts))]
-        tasks = None
-    elif template == "math_boxed":
-        qs = [(f"Compute problem {i}.", rng.choice(["\\frac{1}{2}", "3", "12"])) for i in range(n_prompts)]
-        tasks = [SUBJECTS[i % len(SUBJECTS)] for i in range(n_prompts)]
-    else:
-        qs = [(f"Headline number {i} about {NASTY}", None) for i in range(n_prompts)]
-        tasks = [f"h{i}" for i in range(n_prompts)]
-    prompts = prompt_rows(exp, template, qs, tasks)
-    comps = {pol: {(p["prompt_id"], s): _completion(template, p["reference"], rng.random() < pgood, rng, qs[i][0])
-                   for i, p in enumerate(prompts) for s in range(samples)}
-             for pol, pgood in (("base", 0.25), ("trained", 0.7))}
-    rewards = REWARDS[template]
-    write_policy_tables(res, exp, prompts, comps, rewards)
-    write_rl_metrics(res / exp / "train_metrics.parquet", list(rewards), steps, seed)
-    ck = res / exp / "checkpoints" / "final"
-    ck.mkdir(parents=True, exist_ok=True)
-    (ck / "model.safetensors").write_bytes(b"fake weights " + exp.encode())
-    cfg = {"dataset": {"xml_cot": "gsm8k", "math_boxed": "math", "inner_scientist": "headlines"}[template],
-           "prompt": template, "model": "tiny", "backend": "torch", "algorithm": "grpo", "rewards": rewards,
-           "train": {"steps": steps}}
-    return {"config": cfg, "rewards": rewards}
-
-
-def write_rl_metrics(path: Path, components: list[str], steps: int, seed: int = 0) -> None:
-    rng = random.Random(seed)
-    rows = []
-    for s in range(steps):
-        row = {"step": s, "loss": 0.05 * rng.gauss(0, 1), "reward_mean": 0.3 + 0.03 * s + 0.05 * rng.random(),
-               "reward_std": 0.2 + 0.02 * rng.random(), "kl": 0.001 * s, "clip_ratio": 0.02 * rng.random(),
-               "grad_norm": 0.5 + rng.random(), "lr": 1e-4, "tokens": 2000 + 10 * s, "step_seconds": 1.5 + rng.random(),
-               "zero_std_frac": 0.1, "completion_len_mean": 60 + s}
-        row.update({f"reward/{c}": min(1.0, 0.2 + 0.04 * s * (k + 1) / len(components)) for k, c in enumerate(components)})
-        rows.append(row)
-    write_records(path, rows, train_metrics_schema([f"reward/{c}" for c in components]))
-
-
-def write_fomaml_fixture(res: Path, exp: str, steps: int = 10) -> dict:
-    """train_metrics with meta/ and per-task columns, and eval/summary.json as eval_adaptation writes it."""
-    rows, extra = [], ["meta/loss", "meta/avg_adaptation_gap", "meta/query_loss_pre"]
-    extra += [f"{s}/{k}" for s in SUBJECTS for k in ("query_loss_pre", "query_loss_post", "adaptation_gap")]
-    for t in range(steps):
-        row = {"step": t, "loss": 3.0 - 0.1 * t, "reward_mean": None, "reward_std": None, "kl": None, "clip_ratio": None,
-               "grad_norm": 1.0 / (t + 1), "lr": 1e-3, "tokens": 5000, "step_seconds": 4.0, "zero_std_frac": None,
-               "completion_len_mean": None, "meta/loss": 3.0 - 0.1 * t, "meta/query_loss_pre": 3.2 - 0.1 * t,
-               "meta/avg_adaptation_gap": 0.2}
-        for k, s in enumerate(SUBJECTS):
-            row.update({f"{s}/query_loss_pre": 3.2 - 0.1 * t, f"{s}/query_loss_post": 3.0 - 0.1 * t - 0.02 * k,
-                        f"{s}/adaptation_gap": 0.2 + 0.02 * k})
-        rows.append(row)
-    write_records(res / exp / "train_metrics.parquet", rows, train_metrics_schema(extra))
-    per = {s: {"base_query_loss": 2.5 + 0.1 * k, "meta_query_loss": 2.2 + 0.1 * k, "base_accuracy": 0.1,
-               "meta_accuracy": 0.15, "base_pre_adapt_loss": 2.9, "meta_pre_adapt_loss": 2.6} for k, s in enumerate(SUBJECTS)}
-    summary = {"experiment": exp, "adaptation": {"base_init_query_loss": 2.6, "meta_init_query_loss": 2.3, "per_subject": per}}
-    write_json(res / exp / "eval" / "summary.json", summary)
-    return {"config": {"dataset": "math", "prompt": "math_boxed", "model": "tiny", "backend": "torch",
-                       "algorithm": "fomaml", "meta": {"outer_steps": steps}}, "summary": summary}
-
-
-def _tables(res: Path, exp: str):
-    resp = {p: read_table(res / exp / "responses" / f"{p}.parquet") for p in ("base", "trained")}
-    rew = {p: read_table(res / exp / "rewards" / f"{p}.parquet") for p in ("base", "trained")}
-    return read_table(res / exp / "prompts.parquet"), resp, rew
-
-
-def test_gsm8k_accuracies_on_hand_made_completions(tmp_path):
+def test_gsm8k_accuracies_on_hand_made_completions():
     prompts = prompt_rows("g", "xml_cot", [("q0", "42"), ("q1", "1,000")])
     base = {("p000", 0): "The answer is 42.",                       # flexible only
             ("p000", 1): "#### 42",                                 # strict and flexible
@@ -152,61 +40,111 @@ def test_gsm8k_accuracies_on_hand_made_completions(tmp_path):
                ("p000", 1): "<reasoning>\n6*7\n</reasoning>\n<answer>\n42\n</answer>",
                ("p001", 0): "<reasoning>\nx\n</reasoning>\n<answer>\n1,000\n</answer>\n#### 1000",  # all three
                ("p001", 1): "<answer>\n999\n</answer>"}            # none
-    write_policy_tables(tmp_path, "g", prompts, {"base": base, "trained": trained}, REWARDS["xml_cot"])
-    s = evaluate(*_tables(tmp_path, "g"), template="xml_cot", resamples=500, seed=0)
+    tables = scored_tables("xml_cot", prompts, {"base": base, "trained": trained})
+    s = evaluate(*tables, template="xml_cot", weights=TEMPLATES["xml_cot"].default_rewards, resamples=500, seed=0)
+    assert s["template"] == "xml_cot" and s["primary_accuracy"] == "accuracy/gsm8k_xml"
     acc = s["accuracy"]
     assert set(acc) == {"gsm8k_strict", "gsm8k_flexible", "gsm8k_xml"}
     assert (acc["gsm8k_strict"]["base"], acc["gsm8k_strict"]["trained"]) == (pytest.approx(0.5), pytest.approx(0.25))
-    assert (acc["gsm8k_flexible"]["base"], acc["gsm8k_flexible"]["trained"]) == (pytest.approx(0.75), pytest.approx(0.75))
+    flexible = acc["gsm8k_flexible"]
+    assert (flexible["base"], flexible["trained"]) == (pytest.approx(0.75), pytest.approx(0.75))
     assert (acc["gsm8k_xml"]["base"], acc["gsm8k_xml"]["trained"]) == (pytest.approx(0.25), pytest.approx(0.75))
     assert s["format"]["xml_strict"]["base"] == 0.0 and s["format"]["xml_strict"]["trained"] == pytest.approx(0.5)
     assert s["format"]["stopped"]["base"] == 1.0
     assert s["reward"]["n_prompts"] == 2 and s["reward"]["n_samples"] == 4
-    assert set(s["components"]) == set(REWARDS["xml_cot"])
+    assert set(s["format"]) == {"xml_strict", "xml_soft", "stopped"}
+    assert set(s["components"]) == set(TEMPLATES["xml_cot"].default_rewards)
+    assert s["components"]["gsm8k_correct"]["weight"] == 1.0 and s["components"]["xml_strict"]["weight"] == 0.5
     assert s["length"]["base"] == pytest.approx((4 + 2 + 5 + 1) / 4)
 
 
-def test_math_verify_accuracy_and_per_subject(tmp_path):
+def test_math_verify_accuracy_and_per_subject():
     prompts = prompt_rows("m", "math_boxed", [("a", "\\frac{1}{2}"), ("b", "3")], tasks=["algebra", "geometry"])
     base = {("p000", 0): "$\\boxed{0.7}$", ("p001", 0): "no box, 3"}
     trained = {("p000", 0): "so $\\boxed{\\frac{2}{4}}$", ("p001", 0): "$\\boxed{3}$"}
-    write_policy_tables(tmp_path, "m", prompts, {"base": base, "trained": trained}, REWARDS["math_boxed"])
-    s = evaluate(*_tables(tmp_path, "m"), template="math_boxed", resamples=200, seed=0, workers=2, timeout_s=5)
+    # math-verify in 2 worker processes with a timeout, as the score step runs it
+    tables = scored_tables("math_boxed", prompts, {"base": base, "trained": trained},
+                           {"math_correct": {"workers": 2, "timeout_s": 5.0}})
+    s = evaluate(*tables, template="math_boxed", resamples=200, seed=0)
+    assert s["primary_accuracy"] == "accuracy/math_verify" and set(s["accuracy"]) == {"math_verify"}
     assert s["accuracy"]["math_verify"]["base"] == 0.0 and s["accuracy"]["math_verify"]["trained"] == 1.0
     assert s["format"]["boxed_present"]["base"] == 0.5 and s["format"]["boxed_present"]["trained"] == 1.0
     assert s["per_subject"]["algebra"]["accuracy_trained"] == 1.0 and s["per_subject"]["geometry"]["n_prompts"] == 1
+    assert s["per_subject"]["geometry"]["accuracy_base"] == 0.0 and s["per_subject"]["algebra"]["reward_base"] == 0.0
     assert s["reward"]["diff_mean"] == pytest.approx(1.0) and s["reward"]["diff_ci95"] == [1.0, 1.0]
+
+
+def test_accuracy_comes_from_the_rewards_table():
+    """evaluate reports the metric columns as the score step wrote them; it does not score again."""
+    prompts = prompt_rows("m", "math_boxed", [("a", "3"), ("b", "3")], tasks=["algebra", "algebra"])
+    comps = {"base": {("p000", 0): "$\\boxed{3}$", ("p001", 0): "$\\boxed{3}$"},
+             "trained": {("p000", 0): "$\\boxed{3}$", ("p001", 0): "$\\boxed{3}$"}}
+    ptab, resp, rew = scored_tables("math_boxed", prompts, comps)
+    col = "accuracy/math_verify"
+    assert rew["base"].column(col).to_pylist() == [1.0, 1.0]
+    rew["base"] = rew["base"].set_column(rew["base"].schema.get_field_index(col), col, pa.array([0.0, 1.0]))
+    s = evaluate(ptab, resp, rew, template="math_boxed", resamples=200, seed=0)
+    assert s["accuracy"]["math_verify"]["base"] == 0.5 and s["accuracy"]["math_verify"]["trained"] == 1.0
+    assert s["reward"]["diff_mean"] == 0.0  # the reward column is untouched
+
+
+def _cli_args(d: Path, config: str, out: Path) -> list[str]:
+    tables = [x for pol in ("base", "trained") for x in (f"--responses-{pol}", str(d / f"responses/{pol}.parquet"),
+                                                         f"--rewards-{pol}", str(d / f"rewards/{pol}.parquet"))]
+    return ["evaluate", "--experiment", d.name, "--config", config, "--prompts", str(d / "prompts.parquet"), *tables,
+            "--checkpoint", str(d / "checkpoints/final"), "--seed", "5", "--out", str(out)]
 
 
 def test_cli_writes_summary_with_provenance(tmp_path):
     res = tmp_path / "results"
     fx = write_rl_fixture(res, "h", "inner_scientist", n_prompts=6, samples=2)
+    cfg = Experiment.model_validate({**fx["config"].model_dump(mode="json"), "eval": {"bootstrap": 300}})
     out = res / "h" / "eval" / "summary.json"
     d = res / "h"
-    cfg_json = json.dumps(fx["config"], sort_keys=True)
-    rc = evaluate_main(["--experiment", "h", "--prompts", str(d / "prompts.parquet"),
-                        "--responses-base", str(d / "responses/base.parquet"), "--responses-trained", str(d / "responses/trained.parquet"),
-                        "--rewards-base", str(d / "rewards/base.parquet"), "--rewards-trained", str(d / "rewards/trained.parquet"),
-                        "--checkpoint", str(d / "checkpoints/final"), "--config-json", cfg_json,
-                        "--bootstrap", "300", "--seed", "5", "--out", str(out)])
-    assert rc == 0
+    assert main(_cli_args(d, json.dumps(cfg.model_dump(mode="json")), out)) == 0
     s = json.loads(out.read_text())
-    assert s["experiment"] == "h" and s["template"] == "inner_scientist"
+    assert s["experiment"] == "h" and s["template"] == "inner_scientist" and s["primary_accuracy"] is None
     assert s["checkpoint"]["sha256"] == hashlib.sha256(b"fake weights h").hexdigest()
-    assert s["config_hash"] == config_hash(fx["config"]) == hashlib.sha256(
-        json.dumps(fx["config"], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert "base_checkpoint" not in s
+    assert s["config_hash"] == config_hash(cfg.model_dump(mode="json")) == hashlib.sha256(
+        json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     r = s["reward"]
     assert set(r) == {"base_mean", "trained_mean", "diff_mean", "diff_ci95", "n_prompts", "n_samples"}
     assert r["diff_ci95"][0] <= r["diff_mean"] <= r["diff_ci95"][1] and r["n_prompts"] == 6 and r["n_samples"] == 12
     assert r["diff_mean"] == pytest.approx(r["trained_mean"] - r["base_mean"])
     assert s["components"]["sections"]["weight"] == 0.5
-    assert s["accuracy"] == {} and "all_sections" in s["format"]
+    assert s["accuracy"] == {} and set(s["format"]) == {"all_sections", "stopped"}
     assert set(s["length"]) >= {"base", "trained"}
     assert s["bootstrap"] == {"resamples": 300, "seed": 5, "level": 0.95, "unit": "prompt"}
     first = out.read_bytes()
-    assert evaluate_main(["--experiment", "h", "--prompts", str(d / "prompts.parquet"),
-                          "--responses-base", str(d / "responses/base.parquet"), "--responses-trained", str(d / "responses/trained.parquet"),
-                          "--rewards-base", str(d / "rewards/base.parquet"), "--rewards-trained", str(d / "rewards/trained.parquet"),
-                          "--checkpoint", str(d / "checkpoints/final"), "--config-json", cfg_json,
-                          "--bootstrap", "300", "--seed", "5", "--out", str(out)]) == 0
+    # the same experiment given as a file with only the keys that differ from the defaults: same hash, same bytes
+    short = tmp_path / "h.json"
+    short.write_text(cfg.model_dump_json(exclude_defaults=True))
+    assert main(_cli_args(d, str(short), out)) == 0
     assert out.read_bytes() == first  # deterministic
+
+
+def test_cli_records_the_base_checkpoint(tmp_path):
+    res = tmp_path / "results"
+    fx = write_rl_fixture(res, "h", "inner_scientist", n_prompts=4, samples=1)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"base weights")
+    out = tmp_path / "summary.json"
+    assert main(_cli_args(res / "h", fx["config"].model_dump_json(), out)
+                + ["--base-checkpoint", str(base)]) == 0
+    s = json.loads(out.read_text())
+    assert s["base_checkpoint"] == {"path": str(base), "sha256": hashlib.sha256(b"base weights").hexdigest()}
+    assert s["bootstrap"]["resamples"] == fx["config"].eval.bootstrap == 2000
+
+
+def test_cli_rejects_a_bad_config(tmp_path, capsys):
+    res = tmp_path / "results"
+    fx = write_rl_fixture(res, "h", "inner_scientist", n_prompts=2, samples=1)
+    bad = {**fx["config"].model_dump(mode="json"), "eval": {"bootstrapp": 300}}
+    with pytest.raises(SystemExit) as e:
+        main(_cli_args(res / "h", json.dumps(bad), tmp_path / "summary.json"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'eval.bootstrapp'" in err and "did you mean 'bootstrap'" in err
+    assert not (tmp_path / "summary.json").exists()

@@ -1,38 +1,51 @@
 """FOMAML on a tiny Qwen3: meta-gradient against a hand-written reference, exact restore,
-meta-LoRA, metrics, resume."""
+meta-LoRA, the outer learning-rate schedule, metrics, checkpoints (pruned, with markers) and resume."""
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
+import shutil
+import warnings
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from meta_helpers import SUBJECTS, make_tasks, tiny_model
+from rlmeta import checkpoints
+from rlmeta.cli import main
 from rlmeta.meta.distributed import DistContext
-from rlmeta.meta.fomaml import FOMAML, lr_factor, meta_settings, train
+from rlmeta.meta.fomaml import FOMAML, load_model, train
 from rlmeta.meta.tasks import TaskSampler, load_tasks
+from rlmeta.settings import MetaSettings, WandbSettings
+from rlmeta.testing.models import SUBJECTS, make_tasks, tasks_model
+from rlmeta.tracking import METRICS_FILE
 
-META = {"outer_steps": 3, "meta_batch_size": 2, "inner_steps": 2, "inner_lr": 0.05, "outer_lr": 0.01,
-        "support_batch": 3, "query_batch": 3, "max_seq_len": 128, "checkpoint_every": 1, "lr_schedule": "cosine"}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+META = MetaSettings(outer_steps=3, meta_batch_size=2, inner_steps=2, inner_lr=0.05, outer_lr=0.01, support_batch=3,
+                    query_batch=3, max_seq_len=128, checkpoint_every=1, lr_schedule="cosine")
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+OFF = WandbSettings(mode="disabled")
+
+
+def settings(meta: MetaSettings = META, **changes) -> MetaSettings:
+    """``meta`` with some keys changed (validated again)."""
+    return MetaSettings.model_validate({**meta.model_dump(), **changes})
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("fomaml")
-    return {"model": tiny_model(root / "model"), "tasks": make_tasks(root / "tasks"), "root": root}
+    return {"model": tasks_model(root / "model"), "tasks": make_tasks(root / "tasks"), "root": root}
 
 
-def learner(env, meta=META, lora=None, seed=3):
-    from rlmeta.meta.fomaml import load_model
-
-    cfg = meta_settings({**meta, "lora": lora})
-    tok, model = load_model(str(env["model"]), cfg["lora"], seed, torch.device("cpu"))
+def learner(env, meta: MetaSettings = META, seed=3):
+    tok, model = load_model(str(env["model"]), meta.lora, seed, torch.device("cpu"))
     sup, qry = load_tasks(env["tasks"], SUBJECTS, "support"), load_tasks(env["tasks"], SUBJECTS, "query")
-    return FOMAML(model, tok, sup, qry, cfg, seed, DistContext())
+    return FOMAML(model, tok, sup, qry, meta, seed, DistContext())
 
 
 def test_sampler_is_a_function_of_seed_and_step():
@@ -43,10 +56,27 @@ def test_sampler_is_a_function_of_seed_and_step():
     assert len(set(s.rows(1, 0, "algebra", "support", 6, 4))) == 4
 
 
-def test_lr_schedule():
-    assert lr_factor(0, 2, 10, "cosine") == pytest.approx(1 / 3)
-    assert lr_factor(2, 2, 10, "cosine") == 1.0 and lr_factor(10, 2, 10, "linear") == 0.0
-    assert lr_factor(5, 0, 10, "constant") == 1.0
+def _lrs(lr: FOMAML, steps: int) -> list[float]:
+    """The outer learning rate at each of the first ``steps`` outer steps (scheduler stepped alone)."""
+    out = []
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            out.append(lr.opt.param_groups[0]["lr"])
+            lr.sched.step()
+    return out
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    # transformers' warm-up convention lr * s / W (the first warm-up step has lr 0), then the schedule over T - W
+    ("cosine", [0.0, 0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(3, 11)]),
+    ("linear", [0.0, 0.5, 1.0] + [(10 - s) / 8 for s in range(3, 11)]),
+    ("constant", [0.0, 0.5] + [1.0] * 9),
+])
+def test_lr_schedule(env, schedule, expected):
+    lr = learner(env, settings(outer_steps=10, warmup_steps=2, lr_schedule=schedule, outer_lr=0.02))
+    assert _lrs(lr, 11) == pytest.approx([0.02 * f for f in expected], abs=1e-12)
+    assert _lrs(learner(env, settings(outer_steps=4, lr_schedule="constant")), 4) == pytest.approx([0.01] * 4)
 
 
 def test_meta_gradient_matches_reference_and_restores_exactly(env):
@@ -55,17 +85,17 @@ def test_meta_gradient_matches_reference_and_restores_exactly(env):
     grads, info = lr.meta_gradient(0)
     for p, t in zip(lr.params, theta):  # bit-exact restore after every task
         assert torch.equal(p.detach(), t)
-    tasks = lr.sampler.meta_batch(0, META["meta_batch_size"])
+    tasks = lr.sampler.meta_batch(0, META.meta_batch_size)
     ref = [torch.zeros_like(t) for t in theta]
     for slot, task in enumerate(tasks):  # plain torch: copy, k SGD steps, query grad at phi
         m = copy.deepcopy(lr.model).train()
         sup, qry = lr.batch(0, slot, task, "support"), lr.batch(0, slot, task, "query")
-        for _ in range(META["inner_steps"]):
+        for _ in range(META.inner_steps):
             m.zero_grad()
             m(**sup).loss.backward()  # transformers' own shifted, masked token-mean loss
             with torch.no_grad():
                 for p in m.parameters():
-                    p -= META["inner_lr"] * p.grad
+                    p -= META.inner_lr * p.grad
         m.zero_grad()
         m(**qry).loss.backward()
         for r, p in zip(ref, m.parameters()):
@@ -80,6 +110,7 @@ def test_outer_step_metrics(env):
     lr = learner(env)
     row = lr.step(0)
     assert row["step"] == 1 and row["tokens"] > 0 and row["grad_norm"] > 0
+    assert row["lr"] == META.outer_lr  # cosine without warm-up starts at the peak
     sampled = set(lr.sampler.meta_batch(0, 2))
     for s in SUBJECTS:
         gap = row[f"{s}/adaptation_gap"]
@@ -89,9 +120,18 @@ def test_outer_step_metrics(env):
     assert row["meta/avg_adaptation_gap"] > 0  # inner SGD lowers the query loss of these easy tasks
 
 
+def test_first_warmup_step_leaves_the_weights(env):
+    """With warm-up the first outer step has lr 0: AdamW (no weight decay) changes nothing; the second does."""
+    lr = learner(env, settings(warmup_steps=1))
+    before = [p.detach().clone() for p in lr.params]
+    assert lr.step(0)["lr"] == 0.0
+    assert all(torch.equal(b, p.detach()) for b, p in zip(before, lr.params))
+    assert lr.step(1)["lr"] == pytest.approx(META.outer_lr)
+    assert any(not torch.equal(b, p.detach()) for b, p in zip(before, lr.params))
+
+
 def test_meta_lora_trains_only_the_adapter(env):
-    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    lr = learner(env, lora=lora)
+    lr = learner(env, settings(lora=LORA))
     names = {id(p): n for n, p in lr.model.named_parameters()}
     assert lr.params and all("lora_" in names[id(p)] for p in lr.params)
     base = {n: p.detach().clone() for n, p in lr.model.named_parameters() if "lora_" not in n}
@@ -110,33 +150,122 @@ def _weights(path: Path) -> dict:
     return load_file(str(path / "model.safetensors"))
 
 
-def test_train_resume_and_lora_merge(env, tmp_path):
-    kw = dict(model_dir=str(env["model"]), tasks_dir=str(env["tasks"]), subjects=SUBJECTS, seed=5)
-    a = train(meta=META, out=tmp_path / "a/checkpoints/final", metrics=tmp_path / "a/m.parquet",
-              wandb_cfg={"mode": "offline", "project": "test"}, **kw)
-    assert list((tmp_path / "a/checkpoints").glob("wandb/offline-run-*"))
-    # interrupted after 2 steps (checkpoint at step 2), then rerun: resumes and ends the same
-    b_out, b_metrics = tmp_path / "b/checkpoints/final", tmp_path / "b/m.parquet"
-    train(meta=META, out=b_out, metrics=b_metrics, wandb_cfg={"mode": "disabled"}, stop_after=2, **kw)
-    assert not b_out.exists() and (tmp_path / "b/checkpoints/2/state.json").exists()
-    b_metrics.unlink()  # Snakemake deletes a failed job's outputs; the rows come back from the checkpoint
-    train(meta=META, out=b_out, metrics=b_metrics, wandb_cfg={"mode": "disabled"}, **kw)
-    wa, wb = _weights(a), _weights(b_out)
+def _steps(path: Path) -> list[int]:
+    return [r["step"] for r in pq.read_table(path).to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def full_run(env):
+    """The uninterrupted 3-step run (offline W&B) that the resumed runs must reproduce."""
+    out = env["root"] / "a/checkpoints/final"
+    train(str(env["model"]), str(env["tasks"]), SUBJECTS, META, 5, out, env["root"] / "a/m.parquet",
+          WandbSettings(mode="offline", project="test"))
+    return {"out": out, "metrics": env["root"] / "a/m.parquet"}
+
+
+def test_full_run_metrics_and_checkpoints(env, full_run):
+    ck = full_run["out"].parent
+    assert list(ck.glob("wandb/offline-run-*"))
+    rows = pq.read_table(full_run["metrics"]).to_pylist()
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert {"meta/loss", "meta/avg_adaptation_gap", "algebra/adaptation_gap", "lr", "tokens"} <= set(rows[0])
+    # transformers' cosine without warm-up over 3 outer steps, as recorded before each step
+    assert [r["lr"] for r in rows] == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * s / 3)) for s in range(3)])
+    # a checkpoint after every step but the last, each complete (marker written last) with the rows so far
+    assert [s for s, _ in checkpoints.numbered(ck)] == [1, 2]
+    for s, p in checkpoints.numbered(ck):
+        assert checkpoints.is_complete(p) and checkpoints.marker(p)["step"] == s
+        assert checkpoints.marker(p)["kind"] == "fomaml" and "state.json" in checkpoints.marker(p)["files"]
+        assert _steps(p / METRICS_FILE) == list(range(1, s + 1))
+        assert json.loads((p / "state.json").read_text())["step"] == s
+    assert checkpoints.is_complete(full_run["out"])
+    base = _weights(env["model"])
+    assert any(not torch.equal(_weights(full_run["out"])[k], base[k]) for k in base)
+
+
+def test_stop_and_resume_gives_the_same_run(env, full_run, tmp_path, caplog):
+    """Stopped after 2 steps (as if preempted): no final model, no train_metrics; the checkpoints are pruned
+    to keep_checkpoints. The rerun resumes at step 2 and ends with the full run's weights and every row."""
+    caplog.set_level(logging.INFO)
+    meta = settings(keep_checkpoints=1)  # not part of the run's identity: it still resumes the same run
+    out, metrics = tmp_path / "b/checkpoints/final", tmp_path / "b/m.parquet"
+    kw = dict(model_dir=str(env["model"]), tasks_dir=str(env["tasks"]), subjects=SUBJECTS, cfg=meta, seed=5,
+              out=out, metrics=metrics, wandb=OFF)
+    train(stop_after=2, **kw)
+    assert not out.exists() and not metrics.exists()
+    assert [p.name for p in sorted(out.parent.iterdir())] == ["2"]  # step 1 pruned
+    assert _steps(out.parent / "2" / METRICS_FILE) == [1, 2]
+    caplog.clear()
+    train(**kw)
+    assert f"resuming from {out.parent / '2'} (step 2)" in caplog.text
+    wa, wb = _weights(full_run["out"]), _weights(out)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
-    ma, mb = pq.read_table(tmp_path / "a/m.parquet").to_pylist(), pq.read_table(b_metrics).to_pylist()
+    ma, mb = pq.read_table(full_run["metrics"]).to_pylist(), pq.read_table(metrics).to_pylist()
     assert [r["step"] for r in mb] == [1, 2, 3]
-    assert [r["meta/loss"] for r in ma] == pytest.approx([r["meta/loss"] for r in mb], abs=1e-6)
-    assert {"meta/loss", "meta/avg_adaptation_gap", "algebra/adaptation_gap", "lr", "tokens"} <= set(ma[0])
-    base = _weights(env["model"])
-    assert any(not torch.equal(wa[k], base[k]) for k in base)
-    # meta-LoRA: merged full checkpoint, only the adapted projections differ from the base
-    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    c = train(meta={**META, "outer_steps": 2, "lora": lora}, out=tmp_path / "c/final", metrics=tmp_path / "c/m.parquet",
-              wandb_cfg={"mode": "disabled"}, **kw)
-    wc = _weights(c)
+    for key in ("meta/loss", "lr", "grad_norm", "tokens"):
+        assert [r[key] for r in mb] == pytest.approx([r[key] for r in ma], abs=1e-6), key
+
+
+def test_incomplete_checkpoint_is_skipped_on_resume(env, full_run, tmp_path, caplog):
+    """A checkpoint without its marker (cut during its save) is skipped with a warning; the run resumes
+    from the one before and still ends with the full run's weights."""
+    caplog.set_level(logging.INFO)
+    out, metrics = tmp_path / "c/checkpoints/final", tmp_path / "c/m.parquet"
+    kw = dict(model_dir=str(env["model"]), tasks_dir=str(env["tasks"]), subjects=SUBJECTS, cfg=META, seed=5,
+              out=out, metrics=metrics, wandb=OFF)
+    train(stop_after=2, **kw)
+    assert [s for s, _ in checkpoints.numbered(out.parent)] == [1, 2]
+    (out.parent / "2" / checkpoints.MARKER).unlink()
+    caplog.clear()
+    train(**kw)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "skipping checkpoint" in r.getMessage()]
+    assert warned and str(out.parent / "2") in warned[0].getMessage() and "incomplete" in warned[0].getMessage()
+    assert f"resuming from {out.parent / '1'} (step 1)" in caplog.text
+    wa, wc = _weights(full_run["out"]), _weights(out)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wc[k], atol=1e-6, rtol=0)
+    assert _steps(metrics) == [1, 2, 3]
+    assert pq.read_table(metrics).column("meta/loss").to_pylist() == pytest.approx(
+        pq.read_table(full_run["metrics"]).column("meta/loss").to_pylist(), abs=1e-6)
+
+
+def test_other_runs_checkpoints_are_not_resumed(env, full_run, tmp_path, caplog):
+    """A checkpoint of another run (different meta settings) is left alone: the run starts over."""
+    caplog.set_level(logging.INFO)
+    ck = tmp_path / "d/checkpoints"
+    shutil.copytree(full_run["out"].parent / "2", ck / "2")
+    out = ck / "final"
+    train(str(env["model"]), str(env["tasks"]), SUBJECTS, settings(outer_steps=2), 5, out, tmp_path / "d/m.parquet",
+          OFF)
+    assert "resuming from" not in caplog.text
+    assert _steps(tmp_path / "d/m.parquet") == [1, 2]
+    assert json.loads((ck / "2" / "state.json").read_text())["spec"]["meta"]["outer_steps"] == 3  # left alone
+
+
+def test_cli_trains_and_merges_meta_lora(env, tmp_path):
+    """`rlmeta train-fomaml --meta JSON`, meta-LoRA: a merged full checkpoint in which only the adapted
+    projections differ from the base, plus the unmerged adapter."""
+    meta = settings(outer_steps=2, lora=LORA)
+    out = tmp_path / "e/final"
+    assert main(["train-fomaml", "--model", str(env["model"]), "--tasks-dir", str(env["tasks"]),
+                 "--subjects", *SUBJECTS, "--meta", meta.model_dump_json(), "--seed", "5", "--out", str(out),
+                 "--metrics", str(tmp_path / "e/m.parquet"), "--wandb", '{"mode": "disabled"}']) == 0
+    assert _steps(tmp_path / "e/m.parquet") == [1, 2]
+    wc, base = _weights(out), _weights(env["model"])
     assert set(wc) == set(base)
     for k in base:
         same = torch.equal(wc[k], base[k])
         assert same != ("q_proj" in k or "v_proj" in k), k
-    assert json.loads((c / "config.json").read_text())["model_type"] == "qwen3"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3"
+    assert (out / "meta_adapter").is_dir()
+
+
+def test_cli_rejects_bad_meta_settings(env, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train-fomaml", "--model", str(env["model"]), "--tasks-dir", str(env["tasks"]), "--subjects", *SUBJECTS,
+              "--meta", '{"outer_steps": 2, "warmup_steps": 2}', "--out", str(tmp_path / "f"),
+              "--metrics", str(tmp_path / "f.parquet")])
+    assert e.value.code == 2
+    assert "warmup_steps (2) must be below outer_steps (2)" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()

@@ -1,7 +1,6 @@
-"""torchrun with 2 CPU processes (gloo, FSDP2) gives the meta-parameters of a 1-process run."""
+"""`rlmeta launch` (torchrun) with 2 CPU processes (gloo, FSDP2) gives the meta-parameters of a 1-process run."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,40 +9,46 @@ from pathlib import Path
 import pytest
 import torch
 
-from meta_helpers import SUBJECTS, make_tasks, tiny_model
 from rlmeta.meta.fomaml import train
+from rlmeta.settings import ROOT, MetaSettings, WandbSettings
+from rlmeta.testing.models import SUBJECTS, make_tasks, tasks_model
 
-ROOT = Path(__file__).resolve().parents[1]
-META = {"outer_steps": 2, "meta_batch_size": 3, "inner_steps": 2, "inner_lr": 0.05, "outer_lr": 0.01,
-        "support_batch": 3, "query_batch": 3, "max_seq_len": 128, "checkpoint_every": 1}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the in-process reference run
+
+META = MetaSettings(outer_steps=2, meta_batch_size=3, inner_steps=2, inner_lr=0.05, outer_lr=0.01, support_batch=3,
+                    query_batch=3, max_seq_len=128, checkpoint_every=1)
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("fomaml_dist")
-    return {"model": tiny_model(root / "model"), "tasks": make_tasks(root / "tasks"), "root": root, "ref": {}}
+    return {"model": tasks_model(root / "model"), "tasks": make_tasks(root / "tasks"), "root": root, "ref": {}}
 
 
-def one_process(env, meta) -> Path:
+def one_process(env, meta: MetaSettings) -> Path:
     """The 1-process run (no process group), cached per meta block."""
-    key = json.dumps(meta, sort_keys=True)
+    key = meta.model_dump_json()
     if key not in env["ref"]:
         out = env["root"] / f"one{len(env['ref'])}"
         train(str(env["model"]), str(env["tasks"]), SUBJECTS, meta, 11, out / "ck/final", out / "m.parquet",
-              {"mode": "disabled"})
+              WandbSettings(mode="disabled"))
         env["ref"][key] = out
     return env["ref"][key]
 
 
-def torchrun(env, meta, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "scripts/train_fomaml.py"), "--model", str(env["model"]), "--tasks-dir", str(env["tasks"]),
-           "--subjects", *SUBJECTS, "--meta-json", json.dumps(meta), "--seed", "11", "--out", str(out / "ck/final"),
-           "--metrics", str(out / "m.parquet"), "--wandb-mode", "disabled", *extra]
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+def torchrun(env, meta: MetaSettings, out: Path, shard_size: int, *extra: str) -> subprocess.CompletedProcess:
+    """`rlmeta launch` on 2 CPU processes, as the train_fomaml rule runs it (nproc 2, the given shard_size)."""
+    layout = MetaSettings.model_validate({**meta.model_dump(), "nproc": 2, "shard_size": shard_size})
+    cmd = [sys.executable, "-m", "rlmeta", "launch", "--torchrun", f"{sys.executable} -m torch.distributed.run",
+           "--nproc", "0", "--cpu-procs", "2", "--", "train-fomaml", "--model", str(env["model"]),
+           "--tasks-dir", str(env["tasks"]), "--subjects", *SUBJECTS, "--meta", layout.model_dump_json(),
+           "--seed", "11", "--out", str(out / "ck/final"), "--metrics", str(out / "m.parquet"),
+           "--wandb", '{"mode": "disabled"}', *extra]
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "CUDA_VISIBLE_DEVICES": ""}
     p = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    assert "rlmeta launch: " in p.stderr and "--nproc_per_node=2 -m rlmeta train-fomaml" in p.stderr
     return p
 
 
@@ -59,18 +64,19 @@ def test_two_processes_match_one(env, tmp_path, case):
     """task_parallel: rank r adapts tasks r::2; fsdp: both ranks shard one model and split every batch.
     The sharded full run matches to 1e-4: Adam's first steps divide by |g|, which magnifies the
     summation-order rounding of a few near-zero gradient entries (measured max 1.1e-5)."""
-    meta = {**META, "lora": LORA} if "lora" in case else META
+    meta = MetaSettings.model_validate({**META.model_dump(), "lora": LORA}) if "lora" in case else META
     one = one_process(env, meta)
-    shard = "1" if case.startswith("task") else "2"
+    shard = 1 if case.startswith("task") else 2
     if "resumed" in case:  # preempted after 1 step, resumed on the other layout (DCP reshards)
-        torchrun(env, meta, tmp_path / "two", "--shard-size", shard, "--stop-after", "1")
-        assert not (tmp_path / "two/ck/final").exists()
-        p = torchrun(env, meta, tmp_path / "two", "--shard-size", "1")
-        assert "resuming from" in p.stderr
-        shard = "1"
+        torchrun(env, meta, tmp_path / "two", shard, "--stop-after", "1")
+        assert not (tmp_path / "two/ck/final").exists() and not (tmp_path / "two/m.parquet").exists()
+        assert (tmp_path / "two/ck/1/checkpoint.json").is_file()
+        p = torchrun(env, meta, tmp_path / "two", 1)
+        assert f"resuming from {tmp_path / 'two/ck/1'} (step 1)" in p.stderr
+        shard = 1
     else:
-        p = torchrun(env, meta, tmp_path / "two", "--shard-size", shard)
-    assert f"world 2 = {2 // int(shard)} task groups x {shard} shards" in p.stderr
+        p = torchrun(env, meta, tmp_path / "two", shard)
+    assert f"world 2 = {2 // shard} task groups x {shard} shards" in p.stderr
     a, b = weights(one / "ck/final"), weights(tmp_path / "two/ck/final")
     assert set(a) == set(b)
     atol = 1e-4 if case == "fsdp_full" else 1e-5
@@ -78,6 +84,7 @@ def test_two_processes_match_one(env, tmp_path, case):
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
     import pyarrow.parquet as pq
 
-    la = pq.read_table(one / "m.parquet").column("meta/loss").to_pylist()
-    lb = pq.read_table(tmp_path / "two/m.parquet").column("meta/loss").to_pylist()
-    assert la == pytest.approx(lb, abs=1e-5)
+    ta, tb = pq.read_table(one / "m.parquet"), pq.read_table(tmp_path / "two/m.parquet")
+    assert tb.column("step").to_pylist() == [1, 2]  # the resumed run's table has every outer step
+    assert ta.column("meta/loss").to_pylist() == pytest.approx(tb.column("meta/loss").to_pylist(), abs=1e-5)
+    assert ta.column("lr").to_pylist() == pytest.approx(tb.column("lr").to_pylist())

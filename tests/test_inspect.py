@@ -1,21 +1,19 @@
 """The inspect notebook, executed headlessly (nbclient, the venv's ipykernel), and the
-inspect_model command line on both backends, using the tiny model the notebook builds."""
+``rlmeta inspect`` command line on both backends, using the tiny model the notebook builds."""
 from __future__ import annotations
 
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_evaluate import write_rl_metrics  # noqa: E402
+from rlmeta.cli import main
+from rlmeta.inspect import load_prompts_file, render
+from rlmeta.prompts import TEMPLATES
+from rlmeta.settings import ROOT
+from rlmeta.testing.fixtures import write_rl_metrics
 
-from rlmeta.inspect import DEFAULT_REWARDS, load_prompts_file, main, render  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "inspect_model.ipynb"
+XML_COT_REWARDS = TEMPLATES["xml_cot"].default_rewards
 
 
 def _text(nb) -> str:
@@ -33,7 +31,7 @@ def executed(tmp_path_factory):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     tmp = tmp_path_factory.mktemp("nb")
-    write_rl_metrics(tmp / "train_metrics.parquet", list(DEFAULT_REWARDS["xml_cot"]), steps=8)
+    write_rl_metrics(tmp / "train_metrics.parquet", list(XML_COT_REWARDS), steps=8)
     (tmp / "summary.json").write_text(json.dumps({"reward": {"base_mean": 0.25, "trained_mean": 0.5, "diff_mean": 0.25,
                                                              "diff_ci95": [0.1, 0.4], "n_prompts": 4}}))
     env = {"RLMETA_MODEL_DIR": str(tmp / "missing" / "final"), "RLMETA_FALLBACK_DIR": str(tmp),
@@ -55,8 +53,10 @@ def test_notebook_shows_completions_rewards_and_curves(executed):
     text = _text(nb)
     assert "using the tiny random model" in text
     assert "--- sample 0 · reward" in text and "prompt 0: Natalia sold clips" in text
-    for name in DEFAULT_REWARDS["xml_cot"]:
+    for name in XML_COT_REWARDS:
         assert name in text
+    weights = ", ".join(f"{n}={w:g}" for n, w in XML_COT_REWARDS.items())
+    assert f"weights: {weights}" in text  # the template's default rewards were used
     assert "reward base 0.250  trained 0.500" in text
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the training curves were not displayed"
@@ -69,12 +69,27 @@ def test_cli_prints_completions_with_rewards(executed, backend, capsys):
     if backend == "mlx":
         pytest.importorskip("mlx_lm")
     _, tiny = executed
-    assert main(["--model", str(tiny), "--backend", backend, "--prompt", "What is 2 + 3?", "--prompt", "And 4 + 4?",
-                 "--reference", "5", "--samples", "2", "--max-new-tokens", "8", "--seed", "3",
-                 "--rewards-json", '{"xml_soft": 1.0, "gsm8k_correct": 2.0}']) == 0
+    assert main(["inspect", "--model", str(tiny), "--backend", backend, "--prompt", "What is 2 + 3?",
+                 "--prompt", "And 4 + 4?", "--reference", "5", "--samples", "2", "--max-new-tokens", "8",
+                 "--seed", "3", "--rewards", '{"rewards": {"xml_soft": 1.0, "gsm8k_correct": 2.0}}']) == 0
     out = capsys.readouterr().out
     assert "xml_soft" in out and "gsm8k_correct" in out and "weights: xml_soft=1, gsm8k_correct=2" in out
     assert out.count("--- sample") == 4 and "prompt 1: And 4 + 4?" in out and "reference: 5" in out
+
+
+@pytest.mark.slow
+def test_cli_json_rows_and_reward_errors(executed, capsys):
+    _, tiny = executed
+    assert main(["inspect", "--model", str(tiny), "--prompt", "What is 2 + 3?", "--reference", "5", "--samples", "2",
+                 "--max-new-tokens", "6", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["prompt_index"], r["sample_idx"]) for r in rows] == [(0, 0), (0, 1)]
+    for r in rows:  # the template's default rewards, weighted into the total
+        assert set(XML_COT_REWARDS) <= set(r) and r["reference"] == "5"
+        assert r["reward"] == pytest.approx(sum(w * r[n] for n, w in XML_COT_REWARDS.items()))
+    with pytest.raises(SystemExit) as e:  # a misspelt reward is an argparse error naming it, before any loading
+        main(["inspect", "--model", str(tiny), "--prompt", "hi", "--rewards", '{"rewards": {"xml_sft": 1}}'])
+    assert e.value.code == 2 and "unknown reward 'xml_sft' (did you mean 'xml_soft'?)" in capsys.readouterr().err
 
 
 def test_render_and_prompts_file(tmp_path):

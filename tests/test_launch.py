@@ -1,4 +1,4 @@
-"""rlmeta.launch: the exact torchrun / srun command lines, and the CLI a rule calls."""
+"""rlmeta launch: the exact torchrun / srun command lines, and the CLI a rule calls."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rlmeta.launch import HEAD_NODE_EXPR, default_port, gpus_from_env, main, nproc_for, torchrun_command
+from rlmeta.cli import main
+from rlmeta.launch import HEAD_NODE_EXPR, default_port, gpus_from_env, nproc_for, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
 ALLREDUCE = ROOT / "tests" / "fixtures" / "slurm_wf" / "allreduce.py"
@@ -23,6 +24,11 @@ def test_single_node_command():
 def test_single_node_quotes_arguments():
     cmd = torchrun_command("my script.py", ["a b", "$HOME", "it's"], nproc=1)
     assert cmd == "torchrun --standalone --nproc_per_node=1 'my script.py' 'a b' '$HOME' 'it'\"'\"'s'"
+
+
+def test_single_node_module_command():
+    assert torchrun_command("rlmeta", ["train-fomaml", "--out", "results/x y"], nproc=2, module=True) == (
+        "torchrun --standalone --nproc_per_node=2 -m rlmeta train-fomaml --out 'results/x y'")
 
 
 def test_multi_node_command():
@@ -90,7 +96,7 @@ def _dry(argv, capsys, monkeypatch, env=None):
         monkeypatch.delenv(key, raising=False)
     for key, value in (env or {}).items():
         monkeypatch.setenv(key, value)
-    assert main(["--dry-run", "--torchrun", "torchrun", *argv]) == 0
+    assert main(["launch", "--dry-run", "--torchrun", "torchrun", *argv]) == 0
     return capsys.readouterr().out.strip()
 
 
@@ -98,6 +104,20 @@ def test_cli_single_node(capsys, monkeypatch):
     out = _dry(["--nproc", "2", "--nodes", "1", "--", "scripts/train_fomaml.py", "--out", "x", "--nproc", "9"],
                capsys, monkeypatch)
     assert out == "torchrun --standalone --nproc_per_node=2 scripts/train_fomaml.py --out x --nproc 9"
+
+
+def test_cli_step_runs_as_module(capsys, monkeypatch):
+    out = _dry(["--nproc", "2", "--", "train-fomaml", "--out", "x"], capsys, monkeypatch)
+    assert out == "torchrun --standalone --nproc_per_node=2 -m rlmeta train-fomaml --out x"
+    # the step's own options (even ones named like launch's) pass through untouched
+    out = _dry(["--nproc", "2", "--", "eval-adaptation", "--nproc", "9", "--out", "a b"], capsys, monkeypatch)
+    assert out == "torchrun --standalone --nproc_per_node=2 -m rlmeta eval-adaptation --nproc 9 --out 'a b'"
+
+
+def test_cli_path_is_a_script(capsys, monkeypatch):
+    """Only an exact step name runs as a module; a path (even one ending in a step's name) is a script."""
+    out = _dry(["--nproc", "1", "--", "./train-fomaml", "--out", "x"], capsys, monkeypatch)
+    assert out == "torchrun --standalone --nproc_per_node=1 ./train-fomaml --out x"
 
 
 def test_cli_cpu_fallback(capsys, monkeypatch):
@@ -119,19 +139,29 @@ def test_cli_multi_node_splits_job_gpus(capsys, monkeypatch):
                    f"--rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d --rdzv_endpoint={HEAD_NODE_EXPR}:29600 t.py a")
 
 
+def test_cli_multi_node_step(capsys, monkeypatch):
+    out = _dry(["--nproc", "8", "--nodes", "2", "--cpus-per-task", "16", "--port", "29600", "--", "train-fomaml",
+                "--out", "x"], capsys, monkeypatch)
+    assert out == ("srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=16 torchrun --nnodes=2 --nproc_per_node=4 "
+                   f"--rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d --rdzv_endpoint={HEAD_NODE_EXPR}:29600 "
+                   "-m rlmeta train-fomaml --out x")
+
+
 def test_cli_port_per_slurm_job(capsys, monkeypatch):
     out = _dry(["--nproc", "2", "--nodes", "2", "--", "t.py"], capsys, monkeypatch, {"SLURM_JOB_ID": "4242"})
     assert f"--rdzv_endpoint={HEAD_NODE_EXPR}:29742 t.py" in out
 
 
 def test_cli_rejects_uneven_split(capsys, monkeypatch):
-    with pytest.raises(SystemExit):
-        main(["--dry-run", "--nproc", "3", "--nodes", "2", "--", "t.py"])
+    with pytest.raises(SystemExit) as e:
+        main(["launch", "--dry-run", "--nproc", "3", "--nodes", "2", "--", "t.py"])
+    assert e.value.code == 2
+    assert "rlmeta launch: error: --nproc 3 (GPUs of the job) is not a multiple of --nodes 2" in capsys.readouterr().err
 
 
 def _launch(args, env=None, timeout=60):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | (env or {})
-    return subprocess.run([sys.executable, "-m", "rlmeta.launch", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "rlmeta", "launch", *args], capture_output=True, text=True,
                           env=env, timeout=timeout)
 
 
@@ -139,13 +169,20 @@ def test_cli_execs_the_command():
     out = _launch(["--torchrun", "echo", "--nproc", "2", "--", "t.py", "a b"])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "--standalone --nproc_per_node=2 t.py a b"
-    assert "rlmeta.launch: echo --standalone --nproc_per_node=2 t.py 'a b'" in out.stderr
+    assert "rlmeta launch: echo --standalone --nproc_per_node=2 t.py 'a b'" in out.stderr
+
+
+def test_cli_execs_a_step_as_module():
+    out = _launch(["--torchrun", "echo", "--nproc", "1", "--", "train-fomaml", "--out", "x"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "--standalone --nproc_per_node=1 -m rlmeta train-fomaml --out x"
+    assert "rlmeta launch: echo --standalone --nproc_per_node=1 -m rlmeta train-fomaml --out x" in out.stderr
 
 
 def test_cli_multi_node_outside_slurm_fails_clearly():
     out = _launch(["--torchrun", "echo", "--nproc", "2", "--nodes", "2", "--", "t.py"])
     assert out.returncode != 0
-    assert "must run inside a SLURM job" in out.stderr
+    assert "rlmeta launch: a multi-node (srun) launch must run inside a SLURM job" in out.stderr
 
 
 @pytest.mark.slow

@@ -8,11 +8,12 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 nn = pytest.importorskip("mlx.nn")
 from mlx.utils import tree_flatten  # noqa: E402
-from policy_helpers import cached_checkpoint  # noqa: E402
 
-from rlmeta.policy import load_policy  # noqa: E402
+from rlmeta.policy import load_policy, mlx_packed  # noqa: E402
 from rlmeta.policy import mlx_policy as mp  # noqa: E402
 from rlmeta.policy.lora import apply_lora  # noqa: E402
+from rlmeta.settings import LoraSettings  # noqa: E402
+from rlmeta.testing.models import cached_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,8 @@ def _both_paths(model, batch, temperature, monkeypatch):
 
     out = {}
     for flag in (False, True):
-        monkeypatch.setattr(mp, "HOST_GEMM", flag)
-        used = mp.PackedPlan.of(model, *batch) is not None if flag else False
+        monkeypatch.setattr(mlx_packed, "HOST_GEMM", flag)
+        used = mlx_packed.PackedPlan.of(model, *batch) is not None if flag else False
         lp = np.array(mp.sequence_logprobs(model, *batch, temperature))
         _, grads = nn.value_and_grad(model, loss)(model)
         out[flag] = (lp, {k: np.array(g) for k, g in tree_flatten(grads)}, used)
@@ -57,8 +58,8 @@ def test_packed_path_matches_padded(ckpt, temperature, monkeypatch):
 
 
 def test_packed_path_with_lora(ckpt, monkeypatch):
-    policy = apply_lora(load_policy(ckpt, "mlx"), {"r": 4, "alpha": 8, "dropout": 0.0,
-                                                   "target_modules": ["q_proj", "v_proj", "down_proj"]}, seed=0)
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    policy = apply_lora(load_policy(ckpt, "mlx"), lora, seed=0)
     for _, module in policy.model.named_modules():
         if hasattr(module, "lora_b"):
             module.lora_b = mx.random.normal(module.lora_b.shape, key=mx.random.key(0)) * 0.05

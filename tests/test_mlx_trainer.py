@@ -7,7 +7,9 @@ answer is known (emit digits only: reward 1.0); the base policy scores ~0.03.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,28 +18,30 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from rlmeta.config import ROOT  # noqa: E402
+from rlmeta import checkpoints  # noqa: E402
+from rlmeta.cli import main  # noqa: E402
 from rlmeta.io import write_records  # noqa: E402
-from rlmeta.rewards import REGISTRY, RewardSpec  # noqa: E402
 from rlmeta.rl import mlx_state  # noqa: E402
-from rlmeta.rl.mlx_trainer import MLXTrainer, main, train_mlx  # noqa: E402
+from rlmeta.rl.mlx_trainer import MLXTrainer, train_mlx  # noqa: E402
+from rlmeta.schedules import mlx_schedule  # noqa: E402
+from rlmeta.settings import ROOT, ModelBuild, RLJob, WandbSettings  # noqa: E402
 from rlmeta.tables import PROMPTS  # noqa: E402
-from rlmeta.tracking import NonFiniteMetricError  # noqa: E402
+from rlmeta.testing.rewards import registered  # noqa: E402
+from rlmeta.tracking import METRICS_FILE, NonFiniteMetricError  # noqa: E402
 
-TINY = {"tokenizer": "bpe", "vocab_size": 300, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
-        "num_kv_heads": 1, "intermediate_size": 64}
-OFF = {"mode": "disabled"}
+TINY = ModelBuild(tokenizer="bpe", vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                  intermediate_size=64)
+OFF = WandbSettings(mode="disabled")
 
 
-def digit_share(completion, reference=None, prompt=None, **_):
+def digit_share(completion, reference=None, prompt=None):
     chars = [c for c in completion if not c.isspace()]
     return sum(c.isdigit() for c in chars) / max(1, len(chars))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def toy_reward():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(REGISTRY, "toy_digits", RewardSpec("toy_digits", digit_share, "share of digit characters"))
+    with registered("toy_digits", digit_share, "share of digit characters"):
         yield
 
 
@@ -59,15 +63,36 @@ def prompts(tmp_path_factory):
     return path
 
 
-def experiment(algorithm="grpo", reward=1.0, **train):
+def experiment(algorithm="grpo", reward=1.0, **train) -> RLJob:
     t = {"steps": 30, "batch_prompts": 4, "group_size": 8, "learning_rate": 1e-2, "max_new_tokens": 8,
          "checkpoint_every": 1000, **train}
-    return {"algorithm": algorithm, "rewards": {"toy_digits": reward}, "reward_params": {}, "train": t}
+    return RLJob.model_validate({"algorithm": algorithm, "rewards": {"toy_digits": reward}, "reward_params": {},
+                                 "train": t, "backend": "mlx"})
 
 
-def run(tiny, prompts, out: Path, exp: dict, **kw) -> list[dict]:
-    train_mlx(tiny, prompts, exp, out / "checkpoints", out / "train_metrics.parquet", OFF, seed=0, **kw)
-    return pq.read_table(out / "train_metrics.parquet").to_pylist()
+def run(tiny, prompts, out: Path, job: RLJob, **kw) -> list[dict] | None:
+    """Train; the train_metrics rows, or None when the run left no train_metrics.parquet (stopped early)."""
+    train_mlx(tiny, prompts, job, out / "checkpoints", out / "train_metrics.parquet", OFF, seed=0, **kw)
+    path = out / "train_metrics.parquet"
+    return pq.read_table(path).to_pylist() if path.exists() else None
+
+
+def checkpoint_rows(ckpt: Path) -> list[dict]:
+    """The train_metrics rows a checkpoint carries."""
+    return pq.read_table(ckpt / METRICS_FILE).to_pylist()
+
+
+def drop_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]
+
+
+def final_weights(out: Path) -> dict:
+    return mx.load(str(out / "checkpoints" / "final" / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert max(float(mx.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
 
 
 @pytest.fixture(scope="module", params=["grpo", "gspo"])
@@ -127,7 +152,25 @@ def test_second_update_moves_the_importance_ratio(tiny, prompts, algorithm):
     assert second["clip_ratio"] > 0 or abs(second["ratio"] - 1.0) > 1e-4, second
     if algorithm == "gspo":
         assert second["clip_ratio"] > 0, second  # eps 3e-4: a sequence ratio moved past the band
-    assert out["lr"] == 1e-2 and math.isfinite(out["loss"])
+    lr = mlx_schedule("constant", 1e-2, 0, 4)
+    assert [u["lr"] for u in out["updates"]] == [lr(0).item(), lr(1).item()] and out["lr"] == lr(1).item()
+    assert out["lr"] == pytest.approx(1e-2, rel=1e-7) and math.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize("schedule,warmup", [("cosine", 1), ("linear", 0)])
+def test_logged_lr_is_the_schedule_value_of_that_update(tiny, prompts, schedule, warmup):
+    steps, mu = 4, 2
+    tr = MLXTrainer(tiny, prompts, experiment(steps=steps, batch_prompts=2, group_size=2, updates_per_batch=mu,
+                                              lr_schedule=schedule, warmup_steps=warmup), seed=0)
+    lr = mlx_schedule(schedule, 1e-2, warmup * mu, steps * mu)
+    rows = [tr.train_step() for _ in range(steps)]
+    updates = [u["lr"] for r in rows for u in r["updates"]]
+    assert updates == [lr(i).item() for i in range(steps * mu)]  # update i ran at the schedule's lr(i)
+    assert [r["lr"] for r in rows] == [lr(r["step"] * mu - 1).item() for r in rows]  # a row: its last update's
+    if warmup:
+        assert updates[0] == 0.0 and updates[1:3] == pytest.approx([0.5e-2, 1e-2], rel=1e-7)  # warm-up from 0
+    else:
+        assert updates[0] == pytest.approx(1e-2, rel=1e-7) and updates[-1] == pytest.approx(1e-2 / 8, rel=1e-6)
 
 
 def test_kl_to_reference_grows_with_beta(tiny, prompts):
@@ -154,21 +197,62 @@ def test_resume_ends_where_an_uninterrupted_run_does(tiny, prompts, tmp_path, va
         exp = experiment("gspo", steps=4, checkpoint_every=2, updates_per_batch=2, learning_rate=3e-2,
                          lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
     straight = run(tiny, prompts, tmp_path / "a", exp)
-    partial = run(tiny, prompts, tmp_path / "b", exp, stop_after=3)  # "killed" after step 3, last checkpoint 2
-    assert [r["step"] for r in partial] == [1, 2, 3] and not (tmp_path / "b/checkpoints/final").exists()
+    assert [r["step"] for r in straight] == [1, 2, 3, 4]
+    # "killed" after step 3: no final model and no train_metrics.parquet (written when training ends), but
+    # the last checkpoint (step 2) carries the rows so far
+    assert run(tiny, prompts, tmp_path / "b", exp, stop_after=3) is None
+    ck = tmp_path / "b/checkpoints"
+    assert not (ck / "final").exists() and not (tmp_path / "b/train_metrics.parquet").exists()
+    assert [s for s, _ in checkpoints.numbered(ck)] == [2]
+    assert drop_seconds(checkpoint_rows(ck / "2")) == drop_seconds(straight[:2])
     resumed = run(tiny, prompts, tmp_path / "b", exp)
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]  # noqa: E731
-    assert drop(resumed) == drop(straight)
-    a = mx.load(str(tmp_path / "a/checkpoints/final/model.safetensors"))
-    b = mx.load(str(tmp_path / "b/checkpoints/final/model.safetensors"))
-    assert a.keys() == b.keys()
-    assert max(float(mx.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
-    assert [s for s, _ in mlx_state.checkpoints(tmp_path / "b/checkpoints")] == [2, 4]
-    state = json.loads((tmp_path / "b/checkpoints/4" / mlx_state.STATE_FILE).read_text())
-    assert state["step"] == 4 and state["spec"]["experiment"] == json.loads(json.dumps(exp, sort_keys=True))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # every step, the restored ones included
+    assert drop_seconds(resumed) == drop_seconds(straight)
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert_same_weights(a, b)
+    assert [s for s, _ in checkpoints.numbered(ck)] == [2, 4]
+    assert drop_seconds(checkpoint_rows(ck / "4")) == drop_seconds(straight)
+    state = json.loads((ck / "4" / mlx_state.STATE_FILE).read_text())
+    assert state["step"] == 4 and state["spec"]["job"] == exp.model_dump(mode="json")
+    assert checkpoints.marker(ck / "4")["step"] == 4 and checkpoints.is_complete(ck / "4")
     if variant == "lora_gspo":  # merged: no adapter names in the final weights
-        assert not any("lora" in k for k in a) and (tmp_path / "b/checkpoints/2/adapter").is_dir()
-        assert_transformers_agrees(tmp_path / "b/checkpoints/final")
+        assert not any("lora" in k for k in a) and (ck / "2/adapter").is_dir()
+        assert_transformers_agrees(ck / "final")
+
+
+@pytest.fixture(scope="module")
+def every_step_run(tiny, prompts, tmp_path_factory):
+    """An uninterrupted 4-step run that checkpoints every step (the reference of the resume tests)."""
+    job = experiment(steps=4, batch_prompts=2, group_size=4, checkpoint_every=1, updates_per_batch=2)
+    out = tmp_path_factory.mktemp("every_step")
+    return job, out, run(tiny, prompts, out, job)
+
+
+@pytest.mark.parametrize("damage", ["copy_without_marker", "truncated_weights", "listed_file_missing"])
+def test_incomplete_checkpoint_is_skipped_with_a_warning(tiny, prompts, tmp_path, every_step_run, caplog, damage):
+    job, ref_out, straight = every_step_run
+    assert run(tiny, prompts, tmp_path, job, stop_after=2) is None
+    ck = tmp_path / "checkpoints"
+    fake = ck / "3"  # the newest checkpoint under the next step's name, as if cut during its save
+    shutil.copytree(ck / "2", fake)
+    if damage == "listed_file_missing":  # marker kept, a file it lists gone
+        (fake / mlx_state.OPTIMIZER_FILE).unlink()
+    else:
+        (fake / checkpoints.MARKER).unlink()
+    if damage == "truncated_weights":
+        weights = fake / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    caplog.set_level(logging.INFO)
+    assert [s for s, _ in checkpoints.numbered(ck)] == [1, 2]
+    assert f"skipping checkpoint {fake}: incomplete" in caplog.text
+    caplog.clear()
+
+    resumed = run(tiny, prompts, tmp_path, job)
+    assert f"skipping checkpoint {fake}: incomplete" in caplog.text
+    assert f"resuming {ck / '2'} at step 2" in caplog.text
+    assert drop_seconds(resumed) == drop_seconds(straight)
+    assert_same_weights(final_weights(tmp_path), final_weights(ref_out))
+    assert [s for s, _ in checkpoints.numbered(ck)] == [1, 2, 3, 4] and checkpoints.is_complete(fake)
 
 
 def test_poisoned_learning_rate_stops_and_keeps_the_last_good_checkpoint(tiny, prompts, tmp_path):
@@ -177,17 +261,42 @@ def test_poisoned_learning_rate_stops_and_keeps_the_last_good_checkpoint(tiny, p
     with pytest.raises(NonFiniteMetricError, match=r"at step 3.*last good checkpoint: .*checkpoints/2"):
         run(tiny, prompts, tmp_path, exp)
     ckpts = tmp_path / "checkpoints"
-    assert [s for s, _ in mlx_state.checkpoints(ckpts)] == [1, 2] and not (ckpts / "final").exists()
-    assert [r["step"] for r in pq.read_table(tmp_path / "train_metrics.parquet").to_pylist()] == [1, 2, 3]
+    assert [s for s, _ in checkpoints.numbered(ckpts)] == [1, 2] and not (ckpts / "final").exists()
+    # train_metrics.parquet is written when training ends: a stopped run leaves the rows in its checkpoints
+    assert not (tmp_path / "train_metrics.parquet").exists()
+    assert [r["step"] for r in checkpoint_rows(ckpts / "1")] == [1]
+    rows = checkpoint_rows(ckpts / "2")
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(1e30)
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
 
 
-def test_cli(tiny, prompts, tmp_path, capsys):
+@pytest.fixture
+def restore_logging():
+    """``rlmeta.cli.main`` sets up logging afresh (``basicConfig(force=True)``): give pytest its handlers back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_cli(tiny, prompts, tmp_path, capsys, restore_logging):
     with pytest.raises(SystemExit) as e:
-        main(["--help"])
+        main(["train-mlx", "--help"])
     assert e.value.code == 0
-    exp = json.dumps(experiment(steps=1, batch_prompts=2, group_size=2, checkpoint_every=1))
-    assert main(["--model", str(tiny), "--prompts", str(prompts), "--experiment-json", exp, "--out",
-                 str(tmp_path / "ck"), "--metrics", str(tmp_path / "m.parquet"), "--seed", "3",
-                 "--wandb-mode", "disabled"]) == 0
+    assert "--job" in capsys.readouterr().out
+    job = experiment(steps=1, batch_prompts=2, group_size=2, checkpoint_every=1).model_dump_json()
+    argv = ["train-mlx", "--model", str(tiny), "--prompts", str(prompts), "--job", job, "--out", str(tmp_path / "ck"),
+            "--metrics", str(tmp_path / "m.parquet"), "--seed", "3", "--wandb", '{"mode": "disabled"}']
+    assert main(argv) == 0
     assert (tmp_path / "ck/final/model.safetensors").exists() and (tmp_path / "ck/1" / mlx_state.STATE_FILE).exists()
-    assert "step 1/1 reward=" in capsys.readouterr().err
+    assert [r["step"] for r in pq.read_table(tmp_path / "m.parquet").to_pylist()] == [1]
+    assert json.loads((tmp_path / "ck/1" / mlx_state.STATE_FILE).read_text())["spec"]["seed"] == 3
+    err = capsys.readouterr().err
+    assert "step 1/1 reward=" in err and "INFO rlmeta.rl.mlx_trainer: saved" in err  # progress and log on stderr
+    bad = json.dumps({"rewards": {"toy_digits": 1.0}, "train": {"stepz": 1}})
+    with pytest.raises(SystemExit) as e:
+        main([*argv[:6], bad, *argv[7:]])
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "error:" in x]  # the problem in one line, after the usage
+    assert e.value.code == 2 and "argument --job: job error: unknown key 'train.stepz' (did you mean 'steps'?)" in line

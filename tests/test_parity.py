@@ -6,17 +6,16 @@ import json
 import numpy as np
 import pytest
 
-from policy_helpers import cached_checkpoint, torch_threads
+from rlmeta.checkpoints import MARKER, is_complete, marker
+from rlmeta.cli import main
 from rlmeta.policy import load_policy
 from rlmeta.policy.lora import adapter_backend, apply_lora, merge_lora, save_adapter
+from rlmeta.settings import LoraSettings
+from rlmeta.testing.models import cached_checkpoint, messages, questions
 
-LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+LORA = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +55,6 @@ def test_logprobs_mlx_equal_torch(policies, batch, temperature):
 def test_logprobs_parity_on_samples_at_long_positions(policies):
     """Sampled completions after prompts repeated 4x (positions up to ~700, where mx.fast.rope's
     own frequencies would drift from transformers')."""
-    from policy_helpers import messages, questions
-
     gens = policies["mlx"].generate(messages(questions(4)), 2, temperature=1.0, max_new_tokens=16, seed=0)
     prompts, comps = [g.prompt_ids * 4 for g in gens], [g.token_ids for g in gens]
     assert max(len(p) for p in prompts) > 400
@@ -76,7 +73,8 @@ def test_logprobs_independent_of_batching(policies, batch):
 def test_save_reloads_in_other_backend(policies, batch, tmp_path, src, dst):
     out = policies[src].save(tmp_path / "ck")
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MARKER} <= names
+    assert is_complete(out) and marker(out)["backend"] == src  # the marker lists every file, written last
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
     reloaded = load_policy(out, dst)
@@ -150,10 +148,8 @@ def test_torch_merged_checkpoint_opens_in_mlx_lm(ckpt, batch, tmp_path):
 
 
 def test_merge_lora_cli(ckpt, tmp_path, capsys):
-    from rlmeta.policy.lora import main
-
     policy = apply_lora(load_policy(ckpt, "mlx"), LORA)
     adapter = save_adapter(policy, tmp_path / "adapter")
-    assert main(["--model", str(ckpt), "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 0
+    assert main(["merge-lora", "--model", str(ckpt), "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "model.safetensors").exists()
     assert str(tmp_path / "m") in capsys.readouterr().out

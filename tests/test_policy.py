@@ -4,18 +4,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from policy_helpers import cached_checkpoint, messages, questions, torch_threads
 from rlmeta.policy import load_policy
 from rlmeta.policy.base import Generation, Policy
+from rlmeta.testing.models import cached_checkpoint, messages, questions
 
 BACKENDS = ["mlx", "torch"]
 MAX_NEW = 8
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +89,6 @@ def test_greedy_ignores_seed(policies, prompts, backend):
 def test_sequence_logprobs_differentiable(policies):
     import mlx.core as mx
     import mlx.nn as nn
-    import torch
 
     from rlmeta.policy import mlx_policy, torch_policy
 

@@ -1,12 +1,15 @@
-"""Prompt templates, reference completions and the prompts table."""
+"""Prompt templates, reference completions, the prompts table, and the answer extraction they are graded by."""
 import pyarrow as pa
 import pytest
 
 from rlmeta import prompts
+from rlmeta.answers import last_number, numbers_equal, strict_gsm8k, to_fraction
+from rlmeta.cli import main
 from rlmeta.io import read_table
 from rlmeta.prompts import SECTIONS, TEMPLATES, build_prompts, reference_completion
-from rlmeta.rewards import REGISTRY, score_completion
+from rlmeta.rewards import REGISTRY
 from rlmeta.rewards.text import sections as sections_reward
+from rlmeta.scoring import score
 from rlmeta.tables import HEADLINES, PROBLEMS, PROMPTS
 
 
@@ -59,9 +62,20 @@ def test_sections_constant_shared_with_reward():
 def test_reference_completions_score_maximal():
     ref = reference_completion("xml_cot", GSM_ROW)
     assert "<<" not in ref and "####" not in ref
-    assert score_completion(None, ref, "2", {n: 1 for n in ("xml_strict", "xml_soft", "xml_count",
-                                                             "integer_answer", "gsm8k_correct")})[0] == 5.0
-    assert REGISTRY["math_correct"].fn(reference_completion("math_boxed", MATH_ROW), reference="2") == 1.0
+    weights = {n: 1 for n in ("xml_strict", "xml_soft", "xml_count", "integer_answer", "gsm8k_correct")}
+    scored = score([ref], ["2"], None, weights, metrics=TEMPLATES["xml_cot"].metrics)
+    assert scored.total.tolist() == [5.0] and all(v.tolist() == [1.0] for v in scored.components.values())
+    # every accuracy and format rate but lm-eval's strict match, which needs the "####" line the XML format drops
+    assert {k: v.tolist() for k, v in scored.metrics.items()} == {
+        "accuracy/gsm8k_strict": [0.0], "accuracy/gsm8k_flexible": [1.0], "accuracy/gsm8k_xml": [1.0],
+        "format/xml_strict": [1.0], "format/xml_soft": [1.0]}
+    math_ref = reference_completion("math_boxed", MATH_ROW)
+    assert REGISTRY["math_correct"].score([math_ref], ["2"]).tolist() == [1.0]
+    math_scores = score([math_ref], ["2"], None, TEMPLATES["math_boxed"].default_rewards,
+                        metrics=TEMPLATES["math_boxed"].metrics)
+    assert math_scores.total.tolist() == [1.0]
+    assert {k: v.tolist() for k, v in math_scores.metrics.items()} == {"accuracy/math_verify": [1.0],
+                                                                       "format/boxed_present": [1.0]}
     refs = [reference_completion("inner_scientist", r) for r in headlines(5).to_pylist()]
     assert len(set(refs)) == 5  # headline-specific
     for r in refs + [reference_completion("inner_scientist", {"title": "Hi", "summary": None})]:
@@ -99,8 +113,8 @@ def test_gsm8k_and_math_splits_disjoint_and_capped():
     again = build_prompts("m", "math_boxed", tables[::-1], max_train=10, max_eval=4, seed=3).to_pylist()
     assert again == m
     assert build_prompts("m", "math_boxed", tables, max_train=10, max_eval=4, seed=4).to_pylist() != m
-    with pytest.raises(ValueError, match="needs a math dataset"):
-        build_prompts("m", "math_boxed", tables, dataset_kind="gsm8k")
+    with pytest.raises(ValueError, match="unknown split 'validation'"):
+        build_prompts("m", "math_boxed", problems("math", {"validation": 1}, "algebra"))
 
 
 def test_cli_byte_identical_reruns(tmp_path):
@@ -111,9 +125,53 @@ def test_cli_byte_identical_reruns(tmp_path):
     outs = []
     for k in range(2):
         out = tmp_path / f"p{k}.parquet"
-        assert prompts.main(["--experiment", "g", "--template", "xml_cot", "--dataset-kind", "gsm8k",
-                             "--inputs", str(src), "--out", str(out), "--seed", "5", "--max-train", "8"]) == 0
+        assert main(["make-prompts", "--experiment", "g", "--template", "xml_cot",
+                     "--inputs", str(src), "--out", str(out), "--seed", "5", "--max-train", "8"]) == 0
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
     t = read_table(tmp_path / "p0.parquet", PROMPTS)
     assert t.num_rows == 14 and t.schema.equals(PROMPTS)
+    assert build_prompts("g", "xml_cot", problems("gsm8k", {"train": 12, "test": 6}), seed=5,
+                         max_train=8).equals(t)
+
+
+# -- answer extraction and comparison (rlmeta.answers), which grades these templates' completions -----------
+
+@pytest.mark.parametrize("a, b, equal", [
+    ("1000001", "1000000", False),  # was equal under the old 1e-6 relative tolerance
+    ("192000001", "192000000", False),
+    ("1,000", "1000.0", True),
+    ("$1,250", "1250", True),
+    ("0.5", "1/2", True),
+    ("-5", "-5.00", True),
+    ("3", "-3", False),
+    ("0.1", "0.10000001", False),
+    ("abc", "abc", False),  # not numbers: never equal
+    (None, "1", False),
+])
+def test_numbers_equal_is_exact(a, b, equal):
+    assert numbers_equal(a, b) is equal
+    assert numbers_equal(b, a) is equal
+
+
+@pytest.mark.parametrize("text, number", [
+    ("The change is -$5.", "-5"),  # was "5": the minus before the $ was lost
+    ("She pays $1,250.50 in total.", "1250.50"),
+    ("so 3 + 4 = 7", "7"),
+    ("about 2,520,000 people", "2520000"),
+    ("It costs $18. Then...", "18"),
+    ("no digits here.", None),
+    ("- . , $", None),
+])
+def test_last_number_is_flexible_extract(text, number):
+    assert last_number(text) == number
+
+
+def test_gsm8k_scorers_on_negative_and_large_answers():
+    assert REGISTRY["gsm8k_flexible"].fn("The change is -$5.", reference="-5") == 1.0
+    assert REGISTRY["gsm8k_flexible"].fn("The change is -$5.", reference="5") == 0.0
+    assert strict_gsm8k("so #### 1,000,001") == "1000001"
+    assert REGISTRY["gsm8k_strict"].fn("#### 1,000,001", reference="1000000") == 0.0
+    assert REGISTRY["gsm8k_correct"].fn("<answer>\n1000001\n</answer>", reference="1000000") == 0.0
+    assert REGISTRY["gsm8k_correct"].fn("<answer>\n1,000,000\n</answer>", reference="1000000") == 1.0
+    assert to_fraction("1,000") == 1000 and to_fraction("1/0") is None

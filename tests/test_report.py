@@ -13,16 +13,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_evaluate import NASTY, write_fomaml_fixture, write_rl_fixture  # noqa: E402
+from rlmeta.cli import main
+from rlmeta.report.render import FOMAML_PLOTS, RL_PLOTS, build_report, fmt, fmt_ci
+from rlmeta.report.summary import SUMMARY, summary_row
+from rlmeta.settings import ROOT, Experiment
+from rlmeta.testing.fixtures import NASTY, write_fomaml_fixture, write_rl_fixture
 
-from rlmeta.evaluation.evaluate import main as evaluate_main  # noqa: E402
-from rlmeta.report.render import FOMAML_PLOTS, RL_PLOTS, fmt, fmt_ci  # noqa: E402
-from rlmeta.report.render import main as report_main  # noqa: E402
-from rlmeta.report.summary import SUMMARY  # noqa: E402
-from rlmeta.report.summary import main as summary_main  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+REPORT_SAMPLES = {"gsm": 3, "mth": 6}
+"""eval.report_samples of the fixture experiments (8 prompts each): the report shows that many."""
 
 
 def rl_args(d: Path) -> list[str]:
@@ -38,27 +36,34 @@ def assert_self_contained(page: str) -> None:
     assert not re.search(r"""href=["']?(https?:|//)""", page)
 
 
+def with_eval(cfg: Experiment, **ev) -> Experiment:
+    """The experiment with some eval settings changed (validated again)."""
+    raw = cfg.model_dump(mode="json")
+    return Experiment.model_validate({**raw, "eval": {**raw["eval"], **ev}})
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Reports of an RL (GSM8K), an RL (MATH) and a FOMAML experiment, and the summary."""
     res = tmp_path_factory.mktemp("report") / "results"
     configs = {}
     for exp, tpl in (("gsm", "xml_cot"), ("mth", "math_boxed")):
-        fx = write_rl_fixture(res, exp, tpl, n_prompts=8, samples=2)
-        configs[exp] = fx["config"]
+        cfg = with_eval(write_rl_fixture(res, exp, tpl, n_prompts=8, samples=2)["config"], bootstrap=200,
+                        report_samples=REPORT_SAMPLES[exp])
+        configs[exp] = cfg
         d = res / exp
-        assert evaluate_main(["--experiment", exp, *rl_args(d), "--checkpoint", str(d / "checkpoints/final"),
-                              "--config-json", json.dumps(fx["config"]), "--bootstrap", "200",
-                              "--out", str(d / "eval/summary.json")]) == 0
-        assert report_main(["--experiment", exp, "--config-json", json.dumps(fx["config"]), "--summary",
-                            str(d / "eval/summary.json"), "--metrics", str(d / "train_metrics.parquet"),
-                            *rl_args(d), "--samples", "8", "--out-dir", str(d / "report")]) == 0
+        assert main(["evaluate", "--experiment", exp, "--config", cfg.model_dump_json(), *rl_args(d),
+                     "--checkpoint", str(d / "checkpoints/final"), "--out", str(d / "eval/summary.json")]) == 0
+        assert main(["report", "--experiment", exp, "--config", cfg.model_dump_json(), "--summary",
+                     str(d / "eval/summary.json"), "--metrics", str(d / "train_metrics.parquet"),
+                     *rl_args(d), "--out-dir", str(d / "report")]) == 0
     configs["fm"] = write_fomaml_fixture(res, "fm")["config"]
-    assert report_main(["--experiment", "fm", "--config-json", json.dumps(configs["fm"]), "--summary",
-                        str(res / "fm/eval/summary.json"), "--metrics", str(res / "fm/train_metrics.parquet"),
-                        "--out-dir", str(res / "fm/report")]) == 0
-    assert summary_main(["--results", str(res), "--experiments-json", json.dumps(configs),
-                         "--out-parquet", str(res / "summary.parquet"), "--out-html", str(res / "summary.html")]) == 0
+    assert main(["report", "--experiment", "fm", "--config", configs["fm"].model_dump_json(), "--summary",
+                 str(res / "fm/eval/summary.json"), "--metrics", str(res / "fm/train_metrics.parquet"),
+                 "--out-dir", str(res / "fm/report")]) == 0
+    experiments = json.dumps({k: v.model_dump(mode="json") for k, v in configs.items()})
+    assert main(["summarize", "--results", str(res), "--experiments", experiments,
+                 "--out-parquet", str(res / "summary.parquet"), "--out-html", str(res / "summary.html")]) == 0
     return res
 
 
@@ -79,6 +84,40 @@ def test_rl_report_files_numbers_and_escaping(built):
     md = (out / "report.md").read_text()
     assert all(f"]({f})" in md for f in RL_PLOTS)
     assert NASTY in md and "```text" in md  # verbatim inside fenced blocks
+
+
+@pytest.mark.parametrize("exp", sorted(REPORT_SAMPLES))
+def test_sample_count_comes_from_eval_report_samples(built, exp):
+    n = REPORT_SAMPLES[exp]
+    md = (built / exp / "report/report.md").read_text()
+    assert md.count("### Example ") == n and f"### Example {n}\n" in md
+    assert f"on the first {n} held-out prompts" in md
+    page = (built / exp / "report/report.html").read_text()
+    long_table = page[page.index("<table class='long'>"):]
+    assert long_table[:long_table.index("</table>")].count("<tr>") == n + 1  # header + one row per prompt
+
+
+def test_build_report_takes_the_experiment(built, tmp_path):
+    """build_report on an Experiment: report_samples 0 gives an empty samples table, the provenance
+    lists the experiment's fields."""
+    import pandas as pd
+
+    d = built / "gsm"
+    cfg = Experiment(dataset="gsm8k", prompt="xml_cot", model="tiny", backend="torch", algorithm="grpo",
+                     train={"steps": 12}, eval={"report_samples": 0})
+    summary = json.loads((d / "eval/summary.json").read_text())
+    tables = {"prompts": pq.read_table(d / "prompts.parquet").to_pandas(),
+              "responses": {p: pq.read_table(d / f"responses/{p}.parquet").to_pandas() for p in ("base", "trained")},
+              "rewards": {p: pq.read_table(d / f"rewards/{p}.parquet").to_pandas() for p in ("base", "trained")}}
+    rep = build_report("gsm", cfg, summary, pd.read_parquet(d / "train_metrics.parquet"), tmp_path / "out", tables)
+    samples = next(sec for sec in rep.sections if sec.title.startswith("Sample completions"))
+    assert samples.tables[0].rows == []
+    meta = dict(rep.meta)
+    assert {k: meta[k] for k in ("experiment", "algorithm", "backend", "model", "dataset", "template")} == {
+        "experiment": "gsm", "algorithm": "grpo", "backend": "torch", "model": "tiny", "dataset": "gsm8k",
+        "template": "xml_cot"}
+    assert meta["config sha256"] == summary["config_hash"]
+    assert all((tmp_path / "out" / f).is_file() for f in RL_PLOTS)
 
 
 def test_math_report_has_per_subject_table(built):
@@ -108,6 +147,8 @@ def test_summary_rows(built):
     assert rows["mth"]["accuracy_metric"] == "math_verify"
     assert rows["fm"]["base_init_query_loss"] == 2.6 and rows["fm"]["meta_init_query_loss"] == 2.3
     assert rows["fm"]["reward_base"] is None and rows["fm"]["steps"] == 10
+    assert rows["fm"]["accuracy_metric"] == "query accuracy (subject mean)"
+    assert rows["fm"]["accuracy_base"] == pytest.approx(0.1) and rows["fm"]["accuracy_trained"] == pytest.approx(0.15)
     page = (built / "summary.html").read_text()
     assert_self_contained(page)
     assert "href='gsm/report/report.html'" in page and fmt(s["reward"]["diff_mean"], signed=True) in page
@@ -122,6 +163,16 @@ rule all:
     input: final_targets()
     default_target: True
 """
+
+
+def test_summary_row_without_metrics():
+    """Steps come from the config block when there is no train_metrics table."""
+    rl = Experiment(dataset="gsm8k", prompt="xml_cot", model="tiny", backend="torch", algorithm="grpo",
+                    train={"steps": 7})
+    fm = Experiment(dataset="math", prompt="math_boxed", model="tiny", backend="torch", algorithm="fomaml",
+                    meta={"outer_steps": 5})
+    assert summary_row("a", rl, {})["steps"] == 7 and summary_row("b", fm, {})["steps"] == 5
+    assert summary_row("a", rl, {})["train_seconds"] is None
 
 
 @pytest.mark.slow
@@ -152,5 +203,6 @@ def test_rules_and_snakemake_report(tmp_path):
     out = subprocess.run(sm + ["--report", "report.html"], cwd=wf, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     page = (wf / "report.html").read_text()
-    for name in ("training_curves.png", "paired_differences.png", "adaptation.png", "meta_training.png", "gsm8k_grpo_lora"):
+    for name in ("training_curves.png", "paired_differences.png", "adaptation.png", "meta_training.png",
+                 "gsm8k_grpo_lora"):
         assert name in page, name

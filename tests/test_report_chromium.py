@@ -11,17 +11,14 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_evaluate import NASTY, write_fomaml_fixture, write_rl_fixture  # noqa: E402
-
-from rlmeta.evaluation.evaluate import main as evaluate_main  # noqa: E402
-from rlmeta.report.render import fmt  # noqa: E402
-from rlmeta.report.render import main as report_main  # noqa: E402
+from rlmeta.cli import main
+from rlmeta.report.render import fmt
+from rlmeta.settings import Experiment
+from rlmeta.testing.fixtures import NASTY, write_fomaml_fixture, write_rl_fixture
 
 CHECK = """<script>
 window.addEventListener('load', () => {
@@ -49,7 +46,8 @@ def chromium():
         pytest.skip("chromium is not installed and apt-get (as root) is not available to install it")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     lock = ["-o", "DPkg::Lock::Timeout=600"]
-    for cmd in (["apt-get", *lock, "update"], ["apt-get", *lock, "install", "-y", "--no-install-recommends", "chromium"]):
+    install = ["apt-get", *lock, "install", "-y", "--no-install-recommends", "chromium"]
+    for cmd in (["apt-get", *lock, "update"], install):
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
         except subprocess.TimeoutExpired:
@@ -70,19 +68,19 @@ def run_chromium(exe: str, page: Path, tmp: Path, *extra: str) -> subprocess.Com
 def make_report(res: Path, exp: str, kind: str) -> tuple[Path, dict]:
     d = res / exp
     if kind == "fomaml":
-        fx = write_fomaml_fixture(res, exp)
+        cfg = write_fomaml_fixture(res, exp)["config"]
         args = []
     else:
-        fx = write_rl_fixture(res, exp, kind, n_prompts=8, samples=2)
+        raw = write_rl_fixture(res, exp, kind, n_prompts=8, samples=2)["config"].model_dump(mode="json")
+        cfg = Experiment.model_validate({**raw, "eval": {**raw["eval"], "bootstrap": 200}})
         args = ["--prompts", str(d / "prompts.parquet")] + [
             x for pol in ("base", "trained") for x in (f"--responses-{pol}", str(d / f"responses/{pol}.parquet"),
                                                          f"--rewards-{pol}", str(d / f"rewards/{pol}.parquet"))]
-        assert evaluate_main(["--experiment", exp, *args, "--checkpoint", str(d / "checkpoints/final"),
-                              "--config-json", json.dumps(fx["config"]), "--bootstrap", "200",
-                              "--out", str(d / "eval/summary.json")]) == 0
-    assert report_main(["--experiment", exp, "--config-json", json.dumps(fx["config"]), "--summary",
-                        str(d / "eval/summary.json"), "--metrics", str(d / "train_metrics.parquet"), *args,
-                        "--out-dir", str(d / "report")]) == 0
+        assert main(["evaluate", "--experiment", exp, "--config", cfg.model_dump_json(), *args,
+                     "--checkpoint", str(d / "checkpoints/final"), "--out", str(d / "eval/summary.json")]) == 0
+    assert main(["report", "--experiment", exp, "--config", cfg.model_dump_json(), "--summary",
+                 str(d / "eval/summary.json"), "--metrics", str(d / "train_metrics.parquet"), *args,
+                 "--out-dir", str(d / "report")]) == 0
     return d / "report" / "report.html", json.loads((d / "eval/summary.json").read_text())
 
 

@@ -29,11 +29,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterable
 
 import pytest
 import yaml
@@ -265,8 +265,8 @@ def test_fixture_workflow_runs_under_slurm(fixture_run):
     assert run.run_id, "no 'SLURM run ID' in the snakemake log"
     jobs = run.jobs_by_rule()
     # one SLURM job per cluster rule, none for the localrule
-    expected = ["gpu_torchrun", "mpi_torchrun"] + (["two_node_torchrun"] if (run.workdir / "out" / "two_nodes.json").exists()
-                                                   or "two_node_torchrun" in jobs else [])
+    two_nodes = (run.workdir / "out" / "two_nodes.json").exists() or "two_node_torchrun" in jobs
+    expected = ["gpu_torchrun", "mpi_torchrun"] + (["two_node_torchrun"] if two_nodes else [])
     assert sorted(jobs) == expected, run.jobs
     for rule, row in jobs.items():
         assert row["State"] == "COMPLETED", (rule, row)
@@ -321,10 +321,11 @@ def test_fixture_sbatch_and_srun_lines(fixture_run):
 
     logs = {p.parent.name: p.read_text() for p in (run.workdir / ".snakemake" / "slurm_logs").glob("rule_*/*.log")}
     assert "srun -n1 --cpu-bind=q" in logs["rule_gpu_torchrun"] and "--gpus=1" in logs["rule_gpu_torchrun"]
-    assert re.search(r"rlmeta\.launch: \S*torchrun --standalone --nproc_per_node=2 ", logs["rule_gpu_torchrun"])
-    assert re.search(r"rlmeta\.launch: srun --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 \S*torchrun --nnodes=1 "
+    assert re.search(r"rlmeta launch: \S*torchrun --standalone --nproc_per_node=2 ", logs["rule_gpu_torchrun"])
+    assert re.search(r"rlmeta launch: srun --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 \S*torchrun --nnodes=1 "
                      r"--nproc_per_node=2 --rdzv_id=\$SLURM_JOB_ID --rdzv_backend=c10d "
-                     rf"--rdzv_endpoint=\$\(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" \| head -n1\):{29500 + int(mpi_id) % 1000} ",
+                     r"--rdzv_endpoint=\$\(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" \| head -n1\)"
+                     rf":{29500 + int(mpi_id) % 1000} ",
                      logs["rule_mpi_torchrun"])
 
 
@@ -395,10 +396,10 @@ def test_real_workflow_fomaml_on_slurm(slurm_cluster, tmp_path):
     assert re.search(r" --nodes=1 --cpus-per-task=\d+ -D \S+ --gpus=2$", call), call
     log_dir = workdir / ".snakemake" / "slurm_logs"  # rule_<name>/<wildcards>/<jobid>.log
     slurm_logs = {p.relative_to(log_dir).parts[0]: p.read_text() for p in log_dir.glob("rule_*/**/*.log")}
-    assert "python -m rlmeta.launch --nproc 2 --nodes 1" in slurm_logs["rule_train_fomaml"]
+    assert "rlmeta launch --nproc 2 --nodes 1" in slurm_logs["rule_train_fomaml"]
     # the launcher's command line (the rule sends stderr to its log)
     train_log = (workdir / "results/logs/math_fomaml/train.log").read_text()
-    assert re.search(r"^rlmeta\.launch: \S*torchrun --standalone --nproc_per_node=2 scripts/train_fomaml\.py ",
+    assert re.search(r"^rlmeta launch: \S*torchrun --standalone --nproc_per_node=2 -m rlmeta train-fomaml ",
                      train_log, re.M), train_log[-3000:]
     assert re.search(r"world 2 = 1 task groups? x 2 shards", train_log), train_log[-3000:]  # FSDP2 over both ranks
     steps = sacct_rows(run.run_id, ["JobID", "JobName", "State", "AllocTRES"], allocations_only=False)
@@ -519,7 +520,7 @@ def test_plugin_sbatch_line_multinode_example():
 
     from rlmeta.launch import torchrun_command
     per_node = example["gpu"] // example["nodes"]
-    assert torchrun_command("scripts/train_fomaml.py", [], nproc=per_node, nodes=example["nodes"]).startswith(
+    assert torchrun_command("rlmeta", ["train-fomaml"], nproc=per_node, nodes=example["nodes"], module=True).startswith(
         "srun --nodes=2 --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=4 ")
 
 

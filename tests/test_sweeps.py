@@ -2,21 +2,18 @@
 
 A sweep ``{name: {experiment: E, grid: {dotted.key: [values]}}}`` becomes one
 experiment per grid point, named ``<sweep>__<lastkey>=<value>__...``
-(``rlmeta.config.expand_sweeps``), each with its own ``results/<point>/``.  Dry runs
+(``rlmeta.settings.expand_sweeps``), each with its own ``results/<point>/``.  Dry runs
 only, in a temporary copy of the workflow with a temporary results folder (helpers
-from ``tests/test_reruns.py``).
+from ``rlmeta.testing.workflow``).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_reruns import ROOT, dry_run, job_keys, mirror_workflow  # noqa: E402
-
-from rlmeta.config import load_config  # noqa: E402
+from rlmeta.settings import ROOT, load_config
+from rlmeta.testing.workflow import dry_run, job_keys, mirror_workflow
 
 SWEEP = """sweeps:
   lr_temp:
@@ -63,17 +60,17 @@ def the(planned, rule: str) -> dict:
 
 def test_expand_sweeps_makes_one_experiment_per_point(tmp_path):
     cfg = load_config(ROOT / "config" / "config.yaml", [write(tmp_path, "sweep.yaml", SWEEP)])
-    assert list(cfg["experiments"]) == DEFAULT_EXPERIMENTS + POINTS
-    base = cfg["experiments"]["gsm8k_grpo_lora"]
+    assert list(cfg.experiments) == DEFAULT_EXPERIMENTS + POINTS
+    base = cfg.experiments["gsm8k_grpo_lora"].model_dump()
     for name in POINTS:
-        exp = cfg["experiments"][name]
+        exp = cfg.experiments[name].model_dump()
         lr, temp = (float(part.split("=")[1]) for part in name.split("__")[1:])
         assert exp["train"]["learning_rate"] == lr and exp["train"]["temperature"] == temp
         rest = {k: v for k, v in exp["train"].items() if k not in ("learning_rate", "temperature")}
         assert rest == {k: v for k, v in base["train"].items() if k not in ("learning_rate", "temperature")}
         assert {k: v for k, v in exp.items() if k != "train"} == {k: v for k, v in base.items() if k != "train"}
     # the swept experiment itself is unchanged
-    assert base == load_config(ROOT / "config" / "config.yaml")["experiments"]["gsm8k_grpo_lora"]
+    assert base == load_config(ROOT / "config" / "config.yaml").experiments["gsm8k_grpo_lora"].model_dump()
 
 
 @pytest.mark.slow

@@ -1,22 +1,29 @@
 """rlmeta.rl.trl_trainer: GRPOConfig mapping, a learning proof on a toy reward (and its failing
-counterpart), the final checkpoint in transformers and mlx_lm, train_metrics, GSPO + LoRA + resume."""
+counterpart), the final checkpoint in transformers and mlx_lm, train_metrics, GSPO + LoRA + resume,
+incomplete checkpoints, UED prompt selection."""
 from __future__ import annotations
 
 import json
 import logging
 import math
+import re
 import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rlmeta import rewards as R
+from rlmeta import checkpoints
+from rlmeta.cli import main
 from rlmeta.io import write_table
 from rlmeta.models.build import build_tiny_model
 from rlmeta.rl import trl_trainer as T
+from rlmeta.settings import LoraSettings, ModelBuild, RLJob, WandbSettings
 from rlmeta.tables import PROMPTS, TRAIN_METRICS_BASE
-from test_tracking import FAKE_KEY, wandb_records_when_flushed
+from rlmeta.testing.rewards import registered
+from rlmeta.testing.wandb_files import FAKE_KEY, wandb_records_when_flushed
+from rlmeta.tracking import METRICS_FILE, MetricsTable
 
 TARGET = "a"
 WORDS = ["cats", "dogs", "food", "balls"]
@@ -26,29 +33,19 @@ PROOF_TRAIN = {  # strong signal, short completions: ~0.15 s/step on an idle 2-c
 }
 
 
-def toy_a(completion, reference=None, prompt=None, **_):
+def toy_a(completion, reference=None, prompt=None):
     """Share of the completion's non-space characters that are the letter 'a' (max 1.0)."""
     s = completion.replace(" ", "")
     return sum(c == TARGET for c in s) / max(1, len(s))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matrices gain nothing from a second thread, and on a shared CPU spin-waiting threads
-    make every step several times slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def toy_reward():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(R.REGISTRY, "toy_a", R.RewardSpec("toy_a", toy_a, "share of 'a' characters"))
-        yield "toy_a"
+    with registered("toy_a", toy_a, "share of 'a' characters") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +56,7 @@ def tiny(tmp_path_factory):
     words = "the cat sat on a mat and ate some food while the dog ran in the park with 12 red balls".split()
     corpus.write_text("".join(json.dumps({"question": " ".join(words[i % 7:] + words[:i % 7]), "answer": str(i)}) + "\n"
                               for i in range(200)))
-    model = build_tiny_model(root / "model", {"tokenizer": "bpe", "vocab_size": 300}, [corpus], seed=0)
+    model = build_tiny_model(root / "model", ModelBuild(tokenizer="bpe", vocab_size=300), [corpus], seed=0)
     rows = [dict(prompt_id=f"p{i}", experiment="toy", item_id=f"i{i}", task="t", split=split,
                  prompt=[{"role": "user", "content": f"write {w} {i}"}], reference=str(i), reference_completion=None)
             for i, (w, split) in enumerate([(w, "train") for w in WORDS * 4] + [("eval", "eval")])]
@@ -85,14 +82,25 @@ def sampled_reward(model_dir, n_per_prompt: int = 4, seed: int = 123) -> float:
     return sum(map(toy_a, texts)) / len(texts)
 
 
+def job_of(weight=1.0, algorithm="grpo", report_to="none", **train_over) -> RLJob:
+    return RLJob.model_validate({"algorithm": algorithm, "rewards": {"toy_a": weight},
+                                 "train": {**PROOF_TRAIN, **train_over, "trl": {"report_to": report_to}}})
+
+
 def train(tiny, name, weight, report_to="none", **train_over):
     root, model, prompts = tiny
-    exp = {"algorithm": "grpo", "rewards": {"toy_a": weight},
-           "train": {**PROOF_TRAIN, **train_over, "trl": {"report_to": report_to}}}
     out = root / name
-    final = T.train_trl(model, prompts, exp, out / "checkpoints", out / "train_metrics.parquet",
-                        {"mode": "offline", "project": "rlmeta-test"}, seed=0)
+    final = T.train_trl(model, prompts, job_of(weight, report_to=report_to, **train_over), out / "checkpoints",
+                        out / "train_metrics.parquet", WandbSettings(mode="offline", project="rlmeta-test"), seed=0)
     return final, out
+
+
+def steps_of(path: Path) -> list[int]:
+    return pq.read_table(path).column("step").to_pylist()
+
+
+def drop_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -120,53 +128,73 @@ def test_config_grpo_vs_gspo_epsilons_and_batches(tmp_path):
     exp = {"algorithm": "grpo", "rewards": {"xml_strict": 0.5, "gsm8k_correct": 2.0},
            "train": {"steps": 7, "batch_prompts": 3, "group_size": 4, "updates_per_batch": 2, "checkpoint_every": 5,
                      "trl": {"report_to": "none"}}}
-    c = T.grpo_config(exp, tmp_path, seed=3)
+    c = T.grpo_config(RLJob.model_validate(exp), tmp_path, seed=3, run_name="unit")
     assert (c.importance_sampling_level, c.epsilon, c.epsilon_high) == ("token", 0.2, 0.28)
     assert (c.num_generations, c.per_device_train_batch_size, c.generation_batch_size) == (4, 12, 12)
     assert (c.steps_per_generation, c.num_iterations, c.max_steps, c.save_steps) == (1, 2, 14, 10)
-    assert c.reward_weights == [0.5, 2.0] and c.seed == 3 and c.logging_steps == 1
+    assert c.reward_weights == [0.5, 2.0] and c.seed == 3 and c.logging_steps == 1 and c.run_name == "unit"
     assert (c.loss_type, c.scale_rewards, c.beta, c.use_vllm) == ("dapo", "group", 0.0, False)
     assert c.use_cpu and not c.bf16 and not c.gradient_checkpointing and c.report_to == []
+    assert c.lr_scheduler_type == "constant_with_warmup" and c.warmup_steps == 0 and c.learning_rate == 1e-5
+    assert not c.ignore_data_skip and not c.logging_nan_inf_filter
 
-    g = T.grpo_config({**exp, "algorithm": "gspo"}, tmp_path)
+    g = T.grpo_config(RLJob.model_validate({**exp, "algorithm": "gspo"}), tmp_path)
     assert (g.importance_sampling_level, g.epsilon, g.epsilon_high) == ("sequence", 3e-4, 4e-4)
     over = {**exp, "train": {**exp["train"], "epsilon_low": 0.1, "epsilon_high": 0.3, "loss_type": "dr_grpo",
                              "scale_rewards": "none", "beta": 0.04, "max_grad_norm": None, "lr_schedule": "cosine",
-                             "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 33}}
-    o = T.grpo_config(over, tmp_path)
+                             "warmup_steps": 2, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 33,
+                             "ued": {"enabled": True}}}
+    o = T.grpo_config(RLJob.model_validate(over), tmp_path)
     assert (o.epsilon, o.epsilon_high, o.loss_type, o.scale_rewards, o.beta) == (0.1, 0.3, "dr_grpo", "none", 0.04)
-    assert math.isinf(o.max_grad_norm) and o.lr_scheduler_type == "cosine"
+    assert math.isinf(o.max_grad_norm) and o.lr_scheduler_type == "cosine" and o.warmup_steps == 2 * 2
     assert (o.temperature, o.top_p, o.max_completion_length) == (0.7, 0.9, 33)
-    with pytest.raises(ValueError, match="grpo or gspo"):
-        T.grpo_config({**exp, "algorithm": "fomaml"}, tmp_path)
+    assert o.ignore_data_skip  # the UED sampler resumes from its own state
+    with pytest.raises(ValueError, match="'grpo' or 'gspo'"):
+        RLJob.model_validate({**exp, "algorithm": "fomaml"})
 
 
 def test_config_cuda_bf16_and_report_to(tmp_path):
     exp = {"algorithm": "grpo", "rewards": {"xml_strict": 1.0}}
-    k = T.grpo_config_kwargs(exp, tmp_path, cuda=True)
+    k = T.grpo_config_kwargs(RLJob.model_validate(exp), tmp_path, cuda=True)
     assert k["bf16"] and not k["use_cpu"] and k["activation_checkpointing"] and k["report_to"] == ["wandb"]
-    k = T.grpo_config_kwargs({**exp, "train": {"trl": {"bf16": False, "use_vllm": True}}}, tmp_path, cuda=True)
+    k = T.grpo_config_kwargs(RLJob.model_validate({**exp, "train": {"trl": {"bf16": False, "use_vllm": True}}}),
+                             tmp_path, cuda=True)
     assert not k["bf16"] and k["use_vllm"]
-    assert T.grpo_config_kwargs(exp, tmp_path, report_to="tensorboard", cuda=False)["report_to"] == ["tensorboard"]
+    k = T.grpo_config_kwargs(RLJob.model_validate(exp), tmp_path, report_to="tensorboard", cuda=False)
+    assert k["report_to"] == ["tensorboard"] and k["use_cpu"] and not k["bf16"]
 
 
 def test_lora_config():
     assert T.lora_config(None) is None
-    lc = T.lora_config({"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj"]})
+    lc = T.lora_config(LoraSettings(r=4, alpha=8, dropout=0.1, target_modules=["q_proj"]))
     assert (lc.r, lc.lora_alpha, lc.lora_dropout, set(lc.target_modules), lc.task_type) == (4, 8, 0.1, {"q_proj"},
                                                                                              "CAUSAL_LM")
 
 
 def test_reward_functions_are_named_and_read_reference():
-    fns = T.reward_functions({"gsm8k_correct": 1.0, "integer_answer": 0.5})
+    fns = T.reward_functions(RLJob.model_validate({"rewards": {"gsm8k_correct": 1.0, "integer_answer": 0.5}}))
     assert [f.__name__ for f in fns] == ["gsm8k_correct", "integer_answer"]
     prompts = [[{"role": "user", "content": "q"}]] * 2
     completions = [[{"role": "assistant", "content": "<reasoning>\nx\n</reasoning>\n<answer>\n42\n</answer>"}],
                    [{"role": "assistant", "content": "<answer>\nseven\n</answer>"}]]
     assert fns[0](prompts=prompts, completions=completions, reference=["42", "7"], trainer_state=None) == [1.0, 0.0]
     assert fns[1](prompts=prompts, completions=completions, reference=["42", "7"]) == [1.0, 0.0]
-    with pytest.raises(ValueError, match="unknown reward"):
-        T.reward_functions({"nope": 1.0})
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        RLJob.model_validate({"rewards": {"nope": 1.0}})
+
+
+def test_reward_functions_pass_reward_params_and_prompts():
+    calls = []
+
+    def echo(completion, reference=None, prompt=None, scale: float = 1.0):
+        calls.append((completion, reference, prompt))
+        return scale * len(completion)
+
+    with registered("toy_len", echo):
+        (fn,) = T.reward_functions(RLJob.model_validate({"rewards": {"toy_len": 2.0},
+                                                         "reward_params": {"toy_len": {"scale": 0.5}}}))
+        assert fn(prompts=["p", "q"], completions=["abcd", "ab"], completion_ids=[[1], [2]]) == [2.0, 1.0]
+    assert fn.__name__ == "toy_len" and calls == [("abcd", None, "p"), ("ab", None, "q")]
 
 
 def test_train_dataset_is_the_train_split(tmp_path):
@@ -175,7 +203,8 @@ def test_train_dataset_is_the_train_split(tmp_path):
                  reference=str(i), reference_completion=None) for i in range(6)]
     write_table(tmp_path / "p.parquet", pa.Table.from_pylist(rows, schema=PROMPTS))
     ds = T.train_dataset(tmp_path / "p.parquet")
-    assert ds.column_names == ["prompt", "reference"] and ds["reference"] == ["0", "2", "4"]
+    assert ds.column_names == ["prompt", "reference", "prompt_index"] and ds["reference"] == ["0", "2", "4"]
+    assert ds["prompt_index"] == [0, 1, 2]  # UED's index of each train prompt
     assert ds[1]["prompt"] == [{"role": "system", "content": "s"}, {"role": "user", "content": "q2"}]
     assert len(T.train_dataset(tmp_path / "p.parquet", max_prompts=2)) == 2
 
@@ -183,10 +212,10 @@ def test_train_dataset_is_the_train_split(tmp_path):
 def test_metrics_callback_rows_carry_forward_and_nan_stop(tmp_path, capsys):
     from types import SimpleNamespace
 
-    from rlmeta.tracking import MetricsWriter, NonFiniteMetricError
+    from rlmeta.tracking import NonFiniteMetricError
 
-    path = tmp_path / "train_metrics.parquet"
-    cb = T.TrainMetricsCallback(MetricsWriter(path, ["reward/toy_a"]), ["toy_a"], tmp_path / "ck")
+    metrics = MetricsTable(["reward/toy_a"])
+    cb = T.TrainMetricsCallback(metrics, ["toy_a"], tmp_path / "ck")
     state = SimpleNamespace(global_step=1, max_steps=3)
     gen = {"reward": 0.5, "reward_std": 0.1, "num_tokens": 120.0, "frac_reward_zero_std": 0.25,
            "completions/mean_length": 7.0, "rewards/toy_a/mean": 0.5, "clip_ratio/region_mean": 0.0}
@@ -197,7 +226,8 @@ def test_metrics_callback_rows_carry_forward_and_nan_stop(tmp_path, capsys):
     state.global_step = 2  # a reuse step (num_iterations > 1): TRL logs no sampling metrics
     cb.on_log(None, state, None, logs={"loss": 0.2, "grad_norm": 0.4, "learning_rate": 1e-3})
     cb.on_log(None, state, None, logs={"train_runtime": 1.0, "train_loss": 0.1})  # end-of-training summary
-    rows = pq.read_table(path).to_pylist()
+    rows = metrics.table().to_pylist()
+    assert not list(tmp_path.iterdir())  # rows are kept in memory; the trainer writes the table when it ends
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["reward_mean"] == 0.5 and rows[1]["tokens"] == 120
     assert rows[0]["zero_std_frac"] == 0.25 and rows[0]["reward/toy_a"] == 0.5 and rows[0]["kl"] is None
     assert rows[0]["step_seconds"] >= 0 and "step 2/3 loss=0.2" in capsys.readouterr().err
@@ -205,7 +235,7 @@ def test_metrics_callback_rows_carry_forward_and_nan_stop(tmp_path, capsys):
     with pytest.raises(NonFiniteMetricError, match=r"non-finite loss at step 3: loss=nan; last good checkpoint: .*"
                                                    r"checkpoint-1"):
         cb.on_log(None, state, None, logs={"loss": float("nan"), "grad_norm": 0.4, "learning_rate": 1e-3})
-    assert pq.read_table(path).num_rows == 3  # the bad row is kept for diagnosis
+    assert metrics.table().num_rows == 3  # the bad row is kept for diagnosis
 
 
 # (b) the proof that it learns, and that the proof can fail ------------------------------------------
@@ -276,7 +306,8 @@ def test_train_metrics_columns_and_finite(trained_pos):
     assert all(r["kl"] is None for r in rows)  # beta = 0: TRL computes no KL
     assert rows[0]["lr"] == pytest.approx(3e-2)
     assert all(a < b for a, b in zip([r["tokens"] for r in rows], [r["tokens"] for r in rows][1:]))
-    assert rows[-1]["reward_mean"] > rows[0]["reward_mean"] and rows[-1]["reward/toy_a"] == pytest.approx(rows[-1]["reward_mean"])
+    assert rows[-1]["reward_mean"] > rows[0]["reward_mean"]
+    assert rows[-1]["reward/toy_a"] == pytest.approx(rows[-1]["reward_mean"])
 
 
 @pytest.mark.slow
@@ -295,47 +326,166 @@ def test_wandb_offline_run_has_trl_metrics_and_no_key(trained_pos):
 # (e) GSPO + LoRA through the command line, then resume --------------------------------------------------
 
 @pytest.mark.slow
-def test_gspo_lora_cli_two_steps_and_resume(tiny, toy_reward, capfd, caplog):
+def test_gspo_lora_cli_two_steps_and_resume(tiny, toy_reward, capfd):
     import torch
     from safetensors.torch import load_file
 
     root, model, prompts = tiny
-    exp = {"algorithm": "gspo", "rewards": {"toy_a": 1.0},
+    job = {"algorithm": "gspo", "rewards": {"toy_a": 1.0},
            "train": {**PROOF_TRAIN, "steps": 2, "checkpoint_every": 1, "learning_rate": 1e-2,
-                     "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, "trl": {"report_to": "none"}}}
+                     "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                     "trl": {"report_to": "none"}}}
     out = root / "gspo"
-    argv = ["--model", str(model), "--prompts", str(prompts), "--experiment-json", json.dumps(exp),
-            "--out", str(out / "checkpoints"), "--metrics", str(out / "train_metrics.parquet"), "--seed", "1",
-            "--wandb-mode", "disabled", "--wandb-project", "rlmeta-test"]
-    caplog.set_level(logging.INFO, logger=T.__name__)
-    assert T.main(argv) == 0
-    assert "step 1/2" in capfd.readouterr().err
-    args = torch.load(out / "checkpoints" / "checkpoint-2" / "training_args.bin", weights_only=False)
+    ck, metrics = out / "checkpoints", out / "train_metrics.parquet"
+    argv = ["train-trl", "--model", str(model), "--prompts", str(prompts), "--job", json.dumps(job),
+            "--out", str(ck), "--metrics", str(metrics), "--seed", "1",
+            "--wandb", json.dumps({"mode": "disabled", "project": "rlmeta-test"})]
+
+    def cli(args) -> tuple[int, str]:
+        """Exit status and stderr (progress lines and the log: the command line logs to stderr)."""
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        try:
+            return main(args), capfd.readouterr().err
+        finally:  # main() sets up logging afresh; give pytest its handlers back
+            root.handlers[:] = handlers
+            root.setLevel(level)
+
+    progress = re.compile(r"step \d+/2 ")
+    status, err = cli(argv)
+    assert status == 0 and "step 1/2" in err and "resuming" not in err
+    args = torch.load(ck / "checkpoint-2" / "training_args.bin", weights_only=False)
     assert (args.importance_sampling_level, args.epsilon, args.epsilon_high) == ("sequence", 3e-4, 4e-4)
-    merged, base = load_file(out / "checkpoints" / "final" / "model.safetensors"), load_file(model / "model.safetensors")
+    merged, base = load_file(ck / "final" / "model.safetensors"), load_file(model / "model.safetensors")
     assert set(merged) == set(base), "LoRA weights left in the final checkpoint"
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged[q], base[q]) and torch.equal(merged["model.embed_tokens.weight"],
                                                                 base["model.embed_tokens.weight"])
-    assert pq.read_table(out / "train_metrics.parquet").column("step").to_pylist() == [1, 2]
+    assert steps_of(metrics) == [1, 2]
+    # whole checkpoints: a marker naming the step and the spec, and the metrics rows so far
+    assert [s for s, _ in checkpoints.numbered(ck)] == [1, 2]
+    assert not [p.name for p in ck.iterdir() if p.name.startswith(".")], "staging folders left behind"
+    for step in (1, 2):
+        marker = checkpoints.marker(ck / f"checkpoint-{step}")
+        assert marker["step"] == step and marker["spec"]["job"] == RLJob.model_validate(job).model_dump(mode="json")
+        assert steps_of(ck / f"checkpoint-{step}" / METRICS_FILE) == list(range(1, step + 1))
+    first_rows = pq.read_table(metrics).to_pylist()
+    first = (ck / "final" / "model.safetensors").read_bytes()
 
-    first = (out / "checkpoints" / "final" / "model.safetensors").read_bytes()
+    shutil.rmtree(ck / "checkpoint-2")  # as if killed after step 1: resume trains step 2
+    metrics.unlink()  # a killed run leaves no train_metrics.parquet: checkpoint-1 carries step 1's row
+    status, err = cli(argv)
+    assert status == 0 and f"resuming {ck / 'checkpoint-1'}" in err
+    assert progress.findall(err) == ["step 2/2 "]
+    assert steps_of(metrics) == [1, 2]
+    resumed_rows = pq.read_table(metrics).to_pylist()
+    assert resumed_rows[0] == first_rows[0]  # restored from checkpoint-1, not trained again
+    assert drop_seconds(resumed_rows) == drop_seconds(first_rows)
+    assert (ck / "final" / "model.safetensors").read_bytes() == first  # same seed, same result
 
-    shutil.rmtree(out / "checkpoints" / "checkpoint-2")  # as if killed after step 1: resume trains step 2
-    caplog.clear()
-    assert T.main(argv) == 0
+    status, err = cli(argv)  # finished: the final policy is rebuilt from checkpoint-2, nothing trained
+    assert status == 0 and f"resuming {ck / 'checkpoint-2'}" in err and not progress.findall(err)
+    assert steps_of(metrics) == [1, 2]
+    assert (ck / "final" / "model.safetensors").read_bytes() == first
+
+    job["train"]["learning_rate"] = 5e-3  # a changed spec must not resume from the old checkpoints
+    status, err = cli([*argv[:6], json.dumps(job), *argv[7:]])
+    assert status == 0 and "resuming" not in err and "trained with a different spec" in err
+    assert progress.findall(err) == ["step 1/2 ", "step 2/2 "]
+
+
+# (f) an incomplete checkpoint is skipped ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_step_run(tiny, toy_reward):
+    """A full fine-tuning run of 2 steps with a checkpoint after each (the reference of the resume tests)."""
+    final, out = train(tiny, "two_steps", 1.0, steps=2, checkpoint_every=1)
+    return out, pq.read_table(out / "train_metrics.parquet").to_pylist(), (final / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["copy_without_marker", "truncated_weights"])
+def test_incomplete_checkpoint_is_skipped_with_a_warning(tiny, toy_reward, two_step_run, tmp_path, caplog, capfd,
+                                                         damage):
+    ref_out, ref_rows, ref_final = two_step_run
+    _, model, prompts = tiny
+    out = tmp_path / "run"
+    shutil.copytree(ref_out / "checkpoints" / "checkpoint-1", out / "checkpoints" / "checkpoint-1")
+    fake = out / "checkpoints" / "checkpoint-2"  # the newest checkpoint under the next step's name, cut short
+    shutil.copytree(ref_out / "checkpoints" / "checkpoint-1", fake)
+    (fake / checkpoints.MARKER).unlink()
+    if damage == "truncated_weights":
+        weights = fake / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    caplog.set_level(logging.INFO)
+    T.train_trl(model, prompts, job_of(1.0, steps=2, checkpoint_every=1), out / "checkpoints",
+                out / "train_metrics.parquet", WandbSettings(mode="disabled"), seed=0)
+    assert f"skipping checkpoint {fake}: incomplete" in caplog.text
+    assert f"resuming {out / 'checkpoints' / 'checkpoint-1'}" in caplog.text
     err = capfd.readouterr().err
-    assert "resuming" in caplog.text and "step 2/2" in err and "step 1/2" not in err
-    assert pq.read_table(out / "train_metrics.parquet").column("step").to_pylist() == [1, 2]
-    assert (out / "checkpoints" / "final" / "model.safetensors").read_bytes() == first  # same seed, same result
+    assert "step 2/2" in err and "step 1/2" not in err
+    assert steps_of(out / "train_metrics.parquet") == [1, 2]
+    assert drop_seconds(pq.read_table(out / "train_metrics.parquet").to_pylist()) == drop_seconds(ref_rows)
+    assert (out / "checkpoints" / "final" / "model.safetensors").read_bytes() == ref_final
+    assert checkpoints.is_complete(fake) and checkpoints.marker(fake)["step"] == 2  # written again, whole
 
-    caplog.clear()
-    assert T.main(argv) == 0  # finished: the final policy is rebuilt from checkpoint-2, nothing trained
-    assert "resuming" in caplog.text and "step " not in capfd.readouterr().err
-    assert pq.read_table(out / "train_metrics.parquet").column("step").to_pylist() == [1, 2]
-    assert (out / "checkpoints" / "final" / "model.safetensors").read_bytes() == first
 
-    exp["train"]["learning_rate"] = 5e-3  # a changed spec must not resume from the old checkpoints
-    caplog.clear()
-    assert T.main([*argv[:5], json.dumps(exp), *argv[6:]]) == 0
-    assert "resuming" not in caplog.text and "step 1/2" in capfd.readouterr().err
+# (g) UED: prompts drawn by learning potential through UEDRepeatSampler ------------------------------------
+
+UED_TRAIN = {"steps": 3, "batch_prompts": 4, "group_size": 4, "updates_per_batch": 2, "checkpoint_every": 1,
+             "ued": {"enabled": True, "staleness_weight": 0.3}}
+
+
+def ued_run(tiny, out: Path, monkeypatch) -> list[tuple[list[int], list[int]]]:
+    """Train with UED; the (pending batch, per-completion prompt indices) of every feedback TRL gave."""
+    _, model, prompts = tiny
+    fed = []
+    feedback = T.UEDRepeatSampler.feedback
+
+    def recording(self, indices, totals):
+        fed.append((list(self.pending[0]), [int(i) for i in indices]))
+        return feedback(self, indices, totals)
+
+    monkeypatch.setattr(T.UEDRepeatSampler, "feedback", recording)
+    T.train_trl(model, prompts, job_of(1.0, **UED_TRAIN), out / "checkpoints", out / "train_metrics.parquet",
+                WandbSettings(mode="disabled"), seed=0)
+    monkeypatch.setattr(T.UEDRepeatSampler, "feedback", feedback)
+    return fed
+
+
+@pytest.mark.slow
+def test_ued_trl_draws_distinct_prompts_scores_them_and_resumes_exactly(tiny, toy_reward, tmp_path, monkeypatch,
+                                                                        caplog):
+    a = tmp_path / "a"
+    fed = ued_run(tiny, a, monkeypatch)
+    g = UED_TRAIN["group_size"]
+    assert len(fed) == UED_TRAIN["steps"]  # one rollout per batch; the updates_per_batch reuses give no rewards
+    for batch, indices in fed:
+        assert len(set(batch)) == UED_TRAIN["batch_prompts"]  # distinct prompts
+        assert sorted(indices) == sorted(i for i in batch for _ in range(g))  # each prompt's whole group
+    assert len({i for b, _ in fed for i in b}) > UED_TRAIN["batch_prompts"]  # unseen prompts rank first
+
+    ck = a / "checkpoints"
+    assert [s for s, _ in checkpoints.numbered(ck)] == [2, 4, 6]  # every rollout batch = 2 optimizer steps
+    state = json.loads((ck / "checkpoint-6" / T.UED_FILE).read_text())
+    scored = {i for i, v in enumerate(state["ued"]["scores"]) if v is not None}
+    assert scored == {i for b, _ in fed for i in b} and state["ued"]["step"] >= len(fed)
+    assert all(0.0 <= state["ued"]["scores"][i] <= 0.5 for i in scored)  # potential of rewards in [0, 1]
+    rows = pq.read_table(a / "train_metrics.parquet").to_pylist()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    first = json.loads((ck / "checkpoint-2" / T.UED_FILE).read_text())  # after the first rollout batch
+    assert {i for i, v in enumerate(first["ued"]["scores"]) if v is not None} == set(fed[0][0])
+    # drawn ahead by the data loader, not scored yet: the next batch to train on (a resume replays it)
+    assert first["pending"] == [fed[1][0]]
+
+    # interrupted after the first rollout batch: only checkpoint-2 survives; resuming replays its pending draws
+    b = tmp_path / "b"
+    shutil.copytree(ck / "checkpoint-2", b / "checkpoints" / "checkpoint-2")
+    caplog.set_level(logging.INFO)
+    resumed = ued_run(tiny, b, monkeypatch)
+    assert "resuming" in caplog.text
+    assert [batch for batch, _ in resumed] == [batch for batch, _ in fed[1:]]  # the same draws as uninterrupted
+    assert json.loads((b / "checkpoints" / "checkpoint-6" / T.UED_FILE).read_text()) == state
+    assert drop_seconds(pq.read_table(b / "train_metrics.parquet").to_pylist()) == drop_seconds(rows)
+    assert (b / "checkpoints" / "final" / "model.safetensors").read_bytes() == \
+        (ck / "final" / "model.safetensors").read_bytes()

@@ -7,39 +7,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlmeta.config import ROOT
+from rlmeta import checkpoints
+from rlmeta.cli import main
 from rlmeta.io import write_records
 from rlmeta.models.build import build_tiny_model
+from rlmeta.settings import ROOT, ModelBuild, WarmstartSettings
 from rlmeta.tables import PROMPTS
-from rlmeta.warmstart import main as warmstart_main, sft_examples, warmstart
+from rlmeta.warmstart import METRICS, sft_examples, warmstart
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SYSTEM = "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
-SFT = dict(steps=20, batch_size=4, learning_rate=1e-2, max_seq_len=192, seed=0)
+SFT = WarmstartSettings(steps=20, batch_size=4, learning_rate=1e-2, max_seq_len=192)
+SEED = 0
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(*parts: str) -> Path:
-    for base in (ROOT / "resources", SHARED):
-        if (base.joinpath(*parts)).exists():
-            return base.joinpath(*parts)
-    pytest.skip(f"no {'/'.join(parts)} in resources/ or ../shared/data")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI box is small and shared; threads only contend
-    yield
-    torch.set_num_threads(n)
+    """A file of the bundled data in resources/ (tracked in git)."""
+    path = ROOT.joinpath("resources", *parts)
+    assert path.exists(), f"{path} missing from the checkout"
+    return path
 
 
 @pytest.fixture(scope="session")
 def ws_model_dir(tmp_path_factory) -> Path:
     corpus = [_data("rss"), _data("gsm8k", "test.jsonl"), _data("math", "test.jsonl")]
-    build = {"tokenizer": "bpe", "vocab_size": 2048, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
-             "num_kv_heads": 2, "intermediate_size": 256, "max_position_embeddings": 2048}
+    build = ModelBuild(tokenizer="bpe", vocab_size=2048, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_size=256, max_position_embeddings=2048)
     return build_tiny_model(tmp_path_factory.mktemp("ws_models") / "tiny", build, corpus, seed=1234)
 
 
@@ -93,39 +87,52 @@ def test_sft_examples_mask_prompt(ws_model_dir, prompts_table):
 @pytest.fixture(scope="module")
 def runs(ws_model_dir, prompts_table, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ws_runs")
-    return {b: warmstart(ws_model_dir, prompts_table, out / b, backend=b, **SFT) for b in ("torch", "mlx")}
+    return {b: warmstart(ws_model_dir, prompts_table, out / b, SFT, SEED, backend=b) for b in ("torch", "mlx")}
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_warmstart_lowers_loss_and_cross_loads(runs, backend):
-    m = json.loads((runs[backend] / "warmstart_metrics.json").read_text())
-    assert m["backend"] == backend and len(m["losses"]) == SFT["steps"]
+    m = json.loads((runs[backend] / METRICS).read_text())
+    assert m["backend"] == backend and len(m["losses"]) == SFT.steps and m["seed"] == SEED
+    assert m["settings"] == SFT.model_dump()
     assert m["n_examples"] + m["n_skipped"] == 48
     assert m["final_loss"] < 0.7 * m["initial_loss"], m["losses"]
     assert _logit_gap(runs[backend]) < 1e-4  # reloads in transformers and mlx-lm alike
+    # a complete portable checkpoint: rlmeta.checkpoints' marker (written last) lists every file
+    assert checkpoints.is_complete(runs[backend])
+    marker = checkpoints.marker(runs[backend])
+    assert marker["kind"] == "warmstart" and marker["steps"] == SFT.steps
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+            METRICS} <= set(marker["files"])
+    assert "chat_template" in json.loads((runs[backend] / "tokenizer_config.json").read_text())
 
 
 def test_backends_agree(runs):
-    a, b = (json.loads((runs[k] / "warmstart_metrics.json").read_text())["losses"] for k in ("torch", "mlx"))
+    a, b = (json.loads((runs[k] / METRICS).read_text())["losses"] for k in ("torch", "mlx"))
     assert abs(a[0] - b[0]) < 1e-3 and max(abs(x - y) for x, y in zip(a, b)) < 0.05
 
 
 def test_seeded_and_zero_steps(ws_model_dir, prompts_table, tmp_path):
-    kw = dict(SFT, steps=3)
-    a = warmstart(ws_model_dir, prompts_table, tmp_path / "a", **kw)
-    b = warmstart(ws_model_dir, prompts_table, tmp_path / "b", **kw)
+    three = SFT.model_copy(update={"steps": 3})
+    a = warmstart(ws_model_dir, prompts_table, tmp_path / "a", three, SEED)
+    b = warmstart(ws_model_dir, prompts_table, tmp_path / "b", three, SEED)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
-    z = warmstart(ws_model_dir, prompts_table, tmp_path / "z", **dict(SFT, steps=0))
-    for f in ws_model_dir.iterdir():
+    z = warmstart(ws_model_dir, prompts_table, tmp_path / "z", SFT.model_copy(update={"steps": 0}), SEED)
+    for f in ws_model_dir.iterdir():  # steps 0: the model itself, copied unchanged
         assert (z / f.name).read_bytes() == f.read_bytes(), f.name
-    assert json.loads((z / "warmstart_metrics.json").read_text())["losses"] == []
+    assert json.loads((z / METRICS).read_text())["losses"] == []
+    assert checkpoints.is_complete(z) and checkpoints.marker(z)["steps"] == 0
+    assert {p.name for p in z.iterdir()} == {p.name for p in ws_model_dir.iterdir()} | {METRICS, checkpoints.MARKER}
 
 
 def test_warmstart_cli(ws_model_dir, prompts_table, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        warmstart_main(["--help"])
-    assert e.value.code == 0 and "--max-seq-len" in capsys.readouterr().out
-    warmstart_main(["--model", str(ws_model_dir), "--prompts", str(prompts_table), "--out", str(tmp_path / "c"),
-                    "--steps", "1", "--batch-size", "2", "--lr", "1e-3", "--max-seq-len", "256", "--seed", "1",
-                    "--backend", "mlx"])
-    assert json.loads((tmp_path / "c" / "warmstart_metrics.json").read_text())["steps"] == 1
+        main(["warmstart", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--settings" in out and "max_seq_len" in out
+    settings = '{"steps": 1, "batch_size": 2, "learning_rate": 1e-3, "max_seq_len": 256}'
+    assert main(["warmstart", "--model", str(ws_model_dir), "--prompts", str(prompts_table), "--out",
+                 str(tmp_path / "c"), "--settings", settings, "--seed", "1", "--backend", "mlx"]) == 0
+    m = json.loads((tmp_path / "c" / METRICS).read_text())
+    assert m["settings"]["steps"] == 1 and m["settings"]["max_seq_len"] == 256 and len(m["losses"]) == 1
+    assert m["seed"] == 1 and m["backend"] == "mlx" and checkpoints.is_complete(tmp_path / "c")

@@ -1,4 +1,5 @@
-"""Snakemake dry runs for the default config, every experiment config and every profile; lint."""
+"""Snakemake dry runs for the default config, every experiment config and every profile; lint; a real
+job through the venv's snakemake without activating the venv; start-up errors are one line."""
 from __future__ import annotations
 
 import os
@@ -8,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from rlmeta.settings import ROOT
+
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def run(args, **kw):
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    return subprocess.run(SNAKEMAKE + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, **kw)
+def run(args, cmd=SNAKEMAKE, env=None, **kw):
+    env = env or dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    return subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, **kw)
 
 
 def test_lint_is_clean():
@@ -30,15 +32,30 @@ def test_default_dry_run_plans_every_stage(tmp_path):
     for rule in ("fetch_rss", "build_headlines", "prepare_gsm8k", "prepare_math", "split_math_tasks",
                  "build_model", "make_prompts", "generate", "score", "train_mlx", "train_trl", "train_fomaml"):
         assert f"rule {rule}:" in text or f"\n{rule} " in text, rule
+    assert "Shell command: rlmeta train-trl --model" in text  # every job runs one `rlmeta <step>` command
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "config" / "experiments").glob("*.yaml")), ids=lambda p: p.name)
 def test_experiment_config_dry_run(path, tmp_path):
-    out = run(["-n", "--cores", "2", "--configfile", str(path), "--config", f"results={tmp_path}/results"])
+    # hub models and datasets are not reachable here: the start-up hub check is switched off for the dry run
+    out = run(["-n", "--cores", "2", "--configfile", str(path), "--config", f"results={tmp_path}/results",
+               "check_hub=false"])
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("profile", sorted(p.name for p in (ROOT / "profiles").iterdir() if (p / "config.yaml").exists()))
+def test_hub_experiment_offline_stops_at_start_up(tmp_path):
+    path = ROOT / "config" / "experiments" / "gsm8k_grpo_qwen3.yaml"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    out = run(["-n", "--cores", "1", "--configfile", str(path), "--config", f"results={tmp_path}/results"], env=env)
+    assert out.returncode != 0
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "Hugging Face cache" in ln]
+    assert len(lines) == 1 and "pre-download it with `hf download" in lines[0] and "Traceback" not in out.stderr
+
+
+PROFILES = sorted(p.name for p in (ROOT / "profiles").iterdir() if (p / "config.yaml").exists())
+
+
+@pytest.mark.parametrize("profile", PROFILES)
 def test_profile_dry_run(profile, tmp_path):
     out = run(["-n", "--profile", f"profiles/{profile}", "--config", f"results={tmp_path}/results"])
     assert out.returncode == 0, out.stderr
@@ -47,7 +64,15 @@ def test_profile_dry_run(profile, tmp_path):
 def test_config_error_is_one_clear_line(tmp_path):
     out = run(["-n", "--cores", "1", "--config", "seed=abc", f"results={tmp_path}/results"])
     assert out.returncode != 0
-    assert "config error: 'seed' is \"abc\" (str); expected integer" in out.stderr
+    assert "config error: 'seed' is \"abc\" (str); expected an integer" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_missing_dataset_path_is_one_clear_line(tmp_path):
+    typo = "datasets={'gsm8k': {'kind': 'gsm8k', 'source': 'resources/gsm8k_typo'}}"
+    out = run(["-n", "--cores", "1", "--config", typo, f"results={tmp_path}/results"])
+    assert out.returncode != 0
+    assert "datasets.gsm8k.source: resources/gsm8k_typo does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_mlx_experiment_refused_under_slurm_platform(tmp_path):
@@ -55,3 +80,17 @@ def test_mlx_experiment_refused_under_slurm_platform(tmp_path):
                "--", f"{tmp_path}/results/headlines_gspo/train_metrics.parquet"])
     assert out.returncode != 0
     assert "uses backend mlx" in out.stdout + out.stderr
+
+
+def test_venv_snakemake_runs_a_job_without_activation(tmp_path):
+    """``.venv/bin/snakemake`` with a PATH that does not hold the venv: the rule runs the venv's python."""
+    venv_snakemake = Path(sys.executable).parent / "snakemake"
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = "/usr/bin:/bin"
+    target = f"{tmp_path}/results/data/gsm8k/test.parquet"
+    out = run(["--cores", "1", "--config", f"results={tmp_path}/results", "--", target], cmd=[str(venv_snakemake)],
+              env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(target).num_rows == 200

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
-_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+_NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+"""lm-evaluation-harness's GSM8K ``flexible-extract`` pattern (the last match is the answer)."""
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
@@ -23,11 +25,11 @@ def gsm8k_final_answer(solution: str) -> str | None:
 
 
 def last_number(text: str) -> str | None:
-    """The last number in ``text`` (GSM8K's flexible extraction), cleaned."""
-    matches = _NUMBER.findall(text)
-    for m in reversed(matches):
-        cleaned = clean_number(m)
-        if cleaned not in ("", "-", "."):
+    """The last number in ``text``, cleaned: lm-evaluation-harness's GSM8K flexible extraction
+    (``"The change is -$5."`` -> ``"-5"``), skipping matches that are only punctuation."""
+    for a, b in reversed(_NUMBER.findall(text)):
+        cleaned = clean_number(a or b)
+        if to_float(cleaned) is not None:
             return cleaned
     return None
 
@@ -62,23 +64,26 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def to_float(text: str | None) -> float | None:
-    """Parse a cleaned numeric string (also ``3/4``); None when it is not a number."""
+def to_fraction(text: str | None) -> Fraction | None:
+    """The exact value of a cleaned numeric string (``"1,000"``, ``"-2.50"``, ``"3/4"``); None otherwise."""
     if text is None:
         return None
     text = clean_number(text)
     try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            return float(num) / float(den)
-        return float(text)
+        return Fraction(text)
     except (ValueError, ZeroDivisionError):
         return None
 
 
-def numbers_equal(a: str | None, b: str | None, tol: float = 1e-6) -> bool:
-    """Numeric equality of two answers (``"1,000"`` == ``"1000.0"``)."""
-    fa, fb = to_float(a), to_float(b)
-    if fa is None or fb is None:
-        return False
-    return abs(fa - fb) <= tol * max(1.0, abs(fb))
+def to_float(text: str | None) -> float | None:
+    """Parse a cleaned numeric string (also ``3/4``); None when it is not a number."""
+    value = to_fraction(text)
+    return None if value is None else float(value)
+
+
+def numbers_equal(a: str | None, b: str | None) -> bool:
+    """Exact numeric equality of two answers (``"1,000"`` == ``"1000.0"``, ``"1000001"`` != ``"1000000"``).
+
+    Rationals, not floats: GSM8K answers reach 10^7 and a relative tolerance would accept neighbours."""
+    fa, fb = to_fraction(a), to_fraction(b)
+    return fa is not None and fb is not None and fa == fb

@@ -2,7 +2,7 @@
 backend, and score them with the experiment's rewards (seed 000's "test the trained model").
 
 ``inspect_model`` returns one row per completion; ``format_rows`` prints them as a table of
-rewards followed by the completions. ``scripts/inspect_model.py`` is the command line and
+rewards followed by the completions. ``rlmeta inspect`` is the command line and
 ``notebooks/inspect_model.ipynb`` the notebook version.
 """
 from __future__ import annotations
@@ -10,22 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 from rlmeta.prompts import TEMPLATES, get_template
-from rlmeta.rewards import score_completion
+from rlmeta.scoring import score
 
 log = logging.getLogger(__name__)
-
-DEFAULT_REWARDS = {
-    "inner_scientist": {"sections": 0.5, "length": 0.25, "coherence": 0.25},
-    "xml_cot": {"xml_strict": 0.5, "xml_soft": 0.25, "integer_answer": 0.25, "gsm8k_correct": 1.0},
-    "math_boxed": {"math_correct": 1.0},
-}
-"""Rewards used when none are given: those of the default config's experiment for the template."""
 
 
 def _row(text_or_row, template: str) -> dict:
@@ -85,14 +77,16 @@ def inspect_model(model, backend: str, prompts: list[tuple[list[dict], str | Non
         log.info("loaded %s on %s in %.1fs", path, backend, time.perf_counter() - t0)
     gens = model.generate([m for m, _ in prompts], n=samples, temperature=temperature, top_p=top_p,
                           max_new_tokens=max_new_tokens, seed=seed)
+    s = score([g.text for g in gens], [prompts[g.prompt_index][1] for g in gens],
+              [prompts[g.prompt_index][0] for g in gens], rewards, params)
     rows = []
-    for g in gens:
+    for k, g in enumerate(gens):
         msgs, ref = prompts[g.prompt_index]
-        total, comps = score_completion(msgs, g.text, ref, rewards, params)
         question = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
         rows.append({"prompt_index": g.prompt_index, "sample_idx": g.sample_idx, "question": question,
                      "reference": ref, "completion": g.text, "n_tokens": len(g.token_ids),
-                     "finish_reason": g.finish_reason, "reward": total, **comps})
+                     "finish_reason": g.finish_reason, "reward": float(s.total[k]),
+                     **{n: float(v[k]) for n, v in s.components.items()}})
     return rows
 
 
@@ -101,38 +95,45 @@ def format_rows(rows: list[dict], rewards: dict[str, float], width: int = 100) -
     names = list(rewards)
     cols = ["prompt", "sample", "tokens", "finish", "reward"] + names
     widths = [max(len(c), 7) for c in cols]
-    line = lambda vals: "  ".join(str(v).rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    line = lambda vals: "  ".join(str(v).rjust(w) for v, w in zip(vals, widths))
     out = [line(cols), line(["-" * w for w in widths])]
     for r in rows:
         out.append(line([r["prompt_index"], r["sample_idx"], r["n_tokens"], r["finish_reason"], f"{r['reward']:.3f}"]
                         + [f"{r[n]:.3f}" for n in names]))
     if rows:
-        mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
-        out.append(line(["mean", "", f"{mean('n_tokens'):.1f}", "", f"{mean('reward'):.3f}"] + [f"{mean(n):.3f}" for n in names]))
+        mean = lambda k: sum(r[k] for r in rows) / len(rows)
+        out.append(line(["mean", "", f"{mean('n_tokens'):.1f}", "", f"{mean('reward'):.3f}"]
+                        + [f"{mean(n):.3f}" for n in names]))
     out.append("weights: " + ", ".join(f"{n}={w:g}" for n, w in rewards.items()))
     seen = set()
     for r in rows:
         if r["prompt_index"] not in seen:
             seen.add(r["prompt_index"])
-            out += ["", "=" * width, f"prompt {r['prompt_index']}: " + textwrap.shorten(r["question"].split("\n\n")[0], width - 12)]
+            question = textwrap.shorten(r["question"].split("\n\n")[0], width - 12)
+            out += ["", "=" * width, f"prompt {r['prompt_index']}: {question}"]
             if r["reference"] is not None:
                 out.append(f"reference: {r['reference']}")
-        out += [f"--- sample {r['sample_idx']} · reward {r['reward']:.3f} · {r['n_tokens']} tokens · {r['finish_reason']}"]
-        out += [textwrap.fill(p, width, replace_whitespace=False) if p else "" for p in r["completion"].splitlines()] or ["(empty)"]
+        out += [f"--- sample {r['sample_idx']} · reward {r['reward']:.3f} · {r['n_tokens']} tokens · "
+                f"{r['finish_reason']}"]
+        lines = [textwrap.fill(p, width, replace_whitespace=False) if p else "" for p in r["completion"].splitlines()]
+        out += lines or ["(empty)"]
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: generate with any checkpoint on either backend and print the completions with their rewards."""
-    p = argparse.ArgumentParser(prog="inspect_model.py", description="Sample and score completions of a checkpoint.")
-    p.add_argument("--model", required=True, help="checkpoint folder (e.g. results/<exp>/checkpoints/final) or hub id")
+def command(p: argparse.ArgumentParser):
+    """``rlmeta inspect``: generate with any checkpoint on either backend and print the completions with rewards."""
+    from rlmeta.cli import model_ref, settings_type
+    from rlmeta.settings import RewardMix
+
+    p.add_argument("--model", required=True, type=model_ref,
+                   help="checkpoint folder (e.g. results/<exp>/checkpoints/final) or hub id")
     p.add_argument("--backend", choices=["mlx", "torch"], default="torch")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a question or headline (repeatable)")
     src.add_argument("--prompts-file", help="parquet (prompts, problems or headlines table) or jsonl of questions")
     p.add_argument("--template", choices=sorted(TEMPLATES), default="xml_cot")
-    p.add_argument("--rewards-json", help="reward name -> weight (default: the template's usual rewards)")
-    p.add_argument("--params-json", default="{}", help="reward name -> keyword arguments")
+    p.add_argument("--rewards", type=settings_type(RewardMix, "rewards"),
+                   help='{"rewards": {name: weight}, "reward_params": {...}} (default: the template\'s rewards)')
     p.add_argument("--reference", help="gold answer for the --prompt questions")
     p.add_argument("--max-prompts", type=int, default=8, help="prompts taken from --prompts-file (default 8)")
     p.add_argument("--samples", type=int, default=1, help="completions per prompt (default 1)")
@@ -141,15 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object per completion instead of the table")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    rewards = json.loads(a.rewards_json) if a.rewards_json else DEFAULT_REWARDS[a.template]
-    items = a.prompt if a.prompt else load_prompts_file(a.prompts_file, a.max_prompts)
-    prompts = render(items, a.template, a.reference)
-    rows = inspect_model(a.model, a.backend, prompts, rewards, json.loads(a.params_json), a.samples, a.temperature,
-                         a.top_p, a.max_new_tokens, a.seed)
-    if a.json:
-        print("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
-    else:
-        print(format_rows(rows, rewards))
-    return 0
+
+    def run(a):
+        mix = a.rewards or RewardMix(rewards=TEMPLATES[a.template].default_rewards)
+        items = a.prompt if a.prompt else load_prompts_file(a.prompts_file, a.max_prompts)
+        prompts = render(items, a.template, a.reference)
+        rows = inspect_model(a.model, a.backend, prompts, mix.rewards, mix.reward_params, a.samples, a.temperature,
+                             a.top_p, a.max_new_tokens, a.seed)
+        if a.json:
+            print("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+        else:
+            print(format_rows(rows, mix.rewards))
+    return run

@@ -10,8 +10,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -108,10 +109,17 @@ def write_records(path: str | os.PathLike, records: list[dict], schema: pa.Schem
 
 
 def read_table(path: str | os.PathLike, schema: pa.Schema | None = None) -> pa.Table:
-    """Read a parquet table, checking that it carries every column of ``schema``."""
-    table = pq.read_table(path)
+    """Read a parquet table, checking that it carries every column of ``schema``; a file that is not a
+    readable parquet table, or lacks columns, is a ``UserError`` naming the file."""
+    from rlmeta.errors import UserError
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path}: not a readable parquet table ({' '.join(str(e).split())[:200]})") from None
     if schema is not None:
         missing = [n for n in schema.names if n not in table.column_names]
         if missing:
-            raise ValueError(f"{path}: missing columns {missing}; expected {schema.names}")
+            raise UserError(f"{path}: missing columns {missing}; expected the columns of {schema.names} "
+                            "(is it the right kind of table?)")
     return table

@@ -14,10 +14,10 @@ in ``srun`` itself; this command starts one ``torchrun`` per node, and the
         --rdzv_endpoint=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1):PORT \\
         script args...
 
-A Snakemake rule calls the CLI::
+A Snakemake rule calls the CLI with an ``rlmeta`` step (run as ``-m rlmeta <step>``) or a script::
 
-    python -m rlmeta.launch --nproc {resources.gpu} --nodes {resources.nodes} \\
-        --cpu-procs 2 -- scripts/train_fomaml.py --config ... --out {output}
+    python -m rlmeta launch --nproc {resources.gpu} --nodes {resources.nodes} \\
+        --cpu-procs 2 -- train-fomaml --meta ... --out {output}
 
 ``--nproc`` is the GPU count of the whole job, i.e. the rule's ``resources.gpu``,
 which the SLURM executor plugin requests as ``sbatch --gpus=N`` (per job); every
@@ -51,7 +51,7 @@ __all__ = [
     "nproc_for",
     "resolve_torchrun",
     "default_port",
-    "main",
+    "command",
 ]
 
 
@@ -65,8 +65,9 @@ def torchrun_command(
     srun: bool | None = None,
     cpus_per_task: int | None = None,
     torchrun: str = "torchrun",
+    module: bool = False,
 ) -> str:
-    """The shell command line that starts ``script`` under torchrun.
+    """The shell command line that starts ``script`` (a module with ``module=True``) under torchrun.
 
     ``nproc`` is the number of worker processes per node, ``nodes`` the number
     of nodes.  With ``nodes == 1`` the command is a standalone (single-node)
@@ -85,7 +86,7 @@ def torchrun_command(
     port = _positive_int(port, "port")
     if srun is None:
         srun = nodes > 1
-    tail = " ".join(shlex.quote(str(a)) for a in [script, *args])
+    tail = ("-m " if module else "") + " ".join(shlex.quote(str(a)) for a in [script, *args])
     if not srun:
         if nodes > 1:
             raise ValueError("a multi-node launch needs srun (srun=False with nodes > 1)")
@@ -170,7 +171,7 @@ def _slurm_env_for_srun(env: dict[str, str]) -> dict[str, str]:
         return env
     if not env.get("SLURM_JOB_ID"):
         raise SystemExit(
-            "rlmeta.launch: a multi-node (srun) launch must run inside a SLURM job "
+            "rlmeta launch: a multi-node (srun) launch must run inside a SLURM job "
             "(SLURM_JOB_ID is not set); use --nodes 1 outside SLURM"
         )
     nodelist = env.get("SLURM_NODELIST", "")
@@ -181,7 +182,7 @@ def _slurm_env_for_srun(env: dict[str, str]) -> dict[str, str]:
                 check=True, capture_output=True, text=True,
             ).stdout.strip()
         except (OSError, subprocess.CalledProcessError) as exc:
-            raise SystemExit(f"rlmeta.launch: cannot find the job's node list: {exc}") from None
+            raise SystemExit(f"rlmeta launch: cannot find the job's node list: {exc}") from None
     env = dict(env)
     env["SLURM_JOB_NODELIST"] = nodelist
     return env
@@ -206,19 +207,18 @@ def _parse_nproc(value: str) -> int | str:
     try:
         n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--nproc must be an integer >= 0 or 'auto', got {value!r}")
+        raise argparse.ArgumentTypeError(f"--nproc must be an integer >= 0 or 'auto', got {value!r}") from None
     if n < 0:
         raise argparse.ArgumentTypeError(f"--nproc must be >= 0, got {n}")
     return n
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m rlmeta.launch",
-        description="Run a training script under torchrun (single node) or srun + torchrun (SLURM, several nodes).",
-        epilog="Example: python -m rlmeta.launch --nproc {resources.gpu} --nodes {resources.nodes} "
-        "-- scripts/train_fomaml.py --out model/",
-    )
+def command(p: argparse.ArgumentParser):
+    """``rlmeta launch``: run an rlmeta step (or a script) under torchrun, or srun + torchrun on SLURM."""
+    from rlmeta.cli import STEPS
+
+    p.epilog = ("Example: rlmeta launch --nproc {resources.gpu} --nodes {resources.nodes} -- train-fomaml --out m/\n"
+                "A target that names an rlmeta step runs as `-m rlmeta <step>`; a path runs as a script.")
     p.add_argument("--nproc", type=_parse_nproc, default="auto",
                    help="GPUs (worker processes) of the whole job, i.e. resources.gpu; each node "
                         "runs nproc/nodes. 0 = CPU run (--cpu-procs per node); "
@@ -229,56 +229,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None,
                    help="c10d rendezvous port of the srun form (default: $RLMETA_TORCHRUN_PORT, else "
                         f"{DEFAULT_PORT} + SLURM_JOB_ID mod 1000 inside a SLURM job, else {DEFAULT_PORT})")
-    p.add_argument("--srun", action="store_true",
-                   help="use the srun + c10d rendezvous form even for one node")
+    p.add_argument("--srun", action="store_true", help="use the srun + c10d rendezvous form even for one node")
     p.add_argument("--cpus-per-task", type=int, default=None,
                    help="passed to srun in the multi-node form (the rule's resources.cpus_per_task)")
     p.add_argument("--torchrun", default=None,
                    help="launcher to use (default: torchrun next to this Python, else on PATH, "
                         "else 'python -m torch.distributed.run')")
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
-    p.add_argument("script", help="training script (put it after --)")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
-    return p
+    p.add_argument("target", help="an rlmeta step (e.g. train-fomaml) or a script path (put it after --)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the step or script")
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    args = list(ns.args)
-    if args and args[0] == "--":
-        args = args[1:]
-    if ns.nodes < 1:
-        parser.error("--nodes must be >= 1")
-    if ns.cpu_procs < 1:
-        parser.error("--cpu-procs must be >= 1")
-
-    if ns.nproc == "auto":
-        nproc = gpus_from_env() or ns.cpu_procs
-    elif ns.nproc == 0:
-        nproc = ns.cpu_procs
-    elif ns.nproc % ns.nodes:
-        parser.error(f"--nproc {ns.nproc} (GPUs of the job) is not a multiple of --nodes {ns.nodes}")
-    else:
-        nproc = ns.nproc // ns.nodes
-
-    torchrun = ns.torchrun or resolve_torchrun()
-    use_srun = ns.srun or ns.nodes > 1
-    cmd = torchrun_command(
-        ns.script, args, nproc=nproc, nodes=ns.nodes, port=ns.port or default_port(),
-        srun=use_srun, cpus_per_task=ns.cpus_per_task if use_srun else None,
-        torchrun=torchrun,
-    )
-    if ns.dry_run:
-        print(cmd)
-        return 0
-    print(f"rlmeta.launch: {cmd}", file=sys.stderr, flush=True)
-    env = dict(os.environ)
-    if use_srun:
-        env = _slurm_env_for_srun(env)
-    os.execvpe("bash", ["bash", "-c", cmd], env)
-    return 127  # not reached
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    def run(ns):
+        args = list(ns.args)
+        if args and args[0] == "--":
+            args = args[1:]
+        if ns.nodes < 1:
+            p.error("--nodes must be >= 1")
+        if ns.cpu_procs < 1:
+            p.error("--cpu-procs must be >= 1")
+        if ns.nproc == "auto":
+            nproc = gpus_from_env() or ns.cpu_procs
+        elif ns.nproc == 0:
+            nproc = ns.cpu_procs
+        elif ns.nproc % ns.nodes:
+            p.error(f"--nproc {ns.nproc} (GPUs of the job) is not a multiple of --nodes {ns.nodes}")
+        else:
+            nproc = ns.nproc // ns.nodes
+        step = ns.target in STEPS
+        target, args = ("rlmeta", [ns.target, *args]) if step else (ns.target, args)
+        use_srun = ns.srun or ns.nodes > 1
+        cmd = torchrun_command(target, args, nproc=nproc, nodes=ns.nodes, port=ns.port or default_port(),
+                               srun=use_srun, cpus_per_task=ns.cpus_per_task if use_srun else None,
+                               torchrun=ns.torchrun or resolve_torchrun(), module=step)
+        if ns.dry_run:
+            print(cmd)
+            return 0
+        print(f"rlmeta launch: {cmd}", file=sys.stderr, flush=True)
+        env = dict(os.environ)
+        if use_srun:
+            env = _slurm_env_for_srun(env)
+        os.execvpe("bash", ["bash", "-c", cmd], env)
+        return 127  # not reached
+    return run

@@ -13,14 +13,13 @@ import hashlib
 import html
 import logging
 import re
-import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
-
-from rlmeta.tables import PROMPTS
+if TYPE_CHECKING:  # pyarrow is imported where tables are built: the config layer reads TEMPLATES at start-up
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +60,11 @@ _TAG = re.compile(r"<[^>]+>")
 _CALC = re.compile(r"<<[^>]*>>")
 _WORD = re.compile(r"[^\W\d_][\w'-]*")
 _STOP = frozenset(
-    """a an and are as at be been but by can could did do does for from had has have he her his
-    how if in into is it its just may more most new not of on or our out over says said she so
-    than that the their them then there these they this those to up was we were what when where
-    which who why will with would you your after about also amid among before being between
-    during under while der die das und ist mit von den dem des ein eine für auf im zu""".split()
+    """a an and are as at be been but by can could did do does for from had has have he her his how if in
+    into is it its just may more most new not of on or our out over says said she so than that the their
+    them then there these they this those to up was we were what when where which who why will with
+    would you your after about also amid among before being between during under while der die das und
+    ist mit von den dem des ein eine für auf im zu""".split()
 )
 
 
@@ -148,21 +147,39 @@ def math_boxed_reference(row: dict) -> str:
 
 @dataclass(frozen=True)
 class Template:
-    """A named prompt template: ``template(row)`` gives the chat messages."""
+    """A named prompt template and everything that depends on it: ``template(row)`` gives the chat
+    messages; it also names its SFT reference completion, its default rewards, the task metrics the
+    evaluation reports (column -> registered scorer in ``rlmeta.rewards``) and its primary accuracy.
+    Adding a template touches this table only."""
 
     name: str
     messages: Callable[[dict], list[dict]]
     reference_completion: Callable[[dict], str]
     dataset_kind: str  # rss | gsm8k | math
+    default_rewards: dict[str, float]
+    metrics: dict[str, str]  # "accuracy/<name>" | "format/<name>" -> scorer name
+    primary_accuracy: str | None = None  # the metric column the report leads with
 
     def __call__(self, row: dict) -> list[dict]:
         return self.messages(row)
 
 
 TEMPLATES: dict[str, Template] = {
-    "inner_scientist": Template("inner_scientist", inner_scientist, inner_scientist_reference, "rss"),
-    "xml_cot": Template("xml_cot", xml_cot, xml_cot_reference, "gsm8k"),
-    "math_boxed": Template("math_boxed", math_boxed, math_boxed_reference, "math"),
+    "inner_scientist": Template(
+        "inner_scientist", inner_scientist, inner_scientist_reference, "rss",
+        default_rewards={"sections": 0.5, "length": 0.25, "coherence": 0.25},
+        metrics={"format/all_sections": "all_sections"}),
+    "xml_cot": Template(
+        "xml_cot", xml_cot, xml_cot_reference, "gsm8k",
+        default_rewards={"xml_strict": 0.5, "xml_soft": 0.25, "integer_answer": 0.25, "gsm8k_correct": 1.0},
+        metrics={"accuracy/gsm8k_strict": "gsm8k_strict", "accuracy/gsm8k_flexible": "gsm8k_flexible",
+                 "accuracy/gsm8k_xml": "gsm8k_xml", "format/xml_strict": "xml_strict", "format/xml_soft": "xml_soft"},
+        primary_accuracy="accuracy/gsm8k_xml"),
+    "math_boxed": Template(
+        "math_boxed", math_boxed, math_boxed_reference, "math",
+        default_rewards={"math_correct": 1.0},
+        metrics={"accuracy/math_verify": "math_correct", "format/boxed_present": "boxed_present"},
+        primary_accuracy="accuracy/math_verify"),
 }
 
 
@@ -197,6 +214,8 @@ SPLIT_MAP = {"train": "train", "support": "train", "query": "train", "test": "ev
 
 
 def _rows(items: pa.Table | Iterable[pa.Table]) -> list[dict]:
+    import pyarrow as pa
+
     tables = [items] if isinstance(items, pa.Table) else list(items)
     return [r for t in tables for r in t.to_pylist()]
 
@@ -206,7 +225,6 @@ def build_prompts(
     template: str,
     items_table: pa.Table | Iterable[pa.Table],
     *,
-    dataset_kind: str | None = None,
     eval_fraction: float = 0.25,
     seed: int = 0,
     max_train: int | None = None,
@@ -221,9 +239,7 @@ def build_prompts(
     does not depend on input order; ``max_train``/``max_eval`` keep the first N.
     """
     tpl = get_template(template)
-    kind = dataset_kind or tpl.dataset_kind
-    if kind != tpl.dataset_kind:
-        raise ValueError(f"template '{template}' needs a {tpl.dataset_kind} dataset, got {kind}")
+    kind = tpl.dataset_kind
     chosen: dict[str, tuple[str, dict]] = {}
     for row in _rows(items_table):
         if kind == "rss":
@@ -258,36 +274,41 @@ def build_prompts(
                     "reference_completion": tpl.reference_completion(row),
                 }
             )
+    import pyarrow as pa
+
+    from rlmeta.tables import PROMPTS
+
     return pa.Table.from_pylist(records, schema=PROMPTS)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: build ``prompts.parquet`` from headlines or problem tables."""
-    from rlmeta.io import read_table, write_table
+def command(p: argparse.ArgumentParser):
+    """``rlmeta make-prompts``: build an experiment's prompts table from headlines or problem tables."""
+    from rlmeta.cli import default_of, existing_file, help_of
+    from rlmeta.settings import RSSDataset
 
-    p = argparse.ArgumentParser(prog="make_prompts.py", description="Build an experiment's prompts table.")
     p.add_argument("--experiment", required=True, help="experiment name (part of prompt_id)")
     p.add_argument("--template", required=True, choices=sorted(TEMPLATES))
-    p.add_argument("--dataset-kind", choices=["rss", "gsm8k", "math"], help="default: the template's kind")
-    p.add_argument("--inputs", nargs="+", required=True, help="headlines or problems parquet file(s)")
+    p.add_argument("--inputs", nargs="+", required=True, type=existing_file,
+                   help="headlines or problems parquet file(s)")
     p.add_argument("--out", required=True, help="output prompts parquet")
-    p.add_argument("--eval-fraction", type=float, default=0.25, help="headlines held out for eval (default 0.25)")
+    p.add_argument("--eval-fraction", type=float, default=default_of(RSSDataset, "eval_fraction"),
+                   help=help_of(RSSDataset, "eval_fraction"))
     p.add_argument("--seed", type=int, default=0, help="seed of the row order and caps")
     p.add_argument("--max-train", type=int, help="keep at most N train prompts")
     p.add_argument("--max-eval", type=int, help="keep at most N eval prompts")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    t0 = time.perf_counter()
-    tables = [read_table(path) for path in a.inputs]
-    table = build_prompts(
-        a.experiment, a.template, tables, dataset_kind=a.dataset_kind, eval_fraction=a.eval_fraction,
-        seed=a.seed, max_train=a.max_train, max_eval=a.max_eval,
-    )
-    write_table(a.out, table, PROMPTS)
-    splits = table.column("split").to_pylist()
-    log.info(
-        "%s: %d prompts (train %d, eval %d, tasks %d) from %d input rows -> %s in %.2fs",
-        a.experiment, table.num_rows, splits.count("train"), splits.count("eval"),
-        len(set(table.column("task").to_pylist())), sum(t.num_rows for t in tables), a.out, time.perf_counter() - t0,
-    )
-    return 0
+
+    def run(a):
+        from rlmeta.io import read_table, write_table
+        from rlmeta.tables import PROMPTS
+
+        t0 = time.perf_counter()
+        tables = [read_table(path) for path in a.inputs]
+        table = build_prompts(a.experiment, a.template, tables, eval_fraction=a.eval_fraction, seed=a.seed,
+                              max_train=a.max_train, max_eval=a.max_eval)
+        write_table(a.out, table, PROMPTS)
+        splits = table.column("split").to_pylist()
+        log.info("%s: %d prompts (train %d, eval %d, tasks %d) from %d input rows -> %s in %.2fs",
+                 a.experiment, table.num_rows, splits.count("train"), splits.count("eval"),
+                 len(set(table.column("task").to_pylist())), sum(t.num_rows for t in tables), a.out,
+                 time.perf_counter() - t0)
+    return run

@@ -69,9 +69,15 @@ REWARD_KEYS = [
 ]
 
 
-def rewards_schema(components: list[str]) -> pa.Schema:
-    """Schema of a rewards table: keys, total, then one float column per component."""
-    return pa.schema(REWARD_KEYS + [pa.field(c, pa.float64()) for c in components])
+def rewards_schema(components: list[str], metrics: list[str] = ()) -> pa.Schema:
+    """Schema of a rewards table: keys, total, one float column per reward component (unweighted), then
+    one per task metric (``accuracy/<name>``, ``format/<name>``)."""
+    return pa.schema(REWARD_KEYS + [pa.field(c, pa.float64()) for c in [*components, *metrics]])
+
+
+def is_metric_column(name: str) -> bool:
+    """Task-metric columns of a rewards table carry a ``/`` (``accuracy/...``, ``format/...``)."""
+    return "/" in name
 
 
 TRAIN_METRICS_BASE = [
@@ -95,15 +101,3 @@ def train_metrics_schema(extra: list[str]) -> pa.Schema:
     fields = [pa.field(n, t) for n, t in TRAIN_METRICS_BASE]
     fields += [pa.field(c, pa.float64()) for c in extra if c not in dict(TRAIN_METRICS_BASE)]
     return pa.schema(fields)
-
-
-MATH_SUBJECTS = {
-    "Algebra": "algebra",
-    "Counting & Probability": "counting_and_probability",
-    "Geometry": "geometry",
-    "Intermediate Algebra": "intermediate_algebra",
-    "Number Theory": "number_theory",
-    "Prealgebra": "prealgebra",
-    "Precalculus": "precalculus",
-}
-"""MATH ``type`` field -> subject slug used in paths and the ``subject`` column."""

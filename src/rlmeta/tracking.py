@@ -7,15 +7,15 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 
 from rlmeta.io import write_table
 from rlmeta.tables import train_metrics_schema
 
-WANDB_MODES = ("offline", "online", "disabled")
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
 
@@ -23,24 +23,21 @@ class NonFiniteMetricError(FloatingPointError):
     """A logged training metric is NaN or infinite."""
 
 
-class MetricsWriter:
-    """Collect one dict per step and write ``train_metrics.parquet`` atomically.
+METRICS_FILE = "train_metrics.parquet"
+"""The rows so far, inside every resumable checkpoint: a resumed run rebuilds the whole table."""
 
-    Columns follow ``train_metrics_schema(extra_columns)``; a key missing from a row is null,
-    a key outside the schema is an error. Every ``flush`` rewrites the whole file (atomic rename),
-    so a reader never sees a partial table. With ``resume_step`` the rows of an existing file up
-    to that step are kept (a resumed run continues the same table).
+
+class MetricsTable:
+    """The rows of ``train_metrics`` (one per step), written under the final name once, when training ends.
+
+    Columns follow ``train_metrics_schema(extra_columns)``; a key missing from a row is null, a key
+    outside the schema is an error. Each checkpoint carries a copy (``METRICS_FILE``), so a run that
+    resumes from it ends with every step's row, not only those it trained itself.
     """
 
-    def __init__(self, path: str | os.PathLike, extra_columns: list[str] = (), resume_step: int | None = None):
-        self.path = Path(path)
+    def __init__(self, extra_columns: list[str] = ()):
         self.schema = train_metrics_schema(list(extra_columns))
         self.rows: list[dict[str, Any]] = []
-        if resume_step is not None and self.path.exists():
-            import pyarrow.parquet as pq
-
-            old = pq.read_table(self.path).to_pylist()
-            self.rows = [{n: r.get(n) for n in self.schema.names} for r in old if r["step"] <= resume_step]
 
     def add(self, row: dict[str, Any]) -> None:
         """Append one step's metrics (``step`` required)."""
@@ -51,18 +48,19 @@ class MetricsWriter:
             raise KeyError("a train_metrics row needs 'step'")
         self.rows.append({n: _plain(row.get(n)) for n in self.schema.names})
 
-    def flush(self) -> None:
-        """Rewrite the parquet file with every row so far."""
-        write_table(self.path, pa.Table.from_pylist(self.rows, schema=self.schema))
+    def table(self) -> pa.Table:
+        return pa.Table.from_pylist(self.rows, schema=self.schema)
 
-    def close(self) -> None:
-        self.flush()
+    def write(self, path: str | os.PathLike) -> None:
+        """Write every row so far to ``path`` (parquet, atomically)."""
+        write_table(path, self.table())
 
-    def __enter__(self) -> "MetricsWriter":
-        return self
+    def restore(self, checkpoint: str | os.PathLike, up_to_step: int) -> None:
+        """Take the rows up to ``up_to_step`` from a checkpoint's copy of the table."""
+        import pyarrow.parquet as pq
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+        old = pq.read_table(Path(checkpoint) / METRICS_FILE).to_pylist()
+        self.rows = [{n: r.get(n) for n in self.schema.names} for r in old if r["step"] <= up_to_step]
 
 
 def _plain(v: Any) -> Any:
@@ -114,29 +112,27 @@ def _env(**values: str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def wandb_run(mode: str = "offline", project: str = "rlmeta", entity: str | None = None, name: str | None = None,
-              dir: str | os.PathLike | None = None, config: dict | None = None):
+def wandb_run(settings, name: str | None = None, dir: str | os.PathLike | None = None, config: dict | None = None):
     """A W&B run for the duration of the block; yields the run (a no-op run when ``disabled``).
 
-    ``offline`` (default) needs no account: the run lands in ``<dir>/wandb/offline-run-*`` and
-    ``wandb sync`` uploads it later. ``online`` reads the key from WANDB_API_KEY (or ``wandb login``);
-    in the other modes WANDB_API_KEY is hidden from wandb for the run. WANDB_DIR and WANDB_MODE are
-    set while the block runs (so TRL/transformers' WandbCallback logs into this run) and restored
-    after. ``config`` is logged without keys that look like secrets (``scrub_secrets``). The run
-    finishes with exit code 1 when the block raises.
+    ``settings``: a ``WandbSettings``. ``offline`` (default) needs no account: the run lands in
+    ``<dir>/wandb/offline-run-*`` and ``wandb sync`` uploads it later. ``online`` reads the key from
+    WANDB_API_KEY (or ``wandb login``); in the other modes WANDB_API_KEY is hidden from wandb for the
+    run. WANDB_DIR and WANDB_MODE are set while the block runs (so TRL/transformers' WandbCallback
+    logs into this run) and restored after. ``config`` is logged without keys that look like
+    secrets (``scrub_secrets``). The run finishes with exit code 1 when the block raises.
     """
-    if mode not in WANDB_MODES:
-        raise ValueError(f"unknown wandb mode {mode!r}; expected one of {WANDB_MODES}")
     import wandb
 
+    mode = settings.mode
     if dir is not None:
         Path(dir).mkdir(parents=True, exist_ok=True)
     env = {"WANDB_MODE": mode, "WANDB_DIR": str(dir) if dir is not None else os.environ.get("WANDB_DIR"),
-           "WANDB_PROJECT": project}
+           "WANDB_PROJECT": settings.project}
     if mode != "online":
         env["WANDB_API_KEY"] = None
     with _env(**env):
-        run = wandb.init(mode=mode, project=project, entity=entity, name=name,
+        run = wandb.init(mode=mode, project=settings.project, entity=settings.entity, name=name,
                          dir=str(dir) if dir is not None else None, config=scrub_secrets(dict(config or {})))
         try:
             yield run

@@ -4,33 +4,33 @@ base policy already emits the expected format before RL.
 Each train row with a ``reference_completion`` becomes ``chat_template(prompt,
 add_generation_prompt=True) + reference_completion + "<|im_end|>"``; prompt and completion are
 tokenized separately (as at generation time) and the loss is the mean cross-entropy over
-completion tokens only. AdamW (bias-corrected on both backends, weight decay 0), gradient
-norm clipped at 1.0, cosine decay from ``learning_rate`` to 10% of it, batches drawn from
-seeded permutations. The output is a checkpoint folder in the input's format plus
-``warmstart_metrics.json``.
+completion tokens only. AdamW (bias-corrected on both backends, weight decay 0), gradient-norm
+clipping, the settings' schedule (``rlmeta.schedules``: by default cosine from ``learning_rate`` to
+``min_lr_ratio`` of it), batches drawn from seeded permutations. The output is a portable
+checkpoint (``rlmeta.checkpoints``) plus ``warmstart_metrics.json``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
+from rlmeta import checkpoints
+from rlmeta.errors import UserError
 from rlmeta.io import atomic_dir, read_table
 from rlmeta.models.hub import hub_errors, is_hub_id
+from rlmeta.settings import WarmstartSettings
 from rlmeta.tables import PROMPTS
 
 log = logging.getLogger(__name__)
 
 END = "<|im_end|>"
 METRICS = "warmstart_metrics.json"
-_WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.gguf")
-MAX_GRAD_NORM = 1.0
 
 
 def sft_examples(tokenizer, prompts_table_path: str | Path,
@@ -50,8 +50,8 @@ def sft_examples(tokenizer, prompts_table_path: str | Path,
             continue
         out.append(((p + c)[:max_seq_len], len(p)))
     if not out:
-        raise ValueError(f"{prompts_table_path}: no train rows with a reference_completion fit in "
-                         f"max_seq_len={max_seq_len} ({skipped} prompts too long)")
+        raise UserError(f"{prompts_table_path}: no train rows with a reference_completion fit in "
+                        f"warmstart.max_seq_len={max_seq_len} ({skipped} prompts too long): raise it")
     return out, skipped
 
 
@@ -74,11 +74,6 @@ def batches(examples, batch_size: int, steps: int, seed: int, pad_id: int):
         yield ids[:, :-1], ids[:, 1:], mask[:, 1:]
 
 
-def lr_at(step: int, steps: int, learning_rate: float) -> float:
-    """Cosine decay from ``learning_rate`` (step 0) towards 10% of it."""
-    return learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, steps))))
-
-
 def _local_dir(model_dir: str | Path) -> Path:
     """The local folder of a checkpoint (a hub id is fetched through the hub cache)."""
     if not is_hub_id(model_dir):
@@ -89,28 +84,22 @@ def _local_dir(model_dir: str | Path) -> Path:
         return Path(snapshot_download(str(model_dir)))
 
 
-def _copy_non_weights(src: Path, dst: Path) -> None:
-    """Copy config, generation config and tokenizer files (everything but weights and metrics)."""
-    for f in sorted(src.iterdir()):
-        if f.is_file() and not f.name.startswith(".") and f.name != METRICS and not any(f.match(p) for p in _WEIGHTS):
-            shutil.copy(f, dst / f.name)
-
-
-def _train_torch(src: Path, tmp: Path, data, steps: int, learning_rate: float, seed: int,
+def _train_torch(src: Path, tmp: Path, data, ws: WarmstartSettings, seed: int,
                  log_every: int) -> tuple[list[float], float]:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlmeta.schedules import torch_scheduler
 
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", trust_remote_code=False).to(device)
     model.train()
     log.info("warmstart[torch] on %s", device)
-    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=ws.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    sched = torch_scheduler(opt, ws.lr_schedule, ws.warmup_steps, ws.steps, ws.min_lr_ratio)
     losses, t0 = [], time.perf_counter()
     for step, (x, y, m) in enumerate(data):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, learning_rate)
         # Right padding under a causal mask: real tokens never see the pads, so no attention_mask.
         logits = model(input_ids=torch.from_numpy(x).long().to(device)).logits.float()
         targets = torch.from_numpy(y).long().flatten().to(device)
@@ -119,25 +108,29 @@ def _train_torch(src: Path, tmp: Path, data, steps: int, learning_rate: float, s
         loss = (ce * mask).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        if ws.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), ws.max_grad_norm)
         opt.step()
+        sched.step()
         losses.append(loss.item())
-        _progress("torch", step, steps, losses, t0, log_every)
+        _progress("torch", step, ws.steps, losses, t0, log_every)
     seconds = time.perf_counter() - t0
-    model.eval().cpu().save_pretrained(tmp, safe_serialization=True)
+    checkpoints.save_torch(model.eval().cpu(), AutoTokenizer.from_pretrained(src), tmp, source=src)
     return losses, seconds
 
 
-def _train_mlx(src: Path, tmp: Path, data, steps: int, learning_rate: float, seed: int,
+def _train_mlx(src: Path, tmp: Path, data, ws: WarmstartSettings, seed: int,
                log_every: int) -> tuple[list[float], float]:
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
-    import mlx_lm
-    from mlx_lm.utils import save_model
+
+    from rlmeta.policy.mlx_policy import MLXPolicy
+    from rlmeta.schedules import mlx_schedule
 
     mx.random.seed(seed)
-    model, _ = mlx_lm.load(str(src))
+    policy = MLXPolicy.load(src)
+    model = policy.model
     model.train()
 
     def loss_fn(model, x, y, m):
@@ -145,19 +138,21 @@ def _train_mlx(src: Path, tmp: Path, data, steps: int, learning_rate: float, see
         return (ce * m).sum() / m.sum()
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
-    opt = optim.AdamW(learning_rate=learning_rate, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0, bias_correction=True)
+    opt = optim.AdamW(learning_rate=mlx_schedule(ws.lr_schedule, ws.learning_rate, ws.warmup_steps, ws.steps,
+                                                 ws.min_lr_ratio),
+                      betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0, bias_correction=True)
     losses, t0 = [], time.perf_counter()
     for step, (x, y, m) in enumerate(data):
-        opt.learning_rate = lr_at(step, steps, learning_rate)
         loss, grads = value_and_grad(model, mx.array(x), mx.array(y), mx.array(m))
-        grads, _ = optim.clip_grad_norm(grads, MAX_GRAD_NORM)
+        if ws.max_grad_norm is not None:
+            grads, _ = optim.clip_grad_norm(grads, ws.max_grad_norm)
         opt.update(model, grads)
         mx.eval(loss, model.parameters(), opt.state)
         losses.append(loss.item())
-        _progress("mlx", step, steps, losses, t0, log_every)
+        _progress("mlx", step, ws.steps, losses, t0, log_every)
     seconds = time.perf_counter() - t0
     model.eval()
-    save_model(tmp, model)
+    policy.save(tmp)
     return losses, seconds
 
 
@@ -167,55 +162,55 @@ def _progress(backend: str, step: int, steps: int, losses: list[float], t0: floa
                  (time.perf_counter() - t0) / (step + 1))
 
 
-def warmstart(model_dir: str | Path, prompts_table_path: str | Path, out_dir: str | Path, steps: int,
-              batch_size: int, learning_rate: float, max_seq_len: int, seed: int, backend: str = "torch") -> Path:
-    """Fine-tune ``model_dir`` on reference completions for ``steps`` optimizer steps and write the
-    checkpoint to ``out_dir`` (atomically); ``steps == 0`` copies the model unchanged.
+def warmstart(model_dir: str | Path, prompts_table_path: str | Path, out_dir: str | Path, ws: WarmstartSettings,
+              seed: int, backend: str = "torch") -> Path:
+    """Fine-tune ``model_dir`` on reference completions for ``ws.steps`` optimizer steps and write the
+    checkpoint to ``out_dir`` (atomically); ``ws.steps == 0`` copies the model unchanged.
 
     ``warmstart_metrics.json`` holds per-step ``losses``, ``initial_loss`` (the first batch, before
-    any update), ``final_loss`` (mean of the last max(1, steps // 10) steps) and ``seconds_per_step`` (the training
-    loop alone, without loading and saving).
+    any update), ``final_loss`` (mean of the last max(1, steps // 10) steps) and ``seconds_per_step``
+    (the training loop alone, without loading and saving).
     """
-    if backend not in ("torch", "mlx"):
-        raise ValueError(f"unknown backend {backend!r}; expected torch or mlx")
     src = _local_dir(model_dir)
-    metrics = dict(backend=backend, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
-                   max_seq_len=max_seq_len, seed=seed, model=str(model_dir), losses=[])
+    metrics = dict(backend=backend, seed=seed, model=str(model_dir), settings=ws.model_dump(), losses=[])
     with atomic_dir(out_dir) as tmp:
-        if steps > 0:
+        if ws.steps > 0:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(src)
-            examples, skipped = sft_examples(tok, prompts_table_path, max_seq_len)
-            data = batches(examples, batch_size, steps, seed, tok.pad_token_id if tok.pad_token_id is not None else 0)
+            examples, skipped = sft_examples(tok, prompts_table_path, ws.max_seq_len)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            data = batches(examples, ws.batch_size, ws.steps, seed, pad)
             train = _train_torch if backend == "torch" else _train_mlx
-            losses, seconds = train(src, tmp, data, steps, learning_rate, seed, max(1, steps // 10))
-            tail = losses[-max(1, steps // 10):]
+            staged = tmp / "model"
+            losses, seconds = train(src, staged, data, ws, seed, max(1, ws.steps // 10))
+            for f in staged.iterdir():
+                f.rename(tmp / f.name)
+            staged.rmdir()
+            tail = losses[-max(1, ws.steps // 10):]
             metrics.update(losses=losses, initial_loss=losses[0], final_loss=sum(tail) / len(tail),
-                           n_examples=len(examples), n_skipped=skipped, seconds=seconds, seconds_per_step=seconds / steps)
+                           n_examples=len(examples), n_skipped=skipped, seconds=seconds,
+                           seconds_per_step=seconds / ws.steps)
             log.info("warmstart[%s]: loss %.3f -> %.3f over %d steps, %.3f s/step", backend, losses[0],
-                     metrics["final_loss"], steps, seconds / steps)
+                     metrics["final_loss"], ws.steps, seconds / ws.steps)
         else:
             for f in sorted(src.iterdir()):
-                if f.is_file() and any(f.match(p) for p in _WEIGHTS):
+                if f.is_file() and not f.name.startswith(".") and f.name not in (METRICS, checkpoints.MARKER):
                     shutil.copy(f, tmp / f.name)
-        _copy_non_weights(src, tmp)  # the source's config and tokenizer files, byte for byte
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        checkpoints.write_marker(tmp, kind="warmstart", steps=ws.steps)
     return Path(out_dir)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line for ``warmstart``."""
-    p = argparse.ArgumentParser(description="Warm-start (SFT) a checkpoint on a prompts table's reference completions.")
-    p.add_argument("--model", required=True, help="checkpoint folder (or hub id)")
-    p.add_argument("--prompts", required=True, type=Path, help="prompts table (parquet, rlmeta.tables.PROMPTS)")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--steps", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-seq-len", type=int, default=512)
+def command(p: argparse.ArgumentParser):
+    """``rlmeta warmstart``: SFT a checkpoint on a prompts table's reference completions."""
+    from rlmeta.cli import add_settings, existing_file, model_ref
+
+    p.add_argument("--model", required=True, type=model_ref, help="checkpoint folder (or hub id)")
+    p.add_argument("--prompts", required=True, type=existing_file,
+                   help="prompts table (parquet, rlmeta.tables.PROMPTS)")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint folder to write (replaced atomically)")
+    add_settings(p, "settings", WarmstartSettings, "the experiment's warmstart block")
+    p.add_argument("--backend", choices=["torch", "mlx"], required=True, help="backend of the SFT")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", choices=["torch", "mlx"], default="torch")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    warmstart(a.model, a.prompts, a.out, a.steps, a.batch_size, a.lr, a.max_seq_len, a.seed, a.backend)
+    return lambda a: warmstart(a.model, a.prompts, a.out, a.settings, a.seed, a.backend)

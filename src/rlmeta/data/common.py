@@ -1,33 +1,45 @@
 """Helpers shared by the data steps: logging, source detection, local table reading."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
-import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow.parquet as pq
 
+from rlmeta.errors import UserError
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """Log to stderr with timestamps (idempotent for repeated ``main()`` calls)."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+log = logging.getLogger(__name__)
 
 
 def is_local(source: str) -> bool:
     """True when ``source`` names an existing local folder; False for a hub id.
 
-    Raises FileNotFoundError for something that is neither.
+    Raises ``UserError`` for something that is neither (``rlmeta.models.hub.classify_source``).
     """
-    if Path(source).exists():
-        return True
-    if _HUB_ID.match(source) and not source.startswith((".", "/")):
-        return False
-    raise FileNotFoundError(f"data source {source!r} is neither an existing folder nor a hub id (owner/name)")
+    from rlmeta.models.hub import classify_source
+
+    return classify_source(source, "source") == "local"
+
+
+def problems_command(p: argparse.ArgumentParser, prepare, model, example_hub: str):
+    """The command line shared by ``prepare-gsm8k`` and ``prepare-math``: source, out-dir, caps."""
+    from rlmeta.cli import help_of
+
+    p.add_argument("--source", required=True,
+                   help=f"hub id ({example_hub}) or a folder with train/test .jsonl/.parquet")
+    p.add_argument("--out-dir", required=True, help="output folder (gets train.parquet, test.parquet)")
+    p.add_argument("--max-train", type=int, default=None, help=help_of(model, "max_train"))
+    p.add_argument("--max-test", type=int, default=None, help=help_of(model, "max_test"))
+
+    def run(a):
+        start = time.monotonic()
+        counts = prepare(a.source, a.out_dir, a.max_train, a.max_test)
+        log.info("%s done in %.1fs: %s", prepare.__name__, time.monotonic() - start, counts)
+    return run
 
 
 def split_files(folder: str | Path, split: str) -> list[Path]:
@@ -41,7 +53,7 @@ def split_files(folder: str | Path, split: str) -> list[Path]:
         found = sorted(folder.glob(pattern))
         if found:
             return found
-    raise FileNotFoundError(f"no {split}.jsonl or {split}.parquet (or {split}-*.parquet shards) in {folder}")
+    raise UserError(f"{folder}: no {split}.jsonl or {split}.parquet (or {split}-*.parquet shards) in it")
 
 
 def iter_records(paths: list[Path]) -> Iterator[tuple[Path, int, dict | None, str | None]]:

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import pyarrow as pa
 
 from rlmeta.answers import gsm8k_final_answer, to_float
-from rlmeta.data.common import is_local, iter_records, setup_logging, split_files
+from rlmeta.data.common import is_local, iter_records, problems_command, split_files
+from rlmeta.errors import UserError
 from rlmeta.io import write_table
 from rlmeta.tables import PROBLEMS
 
@@ -69,7 +69,7 @@ def prepare_gsm8k(source: str, out_dir: str | Path, max_train: int | None = None
     for split, cap in zip(SPLITS, (max_train, max_test)):
         rows, dropped = parse_rows(read_split(source, split), split)
         if not rows:
-            raise ValueError(f"GSM8K {split} from {source}: no usable rows ({dropped} dropped)")
+            raise UserError(f"GSM8K {split} from {source}: no usable rows ({dropped} dropped; the log names each one)")
         kept = rows[:cap] if cap else rows
         write_table(Path(out_dir) / f"{split}.parquet", pa.Table.from_pylist(kept, schema=PROBLEMS), PROBLEMS)
         log.info("gsm8k %s: %d parsed, %d dropped, %d written", split, len(rows), dropped, len(kept))
@@ -77,16 +77,8 @@ def prepare_gsm8k(source: str, out_dir: str | Path, max_train: int | None = None
     return counts
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI of ``scripts/prepare_gsm8k.py``."""
-    p = argparse.ArgumentParser(description="Prepare GSM8K as train/test parquet (PROBLEMS schema).")
-    p.add_argument("--source", required=True, help="hub id (openai/gsm8k) or folder with train/test .jsonl/.parquet")
-    p.add_argument("--out-dir", required=True, help="output folder (gets train.parquet, test.parquet)")
-    p.add_argument("--max-train", type=int, default=None, help="keep the first N train rows (default: all)")
-    p.add_argument("--max-test", type=int, default=None, help="keep the first N test rows (default: all)")
-    args = p.parse_args(argv)
-    setup_logging()
-    start = time.monotonic()
-    counts = prepare_gsm8k(args.source, args.out_dir, args.max_train, args.max_test)
-    log.info("gsm8k done in %.1fs: %s", time.monotonic() - start, counts)
-    return 0
+def command(p: argparse.ArgumentParser):
+    """``rlmeta prepare-gsm8k``."""
+    from rlmeta.settings import GSM8KDataset
+
+    return problems_command(p, prepare_gsm8k, GSM8KDataset, "openai/gsm8k")

@@ -12,16 +12,18 @@ import logging
 import re
 import time
 import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from rlmeta.answers import last_boxed
-from rlmeta.data.common import is_local, iter_records, setup_logging, split_files
+from rlmeta.data.common import is_local, iter_records, problems_command, split_files
+from rlmeta.errors import UserError
 from rlmeta.io import atomic_dir, read_table, write_table
-from rlmeta.tables import MATH_SUBJECTS, PROBLEMS
+from rlmeta.settings import MATH_TYPES as MATH_SUBJECTS
+from rlmeta.tables import PROBLEMS
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,7 @@ def prepare_math(source: str, out_dir: str | Path, max_train: int | None = None,
     for split, cap in zip(SPLITS, (max_train, max_test)):
         rows, dropped = parse_rows(read_split(source, split), split)
         if not rows:
-            raise ValueError(f"MATH {split} from {source}: no usable rows ({dropped} dropped)")
+            raise UserError(f"MATH {split} from {source}: no usable rows ({dropped} dropped; the log names each one)")
         kept = balanced_head(rows, cap)
         write_table(Path(out_dir) / f"{split}.parquet", pa.Table.from_pylist(kept, schema=PROBLEMS), PROBLEMS)
         log.info("math %s: %d parsed, %d dropped, %d written", split, len(rows), dropped, len(kept))
@@ -124,7 +126,8 @@ def subject_seed(seed: int, subject: str) -> int:
 def split_sizes(n: int, support_ratio: float, query_ratio: float) -> tuple[int, int, int]:
     """(support, query, heldout) sizes; support and query get at least one row each."""
     if n < 2:
-        raise ValueError(f"need at least 2 rows to make support and query sets, got {n}")
+        raise UserError(f"need at least 2 rows of a subject to make its support and query sets, got {n}: "
+                        "use more MATH rows (max_train)")
     n_sup = min(max(1, round(n * support_ratio)), n - 1)
     n_query = min(max(1, round(n * query_ratio)), n - n_sup)
     return n_sup, n_query, n - n_sup - n_query
@@ -158,7 +161,8 @@ def _split_subject(rows: list[dict], subject: str, support_ratio: float, query_r
     """Shuffle one subject's rows and write its three files into ``out_dir``."""
     mine = [r for r in rows if r["subject"] == subject]
     if not mine:
-        raise ValueError(f"no train rows for subject {subject!r}")
+        raise UserError(f"no train rows for subject {subject!r}: drop it from datasets.<name>.subjects or "
+                        "raise max_train")
     n_sup, n_query, _ = split_sizes(len(mine), support_ratio, query_ratio)
     order = np.random.default_rng(subject_seed(seed, subject)).permutation(len(mine))
     shuffled = [mine[i] for i in order]
@@ -169,34 +173,30 @@ def _split_subject(rows: list[dict], subject: str, support_ratio: float, query_r
     return {k: len(v) for k, v in parts.items()}
 
 
-def main_prepare(argv: list[str] | None = None) -> int:
-    """CLI of ``scripts/prepare_math.py``."""
-    p = argparse.ArgumentParser(description="Prepare MATH as train/test parquet (PROBLEMS schema).")
-    p.add_argument("--source", required=True, help="hub id (EleutherAI/hendrycks_math) or folder with train/test .jsonl/.parquet")
-    p.add_argument("--out-dir", required=True, help="output folder (gets train.parquet, test.parquet)")
-    p.add_argument("--max-train", type=int, default=None, help="keep N train rows, round-robin over subjects (default: all)")
-    p.add_argument("--max-test", type=int, default=None, help="keep N test rows, round-robin over subjects (default: all)")
-    args = p.parse_args(argv)
-    setup_logging()
-    start = time.monotonic()
-    counts = prepare_math(args.source, args.out_dir, args.max_train, args.max_test)
-    log.info("math done in %.1fs: %s", time.monotonic() - start, counts)
-    return 0
+def prepare_command(p: argparse.ArgumentParser):
+    """``rlmeta prepare-math``."""
+    from rlmeta.settings import MathDataset
+
+    return problems_command(p, prepare_math, MathDataset, "EleutherAI/hendrycks_math")
 
 
-def main_split(argv: list[str] | None = None) -> int:
-    """CLI of ``scripts/split_math_tasks.py``."""
-    p = argparse.ArgumentParser(description="Split MATH train rows per subject into support/query/heldout parquet.")
-    p.add_argument("--train", required=True, help="MATH train.parquet (PROBLEMS schema)")
+def split_command(p: argparse.ArgumentParser):
+    """``rlmeta split-math-tasks``: per-subject support/query/held-out parquet files."""
+    from rlmeta.cli import default_of, existing_file, help_of
+    from rlmeta.settings import MathDataset
+
+    p.add_argument("--train", required=True, type=existing_file, help="MATH train.parquet (PROBLEMS schema)")
     p.add_argument("--subjects", nargs="+", default=SLUGS, choices=SLUGS, metavar="SUBJECT",
                    help=f"subject slugs (default: all): {' '.join(SLUGS)}")
-    p.add_argument("--support-ratio", type=float, default=0.30, help="share of each subject in support (default 0.30)")
-    p.add_argument("--query-ratio", type=float, default=0.40, help="share in query (default 0.40); the rest is heldout")
+    p.add_argument("--support-ratio", type=float, default=default_of(MathDataset, "support_ratio"),
+                   help=help_of(MathDataset, "support_ratio"))
+    p.add_argument("--query-ratio", type=float, default=default_of(MathDataset, "query_ratio"),
+                   help=help_of(MathDataset, "query_ratio"))
     p.add_argument("--seed", type=int, required=True, help="base seed of the shuffles")
     p.add_argument("--out-dir", required=True, help="output folder (gets <subject>/{support,query,heldout}.parquet)")
-    args = p.parse_args(argv)
-    setup_logging()
-    start = time.monotonic()
-    sizes = split_math_tasks(args.train, args.subjects, args.support_ratio, args.query_ratio, args.seed, args.out_dir)
-    log.info("split %d subjects in %.1fs", len(sizes), time.monotonic() - start)
-    return 0
+
+    def run(a):
+        start = time.monotonic()
+        sizes = split_math_tasks(a.train, a.subjects, a.support_ratio, a.query_ratio, a.seed, a.out_dir)
+        log.info("split %d subjects in %.1fs", len(sizes), time.monotonic() - start)
+    return run

@@ -16,7 +16,6 @@ import hashlib
 import html
 import json
 import logging
-import re
 import time
 import urllib.error
 import urllib.parse
@@ -27,17 +26,17 @@ from pathlib import Path
 import feedparser
 import pyarrow as pa
 
-from rlmeta.data.common import setup_logging
+from rlmeta.errors import UserError
 from rlmeta.io import write_bytes, write_json, write_table
+from rlmeta.settings import FEED_NAME
 from rlmeta.tables import HEADLINES
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
 
 
-class FeedError(RuntimeError):
+class FeedError(UserError):
     """No configured feed yielded a headline."""
 
 
@@ -89,7 +88,7 @@ def fetch_feeds(
     out_dir = Path(out_dir)
     statuses: dict[str, str] = {}
     for name, source in feeds.items():
-        if not _NAME.match(name):
+        if not FEED_NAME.match(name):
             raise ValueError(f"feed name {name!r} is not usable as a file name (letters, digits, _ . -)")
         is_http = urllib.parse.urlparse(source).scheme in ("http", "https")
         fetched_at = _utc_now() if is_http else None
@@ -99,11 +98,12 @@ def fetch_feeds(
             else:
                 data = _local_path(source).read_bytes()
             status = "ok"
-        except Exception as exc:  # noqa: BLE001 - any failure is recorded, not raised
+        except Exception as exc:
             data, status = b"", f"error: {type(exc).__name__}: {exc}"
             log.warning("feed %s (%s) unreachable: %s", name, source, status)
         write_bytes(out_dir / f"{name}.xml", data)
-        sidecar = {"url": source, "fetched_at": fetched_at, "sha256": hashlib.sha256(data).hexdigest(), "status": status}
+        sidecar = {"url": source, "fetched_at": fetched_at, "sha256": hashlib.sha256(data).hexdigest(),
+                   "status": status}
         write_json(out_dir / f"{name}.json", sidecar)
         statuses[name] = status
         log.info("feed %s: %s, %d bytes", name, status, len(data))
@@ -161,12 +161,13 @@ def _parse_snapshot(name: str, snapshot_dir: Path) -> tuple[list, dt.datetime | 
     fetched_at = dt.datetime.fromisoformat(meta["fetched_at"]) if meta.get("fetched_at") else None
     try:
         parsed = feedparser.parse(xml_path.read_bytes())
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return [], None, f"malformed: {type(exc).__name__}: {exc}"
     if parsed.bozo and not parsed.entries:
         return [], None, f"malformed: {parsed.get('bozo_exception')}"
     if parsed.bozo:
-        log.warning("feed %s is not well-formed (%s); keeping its %d entries", name, parsed.get("bozo_exception"), len(parsed.entries))
+        log.warning("feed %s is not well-formed (%s); keeping its %d entries", name, parsed.get("bozo_exception"),
+                    len(parsed.entries))
     if not parsed.entries:
         return [], None, "no entries"
     return parsed.entries, fetched_at, None
@@ -206,7 +207,8 @@ def build_headlines(snapshot_dir: str | Path, feed_names: list[str], out_path: s
             rows.append(dict(headline_id=hid, feed=name, title=title, link=link, summary=summary,
                              published=published, fetched_at=fetched_at))
             kept += 1
-        log.info("feed %s: %d entries, %d kept, %d duplicates, %d without title", name, len(entries), kept, dupes, untitled)
+        log.info("feed %s: %d entries, %d kept, %d duplicates, %d without title", name, len(entries), kept, dupes,
+                 untitled)
     if not rows:
         tried = "; ".join(f"{n} ({skipped.get(n, 'no usable entries')})" for n in feed_names)
         raise FeedError(f"no feed yielded a headline; feeds tried: {tried}")
@@ -214,63 +216,45 @@ def build_headlines(snapshot_dir: str | Path, feed_names: list[str], out_path: s
     return len(rows)
 
 
-def _feeds_from_args(args: argparse.Namespace) -> tuple[dict, dict]:
-    """Feed mapping and the dataset block's fetch settings (empty without --config)."""
-    if args.feeds_json:
-        feeds = json.loads(args.feeds_json)
-        if not isinstance(feeds, dict) or not feeds:
-            raise SystemExit("--feeds-json must be a non-empty JSON object name -> URL")
-        return feeds, {}
-    import yaml
+def fetch_command(p: argparse.ArgumentParser):
+    """``rlmeta fetch-rss``: snapshot feeds to <out-dir>/<feed>.xml + <feed>.json."""
+    from rlmeta.cli import settings_type
+    from rlmeta.settings import RSSDataset
 
-    with open(args.config) as fh:
-        datasets = (yaml.safe_load(fh) or {}).get("datasets", {})
-    if args.dataset not in datasets or "feeds" not in datasets[args.dataset]:
-        raise SystemExit(f"{args.config}: datasets.{args.dataset} with 'feeds' not found")
-    return datasets[args.dataset]["feeds"], datasets[args.dataset]
-
-
-def main_fetch(argv: list[str] | None = None) -> int:
-    """CLI: snapshot RSS/Atom feeds (``scripts/fetch_rss.py``)."""
-    p = argparse.ArgumentParser(description="Snapshot RSS/Atom feeds to <out-dir>/<feed>.xml + <feed>.json.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--feeds-json", help='JSON object name -> URL or path, e.g. \'{"bbc": "https://..."}\'')
-    src.add_argument("--config", help="config YAML to read datasets.<--dataset>.feeds from")
-    p.add_argument("--dataset", default="headlines", help="dataset name in --config (default: headlines)")
+    src.add_argument("--dataset", type=settings_type(RSSDataset, "dataset"),
+                     help='an rss dataset block, e.g. \'{"kind": "rss", "feeds": {"bbc": "https://..."}}\'')
+    src.add_argument("--config", help="config YAML to read datasets.<--name> from")
+    p.add_argument("--name", default="headlines", help="rss dataset name in --config (default: headlines)")
     p.add_argument("--out-dir", required=True, help="folder for the snapshots")
-    p.add_argument("--timeout", type=float, help="per-request timeout in seconds (default: config or 10)")
-    p.add_argument("--retries", type=int, help="extra attempts per http(s) feed (default: config or 2)")
-    p.add_argument("--user-agent", help="User-Agent header (default: config or rlmeta/0.1)")
-    args = p.parse_args(argv)
-    setup_logging()
-    feeds, block = _feeds_from_args(args)
-    start = time.monotonic()
-    statuses = fetch_feeds(
-        feeds,
-        args.out_dir,
-        timeout_s=args.timeout if args.timeout is not None else block.get("timeout_s", 10),
-        retries=args.retries if args.retries is not None else block.get("retries", 2),
-        user_agent=args.user_agent or block.get("user_agent", "rlmeta/0.1"),
-    )
-    failed = [n for n, s in statuses.items() if s != "ok"]
-    log.info("fetched %d/%d feeds in %.1fs%s", len(feeds) - len(failed), len(feeds), time.monotonic() - start,
-             f"; failed: {', '.join(failed)}" if failed else "")
-    return 0
+
+    def run(a):
+        block = a.dataset
+        if block is None:
+            from rlmeta.settings import load_config
+
+            block = load_config(a.config).datasets.get(a.name)
+            if not isinstance(block, RSSDataset):
+                raise UserError(f"{a.config}: datasets.{a.name} is not an rss dataset")
+        start = time.monotonic()
+        statuses = fetch_feeds(block.feeds, a.out_dir, timeout_s=block.timeout_s, retries=block.retries,
+                               user_agent=block.user_agent)
+        failed = [n for n, s in statuses.items() if s != "ok"]
+        log.info("fetched %d/%d feeds in %.1fs%s", len(statuses) - len(failed), len(statuses), time.monotonic() - start,
+                 f"; failed: {', '.join(failed)}" if failed else "")
+    return run
 
 
-def main_build(argv: list[str] | None = None) -> int:
-    """CLI: parse snapshots into headlines.parquet (``scripts/build_headlines.py``)."""
-    p = argparse.ArgumentParser(description="Parse feed snapshots into a deduplicated headlines.parquet.")
-    p.add_argument("--snapshots", required=True, help="folder with <feed>.xml and <feed>.json")
+def build_command(p: argparse.ArgumentParser):
+    """``rlmeta build-headlines``: parse snapshots into a deduplicated headlines.parquet."""
+    from rlmeta.cli import existing_dir
+
+    p.add_argument("--snapshots", required=True, type=existing_dir, help="folder with <feed>.xml and <feed>.json")
     p.add_argument("--feeds", nargs="+", required=True, help="feed names in priority order (first wins on duplicates)")
     p.add_argument("--out", required=True, help="output parquet path")
-    args = p.parse_args(argv)
-    setup_logging()
-    start = time.monotonic()
-    try:
-        n = build_headlines(args.snapshots, args.feeds, args.out)
-    except FeedError as exc:
-        log.error("%s", exc)
-        return 1
-    log.info("wrote %d headlines to %s in %.1fs", n, args.out, time.monotonic() - start)
-    return 0
+
+    def run(a):
+        start = time.monotonic()
+        n = build_headlines(a.snapshots, a.feeds, a.out)
+        log.info("wrote %d headlines to %s in %.1fs", n, a.out, time.monotonic() - start)
+    return run

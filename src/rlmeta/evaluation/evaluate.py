@@ -1,9 +1,9 @@
 """Base versus trained on the same held-out prompts -> ``results/<exp>/eval/summary.json``.
 
 Every number is a paired comparison over prompts (``rlmeta.evaluation.stats``): the total
-reward and each reward component, task accuracies and format rates
-(``rlmeta.evaluation.task_metrics``), and mean completion length in tokens. See
-docs/evaluation.md for the meaning of each field.
+reward and each reward component, the template's task accuracies and format rates (columns the
+score step wrote next to the rewards, so nothing is scored twice), and mean completion length in
+tokens. See docs/evaluation.md for the meaning of each field.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -20,8 +19,7 @@ import pandas as pd
 import pyarrow as pa
 
 from rlmeta.evaluation.stats import paired_comparison, per_prompt_means
-from rlmeta.evaluation.task_metrics import METRICS, completion_metrics, infer_template
-from rlmeta.tables import PROMPTS, RESPONSES, REWARD_KEYS
+from rlmeta.tables import PROMPTS, RESPONSES, REWARD_KEYS, is_metric_column
 
 log = logging.getLogger(__name__)
 POLICIES = ("base", "trained")
@@ -29,23 +27,24 @@ KEYS = ["prompt_id", "sample_idx"]
 
 
 def components_of(rewards: pa.Table) -> list[str]:
-    """Reward component columns of a rewards table (everything after the keys and total)."""
+    """Reward component columns of a rewards table (after the keys and total, before the task metrics)."""
     keys = {f.name for f in REWARD_KEYS}
-    return [c for c in rewards.column_names if c not in keys]
+    return [c for c in rewards.column_names if c not in keys and not is_metric_column(c)]
 
 
-def policy_frame(prompts: pd.DataFrame, responses: pa.Table, rewards: pa.Table, template: str,
-                 workers: int = 2, timeout_s: float = 5.0) -> pd.DataFrame:
+def metrics_of(rewards: pa.Table) -> list[str]:
+    """Task-metric columns of a rewards table (``accuracy/<name>``, ``format/<name>``)."""
+    return [c for c in rewards.column_names if is_metric_column(c)]
+
+
+def policy_frame(prompts: pd.DataFrame, responses: pa.Table, rewards: pa.Table) -> pd.DataFrame:
     """One row per completion: keys, task, n_tokens, finish_reason, reward columns and task metrics."""
     resp = responses.select(KEYS + ["completion", "n_tokens", "finish_reason"]).to_pandas()
-    rew = rewards.select(KEYS + ["reward"] + components_of(rewards)).to_pandas()
+    rew = rewards.select(KEYS + ["reward"] + components_of(rewards) + metrics_of(rewards)).to_pandas()
     df = resp.merge(rew, on=KEYS, how="inner", validate="one_to_one")
     if len(df) < len(resp):
         log.warning("%d responses have no rewards row; they are left out", len(resp) - len(df))
-    df = df.merge(prompts[["prompt_id", "task", "reference"]], on="prompt_id", how="left")
-    refs = [None if r is None or (isinstance(r, float) and math.isnan(r)) else r for r in df["reference"]]
-    for name, vals in completion_metrics(template, df["completion"].tolist(), refs, workers, timeout_s).items():
-        df[name] = vals
+    df = df.merge(prompts[["prompt_id", "task"]], on="prompt_id", how="left")
     df["format/stopped"] = (df["finish_reason"] == "stop").astype(float)
     return df
 
@@ -57,7 +56,8 @@ def _compare(frames: dict[str, pd.DataFrame], column: str, resamples: int, seed:
 
 def _with_short_keys(c: dict) -> dict:
     """A comparison with ``base``/``trained`` keys (accuracy, format, length)."""
-    return {"base": c["base_mean"], "trained": c["trained_mean"], **{k: c[k] for k in ("diff_mean", "diff_ci95", "n_prompts")}}
+    return {"base": c["base_mean"], "trained": c["trained_mean"],
+            **{k: c[k] for k in ("diff_mean", "diff_ci95", "n_prompts")}}
 
 
 def per_subject(frames: dict[str, pd.DataFrame], accuracy: str | None) -> dict:
@@ -76,14 +76,12 @@ def per_subject(frames: dict[str, pd.DataFrame], accuracy: str | None) -> dict:
 
 
 def evaluate(prompts: pa.Table, responses: dict[str, pa.Table], rewards: dict[str, pa.Table], *,
-             template: str | None = None, weights: dict[str, float] | None = None, resamples: int = 2000,
-             seed: int = 0, workers: int = 2, timeout_s: float = 5.0) -> dict:
+             template: str, weights: dict[str, float] | None = None, resamples: int = 2000, seed: int = 0) -> dict:
     """The comparison part of summary.json (no provenance) from the four tables of one experiment."""
-    pdf = prompts.select(["prompt_id", "task", "prompt", "reference"]).to_pandas()
-    if template is None:
-        first = pdf["prompt"].iloc[0] if len(pdf) else []
-        template = infer_template(next((m["content"] for m in first if m["role"] == "system"), None))
-    frames = {p: policy_frame(pdf, responses[p], rewards[p], template, workers, timeout_s) for p in POLICIES}
+    from rlmeta.prompts import TEMPLATES
+
+    pdf = prompts.select(["prompt_id", "task"]).to_pandas()
+    frames = {p: policy_frame(pdf, responses[p], rewards[p]) for p in POLICIES}
     shared = set(frames["base"]["prompt_id"]) & set(frames["trained"]["prompt_id"])
     if not shared:
         raise ValueError("base and trained share no prompt_id: nothing to compare")
@@ -91,9 +89,10 @@ def evaluate(prompts: pa.Table, responses: dict[str, pa.Table], rewards: dict[st
     n = {p: len(df) for p, df in frames.items()}
     if n["base"] != n["trained"]:
         log.warning("unequal sample counts on the shared prompts: %s", n)
-    cmp = lambda col: _compare(frames, col, resamples, seed)  # noqa: E731
+    cmp = lambda col: _compare(frames, col, resamples, seed)
     summary = {
         "template": template,
+        "primary_accuracy": TEMPLATES[template].primary_accuracy,
         "bootstrap": {"resamples": resamples, "seed": seed, "level": 0.95, "unit": "prompt"},
         "reward": {**cmp("reward"), "n_samples": n["trained"]},
         "components": {},
@@ -111,8 +110,8 @@ def evaluate(prompts: pa.Table, responses: dict[str, pa.Table], rewards: dict[st
         if kind in ("accuracy", "format"):
             summary[kind][name] = _with_short_keys(cmp(col))
     if template == "math_boxed":
-        acc = "accuracy/math_verify" if "accuracy/math_verify" in frames["trained"] else None
-        summary["per_subject"] = per_subject(frames, acc)
+        acc = TEMPLATES[template].primary_accuracy
+        summary["per_subject"] = per_subject(frames, acc if acc in frames["trained"] else None)
     return summary
 
 
@@ -155,43 +154,41 @@ def no_nan(obj):
     return obj
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: write an RL experiment's eval/summary.json."""
-    from rlmeta.io import read_table, write_json
+def command(p: argparse.ArgumentParser):
+    """``rlmeta evaluate``: write an RL experiment's eval/summary.json."""
+    from rlmeta.cli import existing_dir, existing_file, settings_type
+    from rlmeta.settings import Experiment
 
-    p = argparse.ArgumentParser(prog="evaluate.py", description="Paired base-versus-trained evaluation of one experiment.")
     p.add_argument("--experiment", required=True, help="experiment name (recorded in the summary)")
-    p.add_argument("--prompts", required=True, help="prompts parquet")
-    p.add_argument("--responses-base", required=True)
-    p.add_argument("--responses-trained", required=True)
-    p.add_argument("--rewards-base", required=True)
-    p.add_argument("--rewards-trained", required=True)
-    p.add_argument("--checkpoint", required=True, help="trained checkpoint folder (hashed for provenance)")
-    p.add_argument("--base-checkpoint", help="base policy folder or hub id (recorded; hashed when local)")
-    p.add_argument("--config-json", default="{}", help="the experiment's config block as JSON (hashed; gives template and weights)")
-    p.add_argument("--template", choices=sorted(METRICS), help="default: the config's prompt, else inferred from the prompts")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    p.add_argument("--workers", type=int, default=2, help="math-verify worker processes (default 2)")
-    p.add_argument("--timeout", type=float, default=5.0, help="math-verify seconds per answer (default 5)")
-    p.add_argument("--out", required=True, help="output summary.json")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    t0 = time.perf_counter()
-    cfg = json.loads(a.config_json)
-    tables = {"responses": {}, "rewards": {}}
+    p.add_argument("--config", required=True, type=settings_type(Experiment, "config"),
+                   help="the experiment's config block (JSON or a file): template, weights, bootstrap; hashed")
+    p.add_argument("--prompts", required=True, type=existing_file, help="prompts parquet")
     for pol in POLICIES:
-        tables["responses"][pol] = read_table(getattr(a, f"responses_{pol}"), RESPONSES)
-        tables["rewards"][pol] = read_table(getattr(a, f"rewards_{pol}"))
-    summary = evaluate(read_table(a.prompts, PROMPTS), tables["responses"], tables["rewards"],
-                       template=a.template or cfg.get("prompt"), weights=cfg.get("rewards"),
-                       resamples=a.bootstrap, seed=a.seed, workers=a.workers, timeout_s=a.timeout)
-    summary.update(experiment=a.experiment, config_hash=config_hash(cfg), checkpoint=checkpoint_info(a.checkpoint))
-    if a.base_checkpoint:
-        summary["base_checkpoint"] = checkpoint_info(a.base_checkpoint)
-    write_json(a.out, no_nan(summary))
-    r = summary["reward"]
-    log.info("%s: reward base %.4f trained %.4f diff %+.4f [%.4f, %.4f] over %d prompts -> %s in %.1fs",
-             a.experiment, r["base_mean"], r["trained_mean"], r["diff_mean"], *r["diff_ci95"], r["n_prompts"],
-             a.out, time.perf_counter() - t0)
-    return 0
+        p.add_argument(f"--responses-{pol}", required=True, type=existing_file)
+        p.add_argument(f"--rewards-{pol}", required=True, type=existing_file)
+    p.add_argument("--checkpoint", required=True, type=existing_dir, help="trained checkpoint folder (hashed)")
+    p.add_argument("--base-checkpoint", help="base policy folder or hub id (recorded; hashed when local)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--out", required=True, help="output summary.json")
+
+    def run(a):
+        from rlmeta.io import read_table, write_json
+
+        t0 = time.perf_counter()
+        exp = a.config
+        tables = {"responses": {}, "rewards": {}}
+        for pol in POLICIES:
+            tables["responses"][pol] = read_table(getattr(a, f"responses_{pol}"), RESPONSES)
+            tables["rewards"][pol] = read_table(getattr(a, f"rewards_{pol}"))
+        summary = evaluate(read_table(a.prompts, PROMPTS), tables["responses"], tables["rewards"], template=exp.prompt,
+                           weights=exp.reward_weights, resamples=exp.eval.bootstrap, seed=a.seed)
+        summary.update(experiment=a.experiment, config_hash=config_hash(exp.model_dump(mode="json")),
+                       checkpoint=checkpoint_info(a.checkpoint))
+        if a.base_checkpoint:
+            summary["base_checkpoint"] = checkpoint_info(a.base_checkpoint)
+        write_json(a.out, no_nan(summary))
+        r = summary["reward"]
+        log.info("%s: reward base %.4f trained %.4f diff %+.4f [%.4f, %.4f] over %d prompts -> %s in %.1fs",
+                 a.experiment, r["base_mean"], r["trained_mean"], r["diff_mean"], *r["diff_ci95"], r["n_prompts"],
+                 a.out, time.perf_counter() - t0)
+    return run

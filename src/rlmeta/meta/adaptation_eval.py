@@ -11,18 +11,16 @@ a fresh seeded one on the base (the meta run's starting point), the meta-learned
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 
-from rlmeta.answers import last_boxed
 from rlmeta.meta.distributed import DistContext
-from rlmeta.meta.fomaml import (ADAPTER_DIR, batch_loss, lora_config, meta_parameters, meta_settings, restore,
-                                sgd_step, snapshot)
+from rlmeta.meta.fomaml import ADAPTER_DIR, batch_loss, meta_parameters, restore, sgd_step, snapshot
 from rlmeta.meta.tasks import TaskSampler, collate, encode, load_tasks, messages
+from rlmeta.settings import LoraSettings, MetaSettings
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +33,7 @@ def split_heldout(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return rows[:half], rows[half:]
 
 
-def load_init(path: str, base: str, lora: dict | None, seed: int, device):
+def load_init(path: str, base: str, lora: LoraSettings | None, seed: int, device):
     """(tokenizer, model) of one initialisation; with ``lora`` a trainable adapter over ``base``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -53,8 +51,10 @@ def load_init(path: str, base: str, lora: dict | None, seed: int, device):
     if path != base:
         log.warning("%s has no %s/: adapting a fresh adapter on the merged model", path, ADAPTER_DIR)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    from rlmeta.policy.lora import peft_config
+
     torch.manual_seed(seed)  # the adapter the meta run started from
-    return tok, get_peft_model(model, lora_config(lora))
+    return tok, get_peft_model(model, peft_config(lora))
 
 
 @torch.no_grad()
@@ -87,50 +87,48 @@ def greedy(model, tok, rows: list[dict], max_new_tokens: int, batch: int = 16) -
 
 
 def correctness(pairs: list[tuple[str, str]]) -> list[float]:
-    """1.0/0.0 per (completion, answer): math-verify (rlmeta.rewards, worker processes with
-    timeouts), else exact match of the last ``\\boxed{}``."""
-    try:
-        from rlmeta.rewards.mathverify import math_verify_batch
-    except ImportError:
-        return [float((last_boxed(c) or "").strip() == a.strip()) for c, a in pairs]
-    return math_verify_batch(pairs, workers=2, timeout_s=5.0) if pairs else []
+    """1.0/0.0 per (completion, answer): the ``math_correct`` scorer (math-verify in worker processes)."""
+    from rlmeta.rewards import REGISTRY
+
+    if not pairs:
+        return []
+    return REGISTRY["math_correct"].score([c for c, _ in pairs], [a for _, a in pairs]).tolist()
 
 
-def evaluate_init(path: str, base: str, heldout: dict[str, list[dict]], cfg: dict, seed: int,
+def evaluate_init(path: str, base: str, heldout: dict[str, list[dict]], cfg: MetaSettings, seed: int,
                   max_new_tokens: int) -> dict[str, dict]:
     """Per subject: ``pre_adapt_loss``, ``query_loss`` (after adapting), greedy ``completions``
     of the query problems and their ``answers``."""
     ctx = DistContext(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    tok, model = load_init(path, base, cfg["lora"], seed, ctx.device)
+    tok, model = load_init(path, base, cfg.lora, seed, ctx.device)
     params = meta_parameters(model)
     theta = snapshot(params)
     sampler = TaskSampler(list(heldout), seed)
     out = {}
     for subject, rows in heldout.items():
         pool, query_rows = split_heldout(rows)
-        enc = lambda r: encode(tok, r, cfg["max_seq_len"])  # noqa: E731
+        enc = lambda r: encode(tok, r, cfg.max_seq_len)
         query = [enc(r) for r in query_rows]
-        support = collate([enc(pool[i]) for i in sampler.rows(0, 0, subject, "heldout", len(pool), cfg["support_batch"])],
+        support = collate([enc(pool[i]) for i in sampler.rows(0, 0, subject, "heldout", len(pool), cfg.support_batch)],
                           tok.pad_token_id)
-        pre = query_loss(model, query, tok.pad_token_id, cfg["query_batch"], ctx)
+        pre = query_loss(model, query, tok.pad_token_id, cfg.query_batch, ctx)
         model.train()
-        for _ in range(cfg["inner_steps"]):
+        for _ in range(cfg.inner_steps):
             loss, _, _ = batch_loss(model, support, ctx)
             loss.backward()
-            sgd_step(params, cfg["inner_lr"])
-        post = query_loss(model, query, tok.pad_token_id, cfg["query_batch"], ctx)
+            sgd_step(params, cfg.inner_lr)
+        post = query_loss(model, query, tok.pad_token_id, cfg.query_batch, ctx)
         completions = greedy(model, tok, query_rows, max_new_tokens)
         restore(params, theta)
         out[subject] = {"pre_adapt_loss": pre, "query_loss": post, "completions": completions,
                         "answers": [r["answer"] for r in query_rows]}
-        log.info("%s %s: query loss %.4f -> %.4f after %d inner steps", path, subject, pre, post, cfg["inner_steps"])
+        log.info("%s %s: query loss %.4f -> %.4f after %d inner steps", path, subject, pre, post, cfg.inner_steps)
     return out
 
 
-def evaluate(base: str, meta_dir: str, tasks_dir: str, subjects: list[str], meta: dict, seed: int,
+def evaluate(base: str, meta_dir: str, tasks_dir: str, subjects: list[str], cfg: MetaSettings, seed: int,
              max_new_tokens: int) -> dict:
     """The ``{"adaptation": ...}`` summary comparing base and meta-learned initialisations."""
-    cfg = meta_settings(meta)
     heldout = load_tasks(tasks_dir, subjects, "heldout")
     b = evaluate_init(base, base, heldout, cfg, seed, max_new_tokens)
     m = evaluate_init(meta_dir, base, heldout, cfg, seed, max_new_tokens)
@@ -144,38 +142,39 @@ def evaluate(base: str, meta_dir: str, tasks_dir: str, subjects: list[str], meta
                "base_accuracy": b[s]["accuracy"], "meta_accuracy": m[s]["accuracy"],
                "base_pre_adapt_loss": b[s]["pre_adapt_loss"], "meta_pre_adapt_loss": m[s]["pre_adapt_loss"],
                "n_query": b[s]["n_query"]} for s in subjects}
-    mean = lambda k: sum(p[k] for p in per.values()) / len(per)  # noqa: E731
+    mean = lambda k: sum(p[k] for p in per.values()) / len(per)
     return {"adaptation": {
         "base_init_query_loss": mean("base_query_loss"), "meta_init_query_loss": mean("meta_query_loss"),
         "base_init_accuracy": mean("base_accuracy"), "meta_init_accuracy": mean("meta_accuracy"),
-        "base_init_pre_adapt_loss": mean("base_pre_adapt_loss"), "meta_init_pre_adapt_loss": mean("meta_pre_adapt_loss"),
+        "base_init_pre_adapt_loss": mean("base_pre_adapt_loss"),
+        "meta_init_pre_adapt_loss": mean("meta_pre_adapt_loss"),
         "per_subject": per,
-        "settings": {"inner_steps": cfg["inner_steps"], "inner_lr": cfg["inner_lr"], "support_batch": cfg["support_batch"],
-                     "lora": cfg["lora"] is not None, "max_new_tokens": max_new_tokens, "seed": seed},
+        "settings": {"inner_steps": cfg.inner_steps, "inner_lr": cfg.inner_lr, "support_batch": cfg.support_batch,
+                     "lora": cfg.lora is not None, "max_new_tokens": max_new_tokens, "seed": seed},
     }}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line of ``scripts/eval_adaptation.py``."""
-    from rlmeta.io import write_json
+def command(p: argparse.ArgumentParser):
+    """``rlmeta eval-adaptation``."""
+    from rlmeta.cli import add_settings, existing_dir, model_ref
 
-    p = argparse.ArgumentParser(prog="eval_adaptation.py", description=__doc__.splitlines()[0])
-    p.add_argument("--base", required=True, help="the initial checkpoint the meta run started from")
-    p.add_argument("--meta", required=True, help="the meta-learned checkpoint (train_fomaml.py --out)")
-    p.add_argument("--tasks-dir", required=True, help="folder with <subject>/heldout.parquet")
+    p.add_argument("--base", required=True, type=model_ref, help="the initial checkpoint the meta run started from")
+    p.add_argument("--meta", required=True, type=existing_dir, help="the meta-learned checkpoint (train-fomaml --out)")
+    p.add_argument("--tasks-dir", required=True, type=existing_dir, help="folder with <subject>/heldout.parquet")
     p.add_argument("--subjects", nargs="+", required=True)
-    p.add_argument("--meta-json", default="{}", help="experiments.<name>.meta as JSON (inner loop settings), or a file")
+    add_settings(p, "settings", MetaSettings, "the experiment's meta block (the inner-loop settings)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="greedy completion length of the accuracy check")
     p.add_argument("--out", required=True, help="output JSON")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    t0 = time.perf_counter()
-    meta = json.loads(a.meta_json if a.meta_json.lstrip().startswith("{") else Path(a.meta_json).read_text())
-    summary = evaluate(a.base, a.meta, a.tasks_dir, a.subjects, meta, a.seed, a.max_new_tokens)
-    write_json(a.out, summary)
-    s = summary["adaptation"]
-    log.info("post-adaptation query loss: base %.4f, meta %.4f; accuracy base %.3f, meta %.3f (%.1fs) -> %s",
-             s["base_init_query_loss"], s["meta_init_query_loss"], s["base_init_accuracy"], s["meta_init_accuracy"],
-             time.perf_counter() - t0, a.out)
-    return 0
+
+    def run(a):
+        from rlmeta.io import write_json
+
+        t0 = time.perf_counter()
+        summary = evaluate(a.base, str(a.meta), a.tasks_dir, a.subjects, a.settings, a.seed, a.max_new_tokens)
+        write_json(a.out, summary)
+        s = summary["adaptation"]
+        log.info("post-adaptation query loss: base %.4f, meta %.4f; accuracy base %.3f, meta %.3f (%.1fs) -> %s",
+                 s["base_init_query_loss"], s["meta_init_query_loss"], s["base_init_accuracy"],
+                 s["meta_init_accuracy"], time.perf_counter() - t0, a.out)
+    return run

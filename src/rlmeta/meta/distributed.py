@@ -113,7 +113,8 @@ def shard_model(model: nn.Module, ctx: DistContext, bf16: bool = False) -> nn.Mo
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     mesh = ctx.mesh["shard"]
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+          else MixedPrecisionPolicy())
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
@@ -143,15 +144,19 @@ def destroy(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def save_resume(path, model: nn.Module, optimizer, ctx: DistContext, state: dict) -> None:
-    """Write a resumable checkpoint folder atomically: DCP shards of model and optimizer,
-    ``state.json`` (step, scheduler, spec) and each rank's torch RNG state."""
+def save_resume(path, model: nn.Module, optimizer, ctx: DistContext, state: dict, metrics) -> None:
+    """Write a resumable checkpoint folder atomically: DCP shards of model and optimizer, each rank's
+    torch RNG state, ``state.json`` (step, scheduler, spec), the metrics rows so far (a ``MetricsTable``)
+    and, last, the completion marker; then rename it into place."""
     import json
     import shutil
     from pathlib import Path
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from rlmeta import checkpoints
+    from rlmeta.tracking import METRICS_FILE
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
@@ -167,6 +172,8 @@ def save_resume(path, model: nn.Module, optimizer, ctx: DistContext, state: dict
     ctx.barrier()
     if ctx.is_main:
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        metrics.write(tmp / METRICS_FILE)
+        checkpoints.write_marker(tmp, step=state["step"], kind="fomaml")
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -14,33 +14,31 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from rlmeta.meta.distributed import (DistContext, destroy, full_state_dict, init_distributed, load_resume, local,
-                                     save_resume, shard_model)
+from rlmeta.meta.distributed import (
+    DistContext,
+    destroy,
+    full_state_dict,
+    init_distributed,
+    load_resume,
+    local,
+    save_resume,
+    shard_model,
+)
 from rlmeta.meta.tasks import TaskSampler, collate, encode, load_tasks
+from rlmeta.settings import LoraSettings, MetaSettings, WandbSettings
 
 log = logging.getLogger(__name__)
 
-META_DEFAULTS = dict(outer_steps=20, meta_batch_size=4, inner_steps=2, inner_lr=1e-3, outer_lr=1e-3, support_batch=8,
-                     query_batch=8, max_seq_len=384, max_grad_norm=1.0, warmup_steps=0, lr_schedule="cosine",
-                     nproc=1, lora=None, checkpoint_every=10)
-LORA_DEFAULTS = dict(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 STATE_FILE = "state.json"
+RESUMABLE_ACROSS = {"nproc", "shard_size", "checkpoint_every", "keep_checkpoints"}
+"""Meta settings a run may change and still resume (DCP reshards; checkpointing does not change the maths)."""
 ADAPTER_DIR = "meta_adapter"  # unmerged meta-LoRA adapter inside the final checkpoint
-
-
-def meta_settings(meta: dict | None) -> dict:
-    """The ``meta`` block with the schema's defaults filled in."""
-    m = {**META_DEFAULTS, **(meta or {})}
-    if m["lora"] is not None:
-        m["lora"] = {**LORA_DEFAULTS, **m["lora"]}
-    return m
 
 
 def metric_columns(subjects: list[str]) -> list[str]:
@@ -49,18 +47,6 @@ def metric_columns(subjects: list[str]) -> list[str]:
     for s in subjects:
         cols += [f"{s}/query_loss_pre", f"{s}/query_loss_post", f"{s}/adaptation_gap"]
     return cols
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Multiplier of the outer learning rate at 0-based ``step``: linear warm-up, then the schedule."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    frac = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return 1.0 - frac
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * frac))
-    return 1.0
 
 
 def meta_parameters(model) -> list[torch.nn.Parameter]:
@@ -102,17 +88,18 @@ def sgd_step(params, lr: float) -> None:
             p.grad = None
 
 
-def adapt_task(model, params, support: dict, query: dict, cfg: dict, ctx: DistContext, acc) -> tuple[float, float]:
+def adapt_task(model, params, support: dict, query: dict, cfg: MetaSettings, ctx: DistContext,
+               acc) -> tuple[float, float]:
     """Inner loop on one task from the current (meta) weights; adds the query gradient at the
     adapted weights to ``acc`` (local shards). Returns ``(query loss before, after)``."""
     model.eval()
     with torch.no_grad():
         _, pre, _ = batch_loss(model, query, ctx)
     model.train()
-    for _ in range(cfg["inner_steps"]):
+    for _ in range(cfg.inner_steps):
         loss, _, _ = batch_loss(model, support, ctx)
         loss.backward()
-        sgd_step(params, cfg["inner_lr"])
+        sgd_step(params, cfg.inner_lr)
     loss, post, _ = batch_loss(model, query, ctx)
     loss.backward()
     with torch.no_grad():
@@ -130,34 +117,35 @@ def _tokens(batch: dict) -> int:
 class FOMAML:
     """The meta-learner: model, data, sampler, outer optimizer and scheduler."""
 
-    def __init__(self, model, tokenizer, support: dict, query: dict, cfg: dict, seed: int, ctx: DistContext):
+    def __init__(self, model, tokenizer, support: dict, query: dict, cfg: MetaSettings, seed: int, ctx: DistContext):
+        from rlmeta.schedules import torch_scheduler
+
         self.model, self.tok, self.cfg, self.ctx = model, tokenizer, cfg, ctx
         self.subjects = list(support)
         self.data = {"support": support, "query": query}
         self.sampler = TaskSampler(self.subjects, seed)
         self.params = meta_parameters(model)
-        self.opt = torch.optim.AdamW(self.params, lr=cfg["outer_lr"], weight_decay=0.0)
-        f = lambda s: lr_factor(s, cfg["warmup_steps"], cfg["outer_steps"], cfg["lr_schedule"])  # noqa: E731
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, f)
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.outer_lr, weight_decay=0.0)
+        self.sched = torch_scheduler(self.opt, cfg.lr_schedule, cfg.warmup_steps, cfg.outer_steps)
         self._cache: dict = {}
 
     def batch(self, step: int, slot: int, task: str, split: str) -> dict:
         """This rank's part (rows ``shard_rank::shard_size``) of a seeded task batch."""
         rows = self.data[split][task]
-        size = self.cfg["support_batch" if split == "support" else "query_batch"]
+        size = self.cfg.support_batch if split == "support" else self.cfg.query_batch
         idx = self.sampler.rows(step, slot, task, split, len(rows), size)[self.ctx.shard_rank::self.ctx.shard_size]
         ex = []
         for i in idx:
             key = (task, split, i)
             if key not in self._cache:
-                self._cache[key] = encode(self.tok, rows[i], self.cfg["max_seq_len"])
+                self._cache[key] = encode(self.tok, rows[i], self.cfg.max_seq_len)
             ex.append(self._cache[key])
         return collate(ex, self.tok.pad_token_id)
 
     def meta_gradient(self, step: int) -> tuple[list[torch.Tensor], dict]:
         """Mean first-order meta-gradient (local shards) of outer step ``step`` and its task stats."""
         cfg, ctx = self.cfg, self.ctx
-        tasks = self.sampler.meta_batch(step, cfg["meta_batch_size"])
+        tasks = self.sampler.meta_batch(step, cfg.meta_batch_size)
         theta = snapshot(self.params)
         acc = [torch.zeros_like(t) for t in theta]
         stats = torch.zeros(len(self.subjects), 3, dtype=torch.float64)  # pre, post, count
@@ -169,7 +157,7 @@ class FOMAML:
             pre, post = adapt_task(self.model, self.params, support, query, cfg, ctx, acc)
             restore(self.params, theta)
             stats[self.subjects.index(task)] += torch.tensor([pre, post, 1.0], dtype=torch.float64)
-            tokens += cfg["inner_steps"] * _tokens(support) + 2 * _tokens(query)
+            tokens += cfg.inner_steps * _tokens(support) + 2 * _tokens(query)
         flat = torch.cat([a.flatten() for a in acc]) if acc else torch.zeros(0)
         ctx.task_sum(flat)
         flat /= len(tasks)
@@ -188,7 +176,7 @@ class FOMAML:
         grads, info = self.meta_gradient(step)
         sq = torch.tensor([float(sum((g.double() ** 2).sum() for g in grads))], dtype=torch.float64)
         norm = math.sqrt(float(self.ctx.shard_sum(sq)[0]))
-        clip = self.cfg["max_grad_norm"]
+        clip = self.cfg.max_grad_norm
         scale = min(1.0, clip / (norm + 1e-6)) if clip else 1.0
         for p, g in zip(self.params, grads):
             p.grad = torch.zeros_like(p)
@@ -215,7 +203,7 @@ class FOMAML:
 # ---------------------------------------------------------------- model, checkpoints, CLI
 
 
-def load_model(model_dir: str, lora: dict | None, seed: int, device):
+def load_model(model_dir: str, lora: LoraSettings | None, seed: int, device):
     """Tokenizer and model (float32) from ``model_dir``; with ``lora`` a peft LoRA model whose
     adapter (seeded init) is the only trainable part."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -228,25 +216,18 @@ def load_model(model_dir: str, lora: dict | None, seed: int, device):
     if lora is not None:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(lora))
+        from rlmeta.policy.lora import peft_config
+
+        model = get_peft_model(model, peft_config(lora))
     return tok, model
 
 
-def lora_config(lora: dict):
-    from peft import LoraConfig
-
-    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                      target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM")
-
-
-def save_final(model, tokenizer, model_dir: str, lora: dict | None, out: Path, ctx: DistContext) -> None:
-    """Gather the full state dict on rank 0 and save a plain transformers checkpoint atomically
-    (LoRA merged, the adapter also kept in ``meta_adapter/``; safetensors; tokenizer; top-level
-    ``rope_theta``)."""
+def save_final(model, tokenizer, model_dir: str, lora: LoraSettings | None, out: Path, ctx: DistContext) -> None:
+    """Gather the full state dict on rank 0 and save a portable checkpoint atomically (LoRA merged, the
+    adapter also kept in ``meta_adapter/`` for the adaptation evaluation)."""
     from transformers import AutoModelForCausalLM
 
-    from rlmeta.io import atomic_dir
-    from rlmeta.models.tokenizer import save_tokenizer
+    from rlmeta import checkpoints
 
     sd = full_state_dict(model, ctx)
     if ctx.is_main:
@@ -254,148 +235,111 @@ def save_final(model, tokenizer, model_dir: str, lora: dict | None, out: Path, c
         if lora is not None:
             from peft import get_peft_model
 
-            fresh = get_peft_model(fresh, lora_config(lora))
+            from rlmeta.policy.lora import peft_config
+
+            fresh = get_peft_model(fresh, peft_config(lora))
         missing, unexpected = fresh.load_state_dict(sd, strict=False)
         if unexpected or [k for k in missing if "lm_head" not in k]:
             raise RuntimeError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        with atomic_dir(out) as tmp:
-            if lora is not None:  # keep the unmerged meta-adapter too (eval_adaptation adapts it)
-                fresh.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
-                fresh = fresh.merge_and_unload()
-            fresh.to(_source_dtype(model_dir)).save_pretrained(tmp, safe_serialization=True)
-            save_tokenizer(tokenizer, tmp)
-            cfg_path = tmp / "config.json"
-            cfg = json.loads(cfg_path.read_text())
-            rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")
-            if rope is not None:
-                cfg["rope_theta"] = rope
-                cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        keep_adapter = (lambda tmp: fresh.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)) if lora else None
+        checkpoints.save_torch(fresh, tokenizer, out, source=model_dir, extra=keep_adapter, kind="fomaml")
     ctx.barrier()
 
 
-def _source_dtype(model_dir: str) -> torch.dtype:
-    """The dtype in the source checkpoint's config.json (the final save keeps it), else float32."""
-    cfg_path = Path(model_dir) / "config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-    name = cfg.get("dtype") or cfg.get("torch_dtype")
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
-
-
-def latest_checkpoint(ckpt_dir: Path, spec: dict) -> Path | None:
-    """The newest ``<ckpt_dir>/<step>/`` written by a run with the same spec."""
-    found = []
-    for d in ckpt_dir.glob("*/" + STATE_FILE):
-        try:
-            state = json.loads(d.read_text())
-        except (OSError, ValueError):
-            continue
-        if d.parent.name.isdigit() and state.get("spec") == spec:
-            found.append((int(d.parent.name), d.parent))
-    return max(found)[1] if found else None
-
-
-def train(model_dir: str, tasks_dir: str, subjects: list[str], meta: dict, seed: int, out: str | Path,
-          metrics: str | Path, wandb_cfg: dict | None = None, ckpt_dir: str | Path | None = None,
-          shard_size: int = 0, resume: bool = True, stop_after: int | None = None, keep: int = 2) -> Path:
+def train(model_dir: str, tasks_dir: str, subjects: list[str], cfg: MetaSettings, seed: int, out: str | Path,
+          metrics: str | Path, wandb: WandbSettings | None = None, ckpt_dir: str | Path | None = None,
+          resume: bool = True, stop_after: int | None = None) -> Path:
     """Meta-train and save the final checkpoint to ``out``; returns ``out``. ``stop_after`` ends this
     run after that many outer steps without a final save (as if preempted; for resume tests)."""
-    from rlmeta.tracking import MetricsWriter, check_finite, wandb_run
+    from rlmeta import checkpoints
+    from rlmeta.tracking import MetricsTable, check_finite, wandb_run
 
-    cfg = meta_settings(meta)
     out = Path(out)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir else out.parent
-    ctx = init_distributed(shard_size)
+    wandb = wandb or WandbSettings()
+    ctx = init_distributed(cfg.shard_size)
     try:
         # under FSDP2 the model loads on CPU and fully_shard moves each rank's shards to its device
-        tok, model = load_model(model_dir, cfg["lora"], seed, torch.device("cpu") if ctx.distributed else ctx.device)
+        tok, model = load_model(model_dir, cfg.lora, seed, torch.device("cpu") if ctx.distributed else ctx.device)
         model = shard_model(model, ctx, bf16=ctx.device.type == "cuda")
         support = load_tasks(tasks_dir, subjects, "support")
         learner = FOMAML(model, tok, support, load_tasks(tasks_dir, subjects, "query"), cfg, seed, ctx)
         spec = {"model": str(model_dir), "tasks_dir": str(tasks_dir), "subjects": list(subjects), "seed": seed,
-                "meta": {k: v for k, v in cfg.items() if k not in ("nproc", "checkpoint_every")}}
-        start, last = 0, latest_checkpoint(ckpt_dir, spec) if resume else None
+                "meta": cfg.model_dump(mode="json", exclude=RESUMABLE_ACROSS)}
+        table = MetricsTable(metric_columns(subjects))
+        start, last = 0, None
+        if resume:
+            last = checkpoints.latest(ckpt_dir, readable=lambda p: _state(p) is not None)
+            if last is not None and _state(last).get("spec") != spec:
+                last = None  # another run's checkpoints: left alone, never resumed
         if last is not None:
             state = load_resume(last, model, learner.opt, ctx)
             learner.sched.load_state_dict(state["scheduler"])
             start = state["step"]
+            table.restore(last, start)
             if ctx.is_main:
                 log.info("resuming from %s (step %d)", last, start)
-        writer = MetricsWriter(metrics, metric_columns(subjects))
-        if last is not None:  # the rows so far travel in the checkpoint (Snakemake deletes outputs on rerun)
-            writer.rows = state["metrics"]
-        name = (wandb_cfg or {}).get("name") or (out.parent.parent.name if out.parent.name == "checkpoints" else out.name)
-        w = {"mode": "offline", "project": "rlmeta", **(wandb_cfg or {})}
-        run_ctx = (wandb_run(w["mode"], w["project"], w.get("entity"), name, ckpt_dir, {**spec, "world": ctx.world})
-                   if ctx.is_main and w["mode"] != "disabled" else contextlib.nullcontext(None))
+        config = {**spec, "world": ctx.world}
+        run_ctx = (wandb_run(wandb, checkpoints.run_name(ckpt_dir), ckpt_dir, config)
+                   if ctx.is_main and wandb.mode != "disabled" else contextlib.nullcontext(None))
         n_params = sum(p.numel() for p in learner.params)
         if ctx.is_main:
-            log.info("FOMAML %s: %d tasks, %d meta-parameters (%s), world %d = %d task groups x %d shards, steps %d..%d",
-                     model_dir, len(subjects), n_params, "meta-LoRA" if cfg["lora"] else "full", ctx.world,
-                     ctx.task_groups, ctx.shard_size, start + 1, cfg["outer_steps"])
+            log.info("FOMAML %s: %d tasks, %d meta-parameters (%s), world %d = %d task groups x %d shards, "
+                     "steps %d..%d",
+                     model_dir, len(subjects), n_params, "meta-LoRA" if cfg.lora else "full", ctx.world,
+                     ctx.task_groups, ctx.shard_size, start + 1, cfg.outer_steps)
         with run_ctx as run:
-            for step in range(start, cfg["outer_steps"]):
+            for step in range(start, cfg.outer_steps):
                 if stop_after is not None and step - start >= stop_after:
                     return out
                 row = learner.step(step)
                 check_finite({k: v for k, v in row.items() if "/" not in k or k.startswith("meta/")}, row["step"], last)
                 if ctx.is_main:
-                    writer.add(row)
-                    writer.flush()
+                    table.add(row)
                     if run is not None:
                         run.log({k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))},
                                 step=row["step"])
                     log.info("step %d/%d meta/loss %.4f gap %+.4f lr %.2e grad_norm %.3f tokens %d %.2fs (%.0f tok/s)",
-                             row["step"], cfg["outer_steps"], row["loss"], row["meta/avg_adaptation_gap"], row["lr"],
+                             row["step"], cfg.outer_steps, row["loss"], row["meta/avg_adaptation_gap"], row["lr"],
                              row["grad_norm"], row["tokens"], row["step_seconds"], row["tokens"] / row["step_seconds"])
                 s = step + 1
-                if s % cfg["checkpoint_every"] == 0 and s < cfg["outer_steps"]:
+                if s % cfg.checkpoint_every == 0 and s < cfg.outer_steps:
                     last = ckpt_dir / str(s)
                     save_resume(last, model, learner.opt, ctx,
-                                {"step": s, "scheduler": learner.sched.state_dict(), "spec": spec, "metrics": writer.rows})
+                                {"step": s, "scheduler": learner.sched.state_dict(), "spec": spec}, table)
                     if ctx.is_main:
-                        _prune(ckpt_dir, spec, keep)
-        save_final(model, tok, model_dir, cfg["lora"], out, ctx)
+                        checkpoints.prune(ckpt_dir, cfg.keep_checkpoints)
+        save_final(model, tok, model_dir, cfg.lora, out, ctx)
         if ctx.is_main:
-            writer.close()
+            table.write(metrics)
             log.info("saved %s", out)
         return out
     finally:
         destroy(ctx)
 
 
-def _prune(ckpt_dir: Path, spec: dict, keep: int) -> None:
-    """Delete all but the newest ``keep`` resume checkpoints of this spec."""
-    mine = sorted(int(d.parent.name) for d in ckpt_dir.glob("*/" + STATE_FILE) if d.parent.name.isdigit()
-                  and json.loads(d.read_text()).get("spec") == spec)
-    for s in mine[:-keep] if keep > 0 else []:
-        shutil.rmtree(ckpt_dir / str(s), ignore_errors=True)
+def _state(ckpt: Path) -> dict | None:
+    try:
+        return json.loads((Path(ckpt) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line of ``scripts/train_fomaml.py`` (plain python or ``torchrun --nproc_per_node=N``)."""
-    p = argparse.ArgumentParser(prog="train_fomaml.py", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="initial checkpoint folder (transformers format)")
-    p.add_argument("--tasks-dir", required=True, help="folder with <subject>/{support,query}.parquet")
+def command(p: argparse.ArgumentParser):
+    """``rlmeta train-fomaml`` (plain python, or under ``rlmeta launch`` for torchrun)."""
+    from rlmeta.cli import add_settings, add_wandb, existing_dir, model_ref
+
+    p.add_argument("--model", required=True, type=model_ref, help="initial checkpoint folder (transformers format)")
+    p.add_argument("--tasks-dir", required=True, type=existing_dir,
+                   help="folder with <subject>/{support,query}.parquet")
     p.add_argument("--subjects", nargs="+", required=True, help="task (subject) names")
-    p.add_argument("--meta-json", default="{}", help="experiments.<name>.meta as JSON, or a .json file")
+    add_settings(p, "meta", MetaSettings, "the experiment's meta block")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="final checkpoint folder (written atomically)")
-    p.add_argument("--metrics", required=True, help="train_metrics.parquet to write")
+    p.add_argument("--metrics", required=True, help="train_metrics.parquet to write when training ends")
     p.add_argument("--checkpoint-dir", default=None, help="resume checkpoints <dir>/<step>/ (default: --out's parent)")
-    p.add_argument("--shard-size", type=int, default=0,
-                   help="ranks sharing one FSDP2 model copy: 1 = task-parallel, world = plain FSDP, "
-                        "0 = auto (world on CUDA, 1 on CPU)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="resume checkpoints kept (default 2)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a matching checkpoint exists")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--wandb-mode", choices=["offline", "online", "disabled"], default="offline")
-    p.add_argument("--wandb-project", default="rlmeta")
-    p.add_argument("--wandb-entity", default=None)
-    p.add_argument("--wandb-name", default=None, help="run name (default: the experiment folder's name)")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    meta = json.loads(a.meta_json if a.meta_json.lstrip().startswith("{") else Path(a.meta_json).read_text())
-    train(a.model, a.tasks_dir, a.subjects, meta, a.seed, a.out, a.metrics,
-          {"mode": a.wandb_mode, "project": a.wandb_project, "entity": a.wandb_entity, "name": a.wandb_name},
-          a.checkpoint_dir, a.shard_size, not a.no_resume, a.stop_after, a.keep_checkpoints)
-    return 0
+    add_wandb(p)
+    return lambda a: train(a.model, a.tasks_dir, a.subjects, a.meta, a.seed, a.out, a.metrics, a.wandb,
+                           a.checkpoint_dir, not a.no_resume, a.stop_after)

@@ -13,17 +13,14 @@ from pathlib import Path
 
 from rlmeta.io import atomic_dir
 from rlmeta.models.tokenizer import EOS_TOKEN, PAD_TOKEN, make_tokenizer, save_tokenizer
+from rlmeta.settings import ModelBuild
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUILD = {
-    "tokenizer": "bpe", "vocab_size": 2048, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
-    "num_kv_heads": 2, "intermediate_size": 256, "max_position_embeddings": 2048,
-}
 ROPE_THETA = 10000.0
 
 
-def qwen3_config(build: dict, tokenizer):
+def qwen3_config(build: ModelBuild, tokenizer):
     """The ``Qwen3Config`` for a build block and its tokenizer (vocab padded to a multiple of 64).
 
     ``pad_token_id`` is left out of the model config (as in the released Qwen3 configs) so the
@@ -32,19 +29,16 @@ def qwen3_config(build: dict, tokenizer):
     """
     from transformers import Qwen3Config
 
-    b = {**DEFAULT_BUILD, **build}
-    if b["hidden_size"] % b["num_heads"] or b["num_heads"] % b["num_kv_heads"]:
-        raise ValueError(f"hidden_size {b['hidden_size']} must divide by num_heads {b['num_heads']}, "
-                         f"and num_heads by num_kv_heads {b['num_kv_heads']}")
+    b = build
     return Qwen3Config(
         vocab_size=-(-len(tokenizer) // 64) * 64,
-        hidden_size=b["hidden_size"],
-        intermediate_size=b["intermediate_size"],
-        num_hidden_layers=b["num_layers"],
-        num_attention_heads=b["num_heads"],
-        num_key_value_heads=b["num_kv_heads"],
-        head_dim=b["hidden_size"] // b["num_heads"],
-        max_position_embeddings=b["max_position_embeddings"],
+        hidden_size=b.hidden_size,
+        intermediate_size=b.intermediate_size,
+        num_hidden_layers=b.num_layers,
+        num_attention_heads=b.num_heads,
+        num_key_value_heads=b.num_kv_heads,
+        head_dim=b.hidden_size // b.num_heads,
+        max_position_embeddings=b.max_position_embeddings,
         rms_norm_eps=1e-6,
         rope_theta=ROPE_THETA,
         tie_word_embeddings=True,
@@ -54,7 +48,7 @@ def qwen3_config(build: dict, tokenizer):
     )
 
 
-def build_tiny_model(out_dir: str | Path, build: dict, corpus_files: list[Path], seed: int) -> Path:
+def build_tiny_model(out_dir: str | Path, build: ModelBuild, corpus_files: list[Path], seed: int) -> Path:
     """Train/load the tokenizer, initialise a Qwen3 model with ``torch.manual_seed(seed)`` and
     write the checkpoint atomically to ``out_dir``."""
     import torch
@@ -84,14 +78,14 @@ def _add_legacy_keys(path: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: build a tiny model from a JSON build block."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--build-json", required=True, help="models.<name>.build as JSON")
+def command(p: argparse.ArgumentParser):
+    """``rlmeta build-model``: a tiny model from a ``models.<name>.build`` block."""
+    from rlmeta.cli import add_settings
+    from rlmeta.settings import ModelBuild
+
+    add_settings(p, "build", ModelBuild, "the models.<name>.build block", required=True)
     p.add_argument("--corpus", nargs="*", default=[], type=Path,
                    help="RSS/Atom files, GSM8K/MATH jsonl files or folders (bpe tokenizer only)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, type=Path)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    build_tiny_model(a.out, json.loads(a.build_json), a.corpus, a.seed)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weight initialisation (default 0)")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint folder to write (replaced atomically)")
+    return lambda a: build_tiny_model(a.out, a.build, a.corpus, a.seed)

@@ -1,95 +1,102 @@
-"""Which model a config names (built folder, local path or hub id) and clear errors when a
-hub model cannot be fetched. ``trust_remote_code`` is never enabled."""
+"""Local path or hub id, and clear errors when a hub model or dataset cannot be had.
+
+``classify_source`` tells a local folder from a hub id and rejects a local path that does not
+exist (instead of taking it for a hub id and retrying the network for half a minute);
+``check_hub_access`` is the start-up check that a hub repository is in the local cache or
+reachable; ``hub_errors`` turns a failed download inside a step into one ``HubUnavailable`` line.
+``trust_remote_code`` is never enabled.
+"""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+
+from rlmeta.errors import UserError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _NOT_FOUND = {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"}
+HUB_TIMEOUT_S = 10.0
+"""Seconds the start-up check waits for the hub before calling it unreachable."""
 
 
-class HubUnavailable(RuntimeError):
-    """A hub model could not be fetched; the message says what to do."""
+class HubUnavailable(UserError):
+    """A hub model or dataset could not be fetched; the message says what to do."""
 
 
 def is_hub_id(id_or_path: str | Path) -> bool:
     """True for ``owner/name`` that is not an existing local path."""
     s = str(id_or_path)
-    return not Path(s).expanduser().exists() and bool(_HUB_ID.match(s)) and not s.startswith((".", "~"))
+    return not Path(s).expanduser().exists() and bool(_HUB_ID.match(s)) and not s.startswith((".", "~", "/"))
 
 
-def resolve_model(model_cfg: dict, backend: str, built_dir: str | Path | None = None) -> str:
-    """Path or hub id to load for ``models.<name>``: the built folder for ``build``, else
-    ``mlx`` (falling back to ``hf``) on the mlx backend and ``hf`` on torch."""
-    if backend not in ("torch", "mlx"):
-        raise ValueError(f"unknown backend {backend!r}; expected torch or mlx")
-    if "build" in model_cfg:
-        if built_dir is None:
-            raise ValueError("a models.<name>.build model needs built_dir (the folder build_model wrote)")
-        return str(built_dir)
-    source = (model_cfg.get("mlx") or model_cfg.get("hf")) if backend == "mlx" else model_cfg.get("hf")
-    if not source:
-        raise ValueError("model config has neither build nor hf")
-    return str(source)
+def classify_source(source: str, key: str, base: str | Path = ".") -> str:
+    """``"local"`` for an existing path, ``"hub"`` for a hub id; ``UserError`` for a local path that is missing.
+
+    ``owner/name`` is a hub id unless its first part is a local folder (``resources/gsm8k_typo`` is a
+    missing path under ``resources/``, not a hub repository)."""
+    path = Path(base) / Path(source).expanduser()
+    if path.exists():
+        return "local"
+    first = Path(source).parts[0] if Path(source).parts else ""
+    if is_hub_id(source) and not (Path(base) / first).is_dir():
+        return "hub"
+    why = f" (not taken for a hub id: '{first}' is a local folder)" if is_hub_id(source) else ""
+    where = path.parent if path.parent.is_dir() else None
+    hint = f"; {where} holds: {', '.join(sorted(p.name for p in where.iterdir())[:8])}" if where is not None else ""
+    raise UserError(f"{key}: {source} does not exist{why}{hint}")
 
 
-def _message(id_or_path: str, name: str | None, key: str, error: BaseException) -> str:
+def _message(id_or_path: str, key: str, error: BaseException) -> str:
     chain, e = [], error
     while e is not None and e not in chain:
         chain.append(e)
         e = e.__cause__ or e.__context__
-    name = name or "<name>"
     if any(type(e).__name__ in _NOT_FOUND for e in chain):
-        return (f"{id_or_path} is not on the Hugging Face hub, is gated, or lacks the revision asked for "
-                f"({type(error).__name__}): check models.{name}.{key} and models.{name}.revision, "
-                f"or log in with `huggingface-cli login`")
-    return (f"cannot download {id_or_path} from the Hugging Face hub (no network?): set models.{name}.{key} "
-            f"to a local path, or pre-download with `huggingface-cli download {id_or_path}`")
+        return (f"{key}: {id_or_path} is not on the Hugging Face hub, is gated, or lacks the revision asked for "
+                f"({type(error).__name__}): check the id and revision, or log in with `hf auth login`")
+    return (f"{key}: cannot download {id_or_path} from the Hugging Face hub (no network?): use a local path, or "
+            f"pre-download it with `hf download {id_or_path}` where there is a network")
 
 
 @contextlib.contextmanager
-def hub_errors(id_or_path: str, name: str | None = None, backend: str = "torch") -> Iterator[None]:
+def hub_errors(id_or_path: str, key: str = "model") -> Iterator[None]:
     """Turn a failed hub fetch of ``id_or_path`` inside the block into one clear ``HubUnavailable``."""
     try:
         yield
     except (OSError, ConnectionError) as e:  # hub errors are OSError subclasses (transformers wraps them too)
         if not is_hub_id(id_or_path):
             raise
-        raise HubUnavailable(_message(id_or_path, name, "mlx" if backend == "mlx" else "hf", e)) from e
+        raise HubUnavailable(_message(id_or_path, key, e)) from e
 
 
-def check_loadable(id_or_path: str, backend: str, revision: str | None = None, name: str | None = None) -> str:
-    """Check that a local checkpoint folder has config.json, or fetch a hub model's config through
-    the backend's own hub path; returns ``id_or_path``. Raises ``HubUnavailable`` offline."""
-    if not is_hub_id(id_or_path):
-        if not (Path(id_or_path).expanduser() / "config.json").is_file():
-            raise FileNotFoundError(f"{id_or_path}: not a checkpoint folder (no config.json) and not a hub id")
-        return id_or_path
-    with hub_errors(id_or_path, name, backend):
-        if backend == "mlx":
-            from huggingface_hub import snapshot_download  # what mlx_lm.load uses
+def in_cache(repo_id: str, repo_type: str = "model", revision: str | None = None) -> bool:
+    """True when the local Hugging Face cache holds a snapshot of the repository."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-            snapshot_download(id_or_path, revision=revision, allow_patterns=["config.json"])
-        else:
-            from transformers import AutoConfig
-
-            AutoConfig.from_pretrained(id_or_path, revision=revision, trust_remote_code=False)
-    return id_or_path
+    try:
+        snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_files_only=True,
+                          allow_patterns=["*.json"])
+        return True
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return False
 
 
-def load_model(id_or_path: str, backend: str, revision: str | None = None, name: str | None = None):
-    """``(model, tokenizer)`` from transformers (float32 for our checkpoints, else the stored
-    dtype) or ``mlx_lm.load``, with hub failures reported by ``hub_errors``."""
-    with hub_errors(id_or_path, name, backend):
-        if backend == "mlx":
-            import mlx_lm
+def check_hub_access(repo_id: str, key: str, repo_type: str = "model", revision: str | None = None) -> None:
+    """``HubUnavailable`` unless the repository is cached locally or the hub answers for it (start-up check)."""
+    if in_cache(repo_id, repo_type, revision):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        kind_flag = " --repo-type dataset" if repo_type == "dataset" else ""
+        raise HubUnavailable(f"{key}: {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                             f"pre-download it with `hf download {repo_id}{kind_flag}`, "
+                             "use a local path, or set check_hub: false for a dry run")
+    from huggingface_hub import HfApi
 
-            return mlx_lm.load(id_or_path, revision=revision)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        kw = dict(revision=revision, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(id_or_path, dtype="auto", **kw)
-        return model, AutoTokenizer.from_pretrained(id_or_path, **kw)
+    try:
+        HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision, timeout=HUB_TIMEOUT_S)
+    except Exception as e:
+        raise HubUnavailable(_message(repo_id, key, e) + " (or set check_hub: false for a dry run)") from None

@@ -12,10 +12,10 @@ import html
 import json
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
-from rlmeta.config import ROOT
+from rlmeta.settings import ROOT
 
 QWEN_TOKENIZER_DIR = ROOT / "resources" / "qwen-tokenizer"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -134,14 +134,13 @@ def save_tokenizer(tok, out_dir: str | Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def make_tokenizer(build: dict, corpus_files: Iterable[str | Path] = (), out_dir: str | Path | None = None):
-    """The tokenizer a ``models.<name>.build`` block asks for (``bpe`` or ``qwen``)."""
-    kind = build.get("tokenizer", "bpe")
-    if kind == "qwen":
+def make_tokenizer(build, corpus_files: Iterable[str | Path] = (), out_dir: str | Path | None = None):
+    """The tokenizer a ``ModelBuild`` block asks for (``bpe`` or ``qwen``)."""
+    if build.tokenizer == "qwen":
         return load_qwen_tokenizer(out_dir=out_dir)
-    if kind != "bpe":
-        raise ValueError(f"unknown tokenizer {kind!r}; expected bpe or qwen")
     corpus_files = list(corpus_files)
     if not corpus_files:
-        raise ValueError("a bpe tokenizer needs corpus files (RSS feeds, GSM8K/MATH jsonl)")
-    return train_bpe_tokenizer(corpus_texts(corpus_files), int(build.get("vocab_size", 2048)), out_dir)
+        from rlmeta.errors import UserError
+
+        raise UserError("a bpe tokenizer needs corpus files (RSS feeds, GSM8K/MATH jsonl): pass --corpus")
+    return train_bpe_tokenizer(corpus_texts(corpus_files), build.vocab_size, out_dir)

@@ -4,15 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlmeta.policy.base import Generation, Policy
+from rlmeta.settings import LoraSettings
 
 BACKENDS = ("mlx", "torch")
 
 
-def load_policy(path_or_id: str | Path, backend: str, *, lora: dict | str | Path | None = None,
+def load_policy(path_or_id: str | Path, backend: str, *, lora: LoraSettings | str | Path | None = None,
                 dtype: str = "float32", device: str | None = None) -> Policy:
     """Open a checkpoint on ``backend`` (``mlx`` or ``torch``).
 
-    ``lora``: None, a config ``lora`` block (fresh trainable adapters), or an adapter folder
+    ``lora``: None, a ``LoraSettings`` block (fresh trainable adapters), or an adapter folder
     written by ``rlmeta.policy.lora.save_adapter`` on the same backend. ``device`` (torch only):
     default CUDA when available, else CPU.
     """
@@ -20,7 +21,7 @@ def load_policy(path_or_id: str | Path, backend: str, *, lora: dict | str | Path
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
-    with hub_errors(str(path_or_id), backend=backend):  # offline hub id -> one clear line
+    with hub_errors(str(path_or_id)):  # offline hub id -> one clear line
         if backend == "mlx":
             from rlmeta.policy.mlx_policy import MLXPolicy
 
@@ -29,7 +30,7 @@ def load_policy(path_or_id: str | Path, backend: str, *, lora: dict | str | Path
             from rlmeta.policy.torch_policy import TorchPolicy
 
             policy = TorchPolicy.load(path_or_id, dtype=dtype, device=device)
-    if isinstance(lora, dict):
+    if isinstance(lora, LoraSettings):
         from rlmeta.policy.lora import apply_lora
 
         apply_lora(policy, lora)

@@ -1,19 +1,18 @@
 """Backend-neutral pieces of a policy: the ``Generation`` record, the ``Policy`` protocol and
-helpers both backends share (prompt encoding, stop tokens, seeds, checkpoint files).
-
-A checkpoint is one folder that ``transformers`` and ``mlx_lm.load`` both open as-is:
-``config.json``, ``model.safetensors`` (HF parameter names), ``tokenizer.json`` and
-``tokenizer_config.json`` (with the chat template).
+``BasePolicy``, the shell both backends share (prompt encoding, stop tokens, the generation and
+log-prob wrappers); a backend supplies its sampling loop, its teacher-forced log-probs and its save.
+Checkpoints are the portable folders of ``rlmeta.checkpoints``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, Sequence, runtime_checkable
+from typing import Literal
 
 import numpy as np
 
@@ -23,8 +22,8 @@ Prompts = Sequence[Messages] | Sequence[Sequence[int]]
 STOP_TOKENS = ("<|im_end|>",)
 """Token strings that end a completion besides the tokenizer's and config's eos ids."""
 
-EXTRA_FILES = ("generation_config.json",)
-"""Files copied verbatim from the source checkpoint when a policy is saved."""
+LOGITS_BUDGET = 2**27
+"""Float32 logits elements held at once by ``BasePolicy.logprobs`` (512 MiB)."""
 
 
 @dataclass
@@ -44,29 +43,6 @@ class Generation:
     logprobs: list[float]
     text: str
     finish_reason: Literal["stop", "length"]
-
-
-@runtime_checkable
-class Policy(Protocol):
-    """What rollout, training and evaluation need from a language model, on either backend."""
-
-    backend: str
-    tokenizer: Any
-    model: Any
-
-    def encode_prompts(self, messages_batch: Sequence[Messages]) -> list[list[int]]:
-        """Chat-template token ids, with the assistant generation prompt."""
-
-    def generate(self, prompts: Prompts, n: int = 1, *, temperature: float = 1.0, top_p: float = 1.0,
-                 max_new_tokens: int = 128, seed: int = 0) -> list[Generation]:
-        """``n`` completions per prompt, prompt-major then sample order."""
-
-    def logprobs(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-                 temperature: float = 1.0) -> list[np.ndarray]:
-        """Teacher-forced log-probs of each completion token (float32 arrays)."""
-
-    def save(self, path: str | Path) -> Path:
-        """Write a full checkpoint atomically (LoRA adapters merged in)."""
 
 
 @contextmanager
@@ -142,15 +118,6 @@ def finish(tokenizer, prompt_index: int, sample_idx: int, prompt_ids: list[int],
     )
 
 
-def copy_extra_files(src: str | Path | None, dst: Path) -> None:
-    """Copy ``EXTRA_FILES`` from ``src`` to ``dst`` when present and not written already."""
-    if src is None or not Path(src).is_dir():
-        return
-    for name in EXTRA_FILES:
-        if (Path(src) / name).exists() and not (dst / name).exists():
-            shutil.copy(Path(src) / name, dst / name)
-
-
 def read_config(path: str | Path) -> dict:
     """The checkpoint's ``config.json``."""
     return json.loads((Path(path) / "config.json").read_text())
@@ -165,3 +132,68 @@ def checkpoint_eos(path: str | Path) -> list[int]:
             eos = json.loads(f.read_text()).get("eos_token_id")
             ids += [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     return ids
+
+
+class BasePolicy(ABC):
+    """The shared shell of ``MLXPolicy`` and ``TorchPolicy``.
+
+    Subclasses set ``backend`` and implement ``_sample(ids, n, temperature, top_p, max_new_tokens, seed)``
+    -> (token lists, log-prob lists) in output-row order, ``_logprob_rows(prompt_ids, completion_ids,
+    temperature)`` -> (B, T) array, and ``save``.
+    """
+
+    backend = ""
+
+    def __init__(self, model, tokenizer, config: dict, source: str | Path | None = None):
+        self.model, self.tokenizer, self.config, self.source = model, tokenizer, dict(config), source
+        eos = checkpoint_eos(source) if source is not None and Path(source).is_dir() else None
+        self.stop_ids = stop_token_ids(tokenizer, eos or self.config.get("eos_token_id"))
+        self.pad_id = pad_token_id(tokenizer)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.get("vocab_size") or len(self.tokenizer))
+
+    def encode_prompts(self, messages_batch: Sequence[Messages]) -> list[list[int]]:
+        return encode_prompts(self.tokenizer, messages_batch)
+
+    def generate(self, prompts: Prompts, n: int = 1, *, temperature: float = 1.0, top_p: float = 1.0,
+                 max_new_tokens: int = 128, seed: int = 0) -> list[Generation]:
+        """``n`` completions per prompt in one batch, prompt-major then sample order; deterministic for a seed."""
+        ids = as_token_ids(self.tokenizer, prompts)
+        if not ids or n < 1:
+            return []
+        with eval_mode(self.model):
+            tokens, logps = self._sample(ids, n, temperature, top_p, max_new_tokens, seed)
+        return [finish(self.tokenizer, k // n, k % n, ids[k // n], tokens[k], logps[k], self.stop_ids)
+                for k in range(len(tokens))]
+
+    def logprobs(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+                 temperature: float = 1.0) -> list[np.ndarray]:
+        """Teacher-forced log-probs of each completion token (float32), batched under ``LOGITS_BUDGET``."""
+        out: list[np.ndarray] = []
+        t = max((len(c) for c in completion_ids), default=1) or 1
+        chunk = max(1, LOGITS_BUDGET // (t * self.vocab_size))
+        for k in range(0, len(prompt_ids), chunk):
+            p, c = prompt_ids[k:k + chunk], completion_ids[k:k + chunk]
+            with eval_mode(self.model):
+                lp = self._logprob_rows(p, c, temperature)
+            out += [np.asarray(lp[i, :len(ci)], dtype=np.float32) for i, ci in enumerate(c)]
+        return out
+
+    @abstractmethod
+    def _sample(self, ids: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
+                seed: int) -> tuple[list[list[int]], list[list[float]]]:
+        """Sampled token ids and their log-probs, one list per output row (prompt-major, then sample)."""
+
+    @abstractmethod
+    def _logprob_rows(self, prompt_ids, completion_ids, temperature: float):
+        """(B, T) teacher-forced log-probs of one chunk of completions (zero past each completion)."""
+
+    @abstractmethod
+    def save(self, path: str | Path) -> Path:
+        """Write a portable checkpoint atomically (LoRA adapters merged in)."""
+
+
+Policy = BasePolicy
+"""What rollout, training and evaluation need from a language model, on either backend."""

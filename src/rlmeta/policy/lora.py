@@ -4,7 +4,7 @@ torch: peft (``LoraConfig`` + ``get_peft_model``; adapters saved as ``adapter_co
 ``adapter_model.safetensors``; merged with ``merge_and_unload``). MLX: mlx-lm
 (``linear_to_lora_layers``; adapters saved as ``adapter_config.json`` + ``adapters.safetensors``,
 which ``mlx_lm.load(adapter_path=...)`` reads; merged with ``LoRALinear.fuse``). The config's
-``lora`` block (r, alpha, dropout, target_modules) drives both; scaling is alpha / r on both.
+``lora`` block (``rlmeta.settings.LoraSettings``) drives both; scaling is alpha / r on both.
 """
 from __future__ import annotations
 
@@ -12,14 +12,18 @@ import argparse
 import json
 from pathlib import Path
 
-DEFAULTS = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+from rlmeta.settings import LoraSettings
+
 MLX_ADAPTER = "adapters.safetensors"
 PEFT_ADAPTER = "adapter_model.safetensors"
 
 
-def lora_block(block: dict | None = None) -> dict:
-    """The ``lora`` config block with defaults filled."""
-    return {**DEFAULTS, **(block or {})}
+def peft_config(cfg: LoraSettings):
+    """``peft.LoraConfig`` of a ``lora`` block (the torch trainers and FOMAML share it)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
 
 
 def adapter_backend(path: str | Path) -> str:
@@ -32,20 +36,17 @@ def adapter_backend(path: str | Path) -> str:
     raise FileNotFoundError(f"{path}: no {MLX_ADAPTER} or {PEFT_ADAPTER}")
 
 
-def apply_lora(policy, block: dict | None = None, seed: int = 0):
+def apply_lora(policy, cfg: LoraSettings, seed: int = 0):
     """Wrap the policy's model with fresh LoRA adapters (in place); returns the policy.
 
     Base weights are frozen; only the adapters train. B starts at zero, so outputs are unchanged.
     """
-    cfg = lora_block(block)
     if policy.backend == "torch":
         import torch
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         torch.manual_seed(seed)
-        policy.model = get_peft_model(policy.model, LoraConfig(
-            r=cfg["r"], lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"],
-            target_modules=list(cfg["target_modules"]), task_type="CAUSAL_LM"))
+        policy.model = get_peft_model(policy.model, peft_config(cfg))
     else:
         import mlx.core as mx
         from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -57,13 +58,15 @@ def apply_lora(policy, block: dict | None = None, seed: int = 0):
     return policy
 
 
-def _mlx_params(model, cfg: dict) -> dict:
+def _mlx_params(model, cfg: LoraSettings) -> dict:
     """mlx-lm ``lora_parameters``: keys are module paths inside a layer ending in a target name."""
-    targets = set(cfg["target_modules"])
+    targets = set(cfg.target_modules)
     keys = sorted({name for name, _ in model.layers[0].named_modules() if name.split(".")[-1] in targets})
     if not keys:
-        raise ValueError(f"no module named {sorted(targets)} in the model's layers")
-    return {"rank": cfg["r"], "scale": cfg["alpha"] / cfg["r"], "dropout": cfg["dropout"], "keys": keys}
+        from rlmeta.errors import UserError
+
+        raise UserError(f"lora.target_modules {sorted(targets)}: no such module in the model's layers")
+    return {"rank": cfg.r, "scale": cfg.alpha / cfg.r, "dropout": cfg.dropout, "keys": keys}
 
 
 def save_adapter(policy, path: str | Path) -> Path:
@@ -81,7 +84,8 @@ def save_adapter(policy, path: str | Path) -> Path:
                        if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
             mx.save_safetensors(str(tmp / MLX_ADAPTER), weights)
             config = {"fine_tune_type": "lora", "num_layers": len(policy.model.layers),
-                      "lora_parameters": _mlx_params(policy.model, policy.lora), "rlmeta_lora": policy.lora}
+                      "lora_parameters": _mlx_params(policy.model, policy.lora),
+                      "rlmeta_lora": policy.lora.model_dump()}
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(path)
 
@@ -100,7 +104,8 @@ def load_adapter(policy, path: str | Path):
 
         policy.model.freeze()
         load_adapters(policy.model, str(path))
-        policy.lora = json.loads((Path(path) / "adapter_config.json").read_text()).get("rlmeta_lora")
+        saved = json.loads((Path(path) / "adapter_config.json").read_text()).get("rlmeta_lora")
+        policy.lora = LoraSettings.model_validate(saved) if saved else None
     policy.model.eval()
     return policy
 
@@ -129,14 +134,13 @@ def merge_lora(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pa
     return policy.save(out_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI of ``scripts/merge_lora.py``."""
-    ap = argparse.ArgumentParser(description="Merge a LoRA adapter (peft or mlx-lm) into its base model and "
-                                             "write a full checkpoint that transformers and mlx_lm both open.")
-    ap.add_argument("--model", required=True, help="base checkpoint folder")
-    ap.add_argument("--adapter", required=True, help="adapter folder (written by rlmeta.policy.lora.save_adapter)")
-    ap.add_argument("--out", required=True, help="output checkpoint folder (replaced atomically)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    args = ap.parse_args(argv)
-    print(merge_lora(args.model, args.adapter, args.out, args.dtype))
-    return 0
+def command(p: argparse.ArgumentParser):
+    """``rlmeta merge-lora``: base checkpoint + adapter (peft or mlx-lm) -> a full portable checkpoint."""
+    from rlmeta.cli import existing_dir, model_ref
+
+    p.add_argument("--model", required=True, type=model_ref, help="base checkpoint folder (or hub id)")
+    p.add_argument("--adapter", required=True, type=existing_dir,
+                   help="adapter folder (written by rlmeta.policy.lora.save_adapter)")
+    p.add_argument("--out", required=True, help="output checkpoint folder (replaced atomically)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    return lambda a: print(merge_lora(a.model, a.adapter, a.out, a.dtype))

@@ -8,21 +8,14 @@ teacher-forced counterpart the trainers use.
 """
 from __future__ import annotations
 
-import copy
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
 
-from rlmeta.io import atomic_dir
-from rlmeta.models.tokenizer import save_tokenizer
-from rlmeta.policy.base import (Generation, Prompts, as_token_ids, checkpoint_eos, copy_extra_files, encode_prompts,
-                                eval_mode, finish, pad_token_id, stop_token_ids)
-
-LOGITS_BUDGET = 2**27
-"""Float32 logits elements held at once by ``TorchPolicy.logprobs`` (512 MiB)."""
+from rlmeta import checkpoints
+from rlmeta.policy.base import BasePolicy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -92,22 +85,21 @@ def sample(logits: torch.Tensor, top_p: float, generator: torch.Generator) -> to
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
 
 
-class TorchPolicy:
-    """A causal LM and its tokenizer on torch (see ``rlmeta.policy.base.Policy``)."""
+class TorchPolicy(BasePolicy):
+    """A causal LM and its tokenizer on torch (see ``rlmeta.policy.base.BasePolicy``)."""
 
     backend = "torch"
 
     def __init__(self, model, tokenizer, source: str | Path | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.source = source
-        eos = checkpoint_eos(source) if source is not None and Path(source).is_dir() else None
-        self.stop_ids = stop_token_ids(tokenizer, eos or getattr(model.config, "eos_token_id", None))
-        self.pad_id = pad_token_id(tokenizer)
+        super().__init__(model, tokenizer, model.config.to_dict(), source)
         set_threads()
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.get_text_config().vocab_size)
+
     @classmethod
-    def load(cls, path: str | Path, dtype: str = "float32", device: str | None = None) -> "TorchPolicy":
+    def load(cls, path: str | Path, dtype: str = "float32", device: str | None = None) -> TorchPolicy:
         """Open a checkpoint folder (or hub id) with transformers, on CUDA when there is one."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -120,21 +112,7 @@ class TorchPolicy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def encode_prompts(self, messages_batch) -> list[list[int]]:
-        return encode_prompts(self.tokenizer, messages_batch)
-
     @torch.no_grad()
-    def generate(self, prompts: Prompts, n: int = 1, *, temperature: float = 1.0, top_p: float = 1.0,
-                 max_new_tokens: int = 128, seed: int = 0) -> list[Generation]:
-        """``n`` completions per prompt in one batch; deterministic for a seed."""
-        ids = as_token_ids(self.tokenizer, prompts)
-        if not ids or n < 1:
-            return []
-        with eval_mode(self.model):
-            tokens, logps = self._sample(ids, n, temperature, top_p, max_new_tokens, seed)
-        return [finish(self.tokenizer, k // n, k % n, ids[k // n], tokens[k], logps[k], self.stop_ids)
-                for k in range(len(tokens))]
-
     def _sample(self, ids, n, temperature, top_p, max_new_tokens, seed):
         from transformers import DynamicCache
 
@@ -174,26 +152,11 @@ class TorchPolicy:
         return tokens, logps
 
     @torch.no_grad()
-    def logprobs(self, prompt_ids, completion_ids, temperature: float = 1.0) -> list[np.ndarray]:
-        """Teacher-forced log-probs of each completion token, batched under ``LOGITS_BUDGET``."""
-        out: list[np.ndarray] = []
-        vocab = self.model.config.get_text_config().vocab_size
-        t = max((len(c) for c in completion_ids), default=1) or 1
-        chunk = max(1, LOGITS_BUDGET // (t * vocab))
-        for k in range(0, len(prompt_ids), chunk):
-            p, c = prompt_ids[k:k + chunk], completion_ids[k:k + chunk]
-            with eval_mode(self.model):
-                lp = sequence_logprobs(self.model, *pad_batch(p, c, self.pad_id, self.device), temperature)
-            out += [lp[i, :len(ci)].cpu().numpy().astype(np.float32) for i, ci in enumerate(c)]
-        return out
+    def _logprob_rows(self, prompt_ids, completion_ids, temperature):
+        batch = pad_batch(prompt_ids, completion_ids, self.pad_id, self.device)
+        lp = sequence_logprobs(self.model, *batch, temperature)
+        return lp.cpu().numpy()
 
     def save(self, path: str | Path) -> Path:
-        """Atomic full checkpoint (LoRA merged) that transformers and mlx_lm both open."""
-        model = self.model
-        if hasattr(model, "merge_and_unload"):  # peft
-            model = copy.deepcopy(model).merge_and_unload()
-        with atomic_dir(path) as tmp:
-            model.save_pretrained(tmp)
-            save_tokenizer(self.tokenizer, tmp)
-            copy_extra_files(self.source, tmp)
-        return Path(path)
+        """Atomic portable checkpoint (LoRA merged) that transformers and mlx_lm both open."""
+        return checkpoints.save_torch(self.model, self.tokenizer, path, self.source)

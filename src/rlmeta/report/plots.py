@@ -11,11 +11,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from rlmeta.io import atomic_path  # noqa: E402
+from rlmeta.io import atomic_path
 
 COLORS = {"base": "#7f7f7f", "trained": "#1f77b4", "meta": "#d62728"}
 DPI = 110
@@ -41,7 +41,8 @@ def _empty(ax, title: str, what: str = "not recorded") -> None:
     ax.set_yticks([])
 
 
-def _line(ax, df, cols: dict[str, str], title: str, ylabel: str, logy: bool = False, xlabel: str = "training step") -> None:
+def _line(ax, df, cols: dict[str, str], title: str, ylabel: str, logy: bool = False,
+          xlabel: str = "training step") -> None:
     """Plot ``cols`` (column -> legend label) against step; an empty panel when none recorded.
     ``logy``: log scale when every value is positive and they span more than 20x."""
     drawn = 0
@@ -96,7 +97,8 @@ def reward_distributions(frames: dict[str, pd.DataFrame], components: list[str],
                          title: str = "") -> Path:
     """Base versus trained: histogram of the total reward per completion, and box plots with the
     per-completion points of each component."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 5.5), gridspec_kw={"width_ratios": [1, max(1.2, 0.45 * len(components))]})
+    widths = [1, max(1.2, 0.45 * len(components))]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 5.5), gridspec_kw={"width_ratios": widths})
     allv = np.concatenate([frames[p]["reward"].to_numpy(float) for p in frames])
     bins = np.linspace(np.nanmin(allv), np.nanmax(allv) + 1e-9, 21) if allv.size else 10
     for pol, df in frames.items():
@@ -131,7 +133,7 @@ def _forest(ax, rows: list[tuple[str, float, float, float]], title: str, xlabel:
     if not rows:
         return _empty(ax, title, "nothing to compare")
     ys = np.arange(len(rows))[::-1]
-    for y, (label, mean, low, high) in zip(ys, rows):
+    for y, (_, mean, low, high) in zip(ys, rows):
         color = "#2ca02c" if low > 0 else "#d62728" if high < 0 else "0.3"
         ax.errorbar(mean, y, xerr=[[mean - low], [high - mean]], fmt="o", color=color, capsize=4, ms=7)
         ax.annotate(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]", (high, y), xytext=(6, 0),

@@ -12,7 +12,6 @@ import html
 import json
 import logging
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from rlmeta.report import plots
+from rlmeta.settings import Experiment
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ def fmt_ci(ci) -> str:
     return f"[{fmt(ci[0], signed=True)}, {fmt(ci[1], signed=True)}]" if ci else "n/a"
 
 
-def _comparison_table(entries: dict, first: str, base_key="base_mean", trained_key="trained_mean", weights=False) -> Table:
+def _comparison_table(entries: dict, first: str, base_key="base_mean", trained_key="trained_mean",
+                      weights=False) -> Table:
     cols = [first] + (["weight"] if weights else []) + ["base", "trained", "trained − base", "95% CI", "prompts"]
     rows = []
     for name, e in entries.items():
@@ -105,7 +106,7 @@ def sample_table(prompts: pd.DataFrame, responses: dict[str, pd.DataFrame], rewa
     return Table(["prompt"] + ["reference"] * has_ref + ["base completion", "trained completion"], rows, long=True)
 
 
-def _rl_report(exp: str, cfg: dict, s: dict, metrics: pd.DataFrame | None, out: Path, tables: dict | None,
+def _rl_report(exp: str, cfg: Experiment, s: dict, metrics: pd.DataFrame | None, out: Path, tables: dict | None,
                n_samples: int) -> Report:
     r = s["reward"]
     key = [
@@ -116,7 +117,9 @@ def _rl_report(exp: str, cfg: dict, s: dict, metrics: pd.DataFrame | None, out: 
     ]
     for name, a in s.get("accuracy", {}).items():
         key.append((f"Accuracy {name}: base → trained", f"{fmt(a['base'])} → {fmt(a['trained'])}"))
-    key.append(("Completion length (tokens): base → trained", f"{fmt(s['length']['base'], 1)} → {fmt(s['length']['trained'], 1)}"))
+    length = s["length"]
+    key.append(("Completion length (tokens): base → trained",
+                f"{fmt(length['base'], 1)} → {fmt(length['trained'], 1)}"))
     sections = []
     if metrics is not None and len(metrics):
         plots.training_curves(metrics, out / RL_PLOTS[0], f"{exp}: training curves")
@@ -134,15 +137,18 @@ def _rl_report(exp: str, cfg: dict, s: dict, metrics: pd.DataFrame | None, out: 
     plots.paired_differences(s, out / RL_PLOTS[2], f"{exp}: trained − base with 95% bootstrap intervals")
     if tables is not None:
         frames = {p: tables["rewards"][p] for p in ("base", "trained")}
-        plots.reward_distributions(frames, list(s.get("components", {})), out / RL_PLOTS[1], f"{exp}: reward distributions")
+        plots.reward_distributions(frames, list(s.get("components", {})), out / RL_PLOTS[1],
+                                   f"{exp}: reward distributions")
         sec.images.insert(0, (RL_PLOTS[1], "reward distributions"))
     sections.append(sec)
-    metrics_sec = Section("Task metrics", ["Accuracy uses the reference answer; format rates are shares of completions. "
-                                           "'stopped' is the share that ended with a stop token rather than the length limit."])
+    metrics_sec = Section("Task metrics", [
+        "Accuracy uses the reference answer; format rates are shares of completions. "
+        "'stopped' is the share that ended with a stop token rather than the length limit."])
     if s.get("accuracy"):
         metrics_sec.tables.append(_comparison_table(s["accuracy"], "accuracy", "base", "trained"))
     metrics_sec.tables.append(_comparison_table(s.get("format", {}), "format", "base", "trained"))
-    metrics_sec.tables.append(_comparison_table({"completion length (tokens)": s["length"]}, "length", "base", "trained"))
+    metrics_sec.tables.append(_comparison_table({"completion length (tokens)": s["length"]}, "length", "base",
+                                                "trained"))
     sections.append(metrics_sec)
     if s.get("per_subject"):
         rows = [[k, fmt(v.get("n_prompts")), fmt(v.get("reward_base")), fmt(v.get("reward_trained")),
@@ -151,12 +157,13 @@ def _rl_report(exp: str, cfg: dict, s: dict, metrics: pd.DataFrame | None, out: 
             ["subject", "prompts", "reward base", "reward trained", "accuracy base", "accuracy trained"], rows)]))
     if tables is not None:
         sections.append(Section("Sample completions on the same prompts", [
-            f"The first sample of each policy on the first {n_samples} held-out prompts (texts are cut at {MAX_CHARS} characters)."],
+            f"The first sample of each policy on the first {n_samples} held-out prompts (texts are cut at "
+            f"{MAX_CHARS} characters)."],
             tables=[sample_table(tables["prompts"], tables["responses"], tables["rewards"], n_samples)]))
-    return Report(f"{exp}: {cfg.get('algorithm', '?').upper()} report", key, sections)
+    return Report(f"{exp}: {cfg.algorithm.upper()} report", key, sections)
 
 
-def _fomaml_report(exp: str, cfg: dict, s: dict, metrics: pd.DataFrame | None, out: Path) -> Report:
+def _fomaml_report(exp: str, cfg: Experiment, s: dict, metrics: pd.DataFrame | None, out: Path) -> Report:
     ad = s.get("adaptation", {})
     b, m = ad.get("base_init_query_loss"), ad.get("meta_init_query_loss")
     diff = None if b is None or m is None else m - b
@@ -168,10 +175,12 @@ def _fomaml_report(exp: str, cfg: dict, s: dict, metrics: pd.DataFrame | None, o
         plots.meta_training(metrics, out / FOMAML_PLOTS[0], f"{exp}: meta-training curves")
         sections.append(Section("Meta-training curves", [
             f"{len(metrics)} outer steps. meta/loss is the query loss after the inner adaptation steps; the "
-            "adaptation gap is the query loss before minus after adaptation."], images=[(FOMAML_PLOTS[0], "meta-training curves")]))
+            "adaptation gap is the query loss before minus after adaptation."],
+            images=[(FOMAML_PLOTS[0], "meta-training curves")]))
     plots.adaptation_bars(s, out / FOMAML_PLOTS[1], f"{exp}: adaptation per subject")
     subj = ad.get("per_subject", {})
-    cols = ["base_pre_adapt_loss", "meta_pre_adapt_loss", "base_query_loss", "meta_query_loss", "base_accuracy", "meta_accuracy"]
+    cols = ["base_pre_adapt_loss", "meta_pre_adapt_loss", "base_query_loss", "meta_query_loss", "base_accuracy",
+            "meta_accuracy"]
     rows = [[k] + [fmt(v.get(c), 4) for c in cols] for k, v in sorted(subj.items())]
     sections.append(Section("Adaptation per subject", [
         "Both initialisations are adapted on each held-out subject's support problems with the same inner steps; "
@@ -181,22 +190,22 @@ def _fomaml_report(exp: str, cfg: dict, s: dict, metrics: pd.DataFrame | None, o
     return Report(f"{exp}: FOMAML report", key, sections)
 
 
-def build_report(exp: str, cfg: dict, summary: dict, metrics: pd.DataFrame | None, out_dir: str | Path,
-                 tables: dict | None = None, n_samples: int = 6) -> Report:
+def build_report(exp: str, cfg: Experiment, summary: dict, metrics: pd.DataFrame | None, out_dir: str | Path,
+                 tables: dict | None = None) -> Report:
     """Draw the figures into ``out_dir`` and return the report of one experiment.
 
     ``tables`` (RL only): prompts, responses {base, trained} and rewards {base, trained} DataFrames.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.get("algorithm") == "fomaml" or "adaptation" in summary:
+    if cfg.algorithm == "fomaml":
         rep = _fomaml_report(exp, cfg, summary, metrics, out)
     else:
-        rep = _rl_report(exp, cfg, summary, metrics, out, tables, n_samples)
+        rep = _rl_report(exp, cfg, summary, metrics, out, tables, cfg.eval.report_samples)
     ck = summary.get("checkpoint") or {}
     rep.meta = [(k, str(v)) for k, v in [
-        ("experiment", exp), ("algorithm", cfg.get("algorithm")), ("backend", cfg.get("backend")),
-        ("model", cfg.get("model")), ("dataset", cfg.get("dataset")), ("template", cfg.get("prompt")),
+        ("experiment", exp), ("algorithm", cfg.algorithm), ("backend", cfg.backend),
+        ("model", cfg.model), ("dataset", cfg.dataset), ("template", cfg.prompt),
         ("checkpoint", ck.get("path")), ("checkpoint sha256", ck.get("sha256")),
         ("config sha256", summary.get("config_hash"))] if v is not None]
     return rep
@@ -261,19 +270,22 @@ def to_html(rep: Report, image_dir: str | Path) -> str:
         parts.append(f"<section id='{sid}'><h2>{e(sec.title)}</h2>" + "".join(f"<p>{e(t)}</p>" for t in sec.text))
         for tb in sec.tables:
             narrow = "<col class='narrow'>" if "reference" in tb.columns else ""
-            cols = (f"<colgroup><col class='mid'>{narrow}" + "<col>" * (len(tb.columns) - 1 - bool(narrow)) + "</colgroup>"
+            cols = (f"<colgroup><col class='mid'>{narrow}" + "<col>" * (len(tb.columns) - 1 - bool(narrow))
+                    + "</colgroup>"
                     if tb.long else "")
             parts.append(f"<table class='{'long' if tb.long else 'short'}'>{cols}<thead><tr>"
                          + "".join(f"<th>{e(c)}</th>" for c in tb.columns) + "</tr></thead><tbody>")
             for row in tb.rows:
                 cells = [f"<td><pre>{e(str(v))}</pre></td>" if tb.long else
-                         f"<td class='num'>{e(str(v))}</td>" if i else f"<td>{e(str(v))}</td>" for i, v in enumerate(row)]
+                         f"<td class='num'>{e(str(v))}</td>" if i else f"<td>{e(str(v))}</td>"
+                         for i, v in enumerate(row)]
                 parts.append("<tr>" + "".join(cells) + "</tr>")
             parts.append("</tbody></table>")
         parts += [_img(Path(image_dir) / f, alt) for f, alt in sec.images]
         parts.append("</section>")
     parts.append("<section class='meta'><h2>Provenance</h2><ul>"
-                 + "".join(f"<li>{e(k)}: <code>{e(v)}</code></li>" for k, v in rep.meta) + "</ul></section></body></html>")
+                 + "".join(f"<li>{e(k)}: <code>{e(v)}</code></li>" for k, v in rep.meta)
+                 + "</ul></section></body></html>")
     return "\n".join(parts)
 
 
@@ -283,34 +295,36 @@ def _read(path) -> pd.DataFrame:
     return read_table(path).to_pandas()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: write report.md, report.html and the figures of one experiment into --out-dir."""
-    from rlmeta.io import write_text
+def command(p: argparse.ArgumentParser):
+    """``rlmeta report``: report.md, report.html and the figures of one experiment into --out-dir."""
+    from rlmeta.cli import existing_file, settings_type
+    from rlmeta.settings import Experiment
 
-    p = argparse.ArgumentParser(prog="report.py", description="Report of one experiment (Markdown, self-contained HTML, PNGs).")
     p.add_argument("--experiment", required=True)
-    p.add_argument("--config-json", default="{}", help="the experiment's config block as JSON")
-    p.add_argument("--summary", required=True, help="eval/summary.json")
-    p.add_argument("--metrics", help="train_metrics.parquet (training curves)")
-    p.add_argument("--prompts", help="prompts.parquet (RL: sample completions)")
+    p.add_argument("--config", required=True, type=settings_type(Experiment, "config"),
+                   help="the experiment's config block (JSON or a file)")
+    p.add_argument("--summary", required=True, type=existing_file, help="eval/summary.json")
+    p.add_argument("--metrics", type=existing_file, help="train_metrics.parquet (training curves)")
+    p.add_argument("--prompts", type=existing_file, help="prompts.parquet (RL: sample completions)")
     for pol in ("base", "trained"):
-        p.add_argument(f"--responses-{pol}", help=f"responses/{pol}.parquet (RL)")
-        p.add_argument(f"--rewards-{pol}", help=f"rewards/{pol}.parquet (RL)")
-    p.add_argument("--samples", type=int, default=6, help="prompts in the sample-completions table (default 6)")
+        p.add_argument(f"--responses-{pol}", type=existing_file, help=f"responses/{pol}.parquet (RL)")
+        p.add_argument(f"--rewards-{pol}", type=existing_file, help=f"rewards/{pol}.parquet (RL)")
     p.add_argument("--out-dir", required=True, help="folder for report.md, report.html and the PNGs")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    t0 = time.perf_counter()
-    summary = json.loads(Path(a.summary).read_text())
-    metrics = _read(a.metrics) if a.metrics else None
-    tables = None
-    if a.prompts and a.responses_base and a.responses_trained and a.rewards_base and a.rewards_trained:
-        tables = {"prompts": _read(a.prompts),
-                  "responses": {"base": _read(a.responses_base), "trained": _read(a.responses_trained)},
-                  "rewards": {"base": _read(a.rewards_base), "trained": _read(a.rewards_trained)}}
-    rep = build_report(a.experiment, json.loads(a.config_json), summary, metrics, a.out_dir, tables, a.samples)
-    out = Path(a.out_dir)
-    write_text(out / "report.md", to_markdown(rep))
-    write_text(out / "report.html", to_html(rep, out))
-    log.info("%s: report -> %s in %.1fs", a.experiment, out, time.perf_counter() - t0)
-    return 0
+
+    def run(a):
+        from rlmeta.io import write_text
+
+        t0 = time.perf_counter()
+        summary = json.loads(Path(a.summary).read_text())
+        metrics = _read(a.metrics) if a.metrics else None
+        tables = None
+        if a.prompts and a.responses_base and a.responses_trained and a.rewards_base and a.rewards_trained:
+            tables = {"prompts": _read(a.prompts),
+                      "responses": {"base": _read(a.responses_base), "trained": _read(a.responses_trained)},
+                      "rewards": {"base": _read(a.rewards_base), "trained": _read(a.rewards_trained)}}
+        rep = build_report(a.experiment, a.config, summary, metrics, a.out_dir, tables)
+        out = Path(a.out_dir)
+        write_text(out / "report.md", to_markdown(rep))
+        write_text(out / "report.html", to_html(rep, out))
+        log.info("%s: report -> %s in %.1fs", a.experiment, out, time.perf_counter() - t0)
+    return run

@@ -6,25 +6,29 @@ import argparse
 import html
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pyarrow as pa
+from pydantic import RootModel
 
+from rlmeta.prompts import TEMPLATES
 from rlmeta.report import plots
 from rlmeta.report.render import CSS, _img, fmt
+from rlmeta.settings import Experiment
 
 log = logging.getLogger(__name__)
-ACCURACIES = ("gsm8k_strict", "gsm8k_flexible", "gsm8k_xml", "math_verify")
-PRIMARY = {"xml_cot": "gsm8k_xml", "math_boxed": "math_verify"}
-"""The accuracy shown in the headline columns per template."""
+ACCURACIES = tuple(dict.fromkeys(c.split("/", 1)[1] for t in TEMPLATES.values() for c in t.metrics
+                                 if c.startswith("accuracy/")))
+"""Every accuracy some template reports (one pair of columns each)."""
 
 SUMMARY = pa.schema(
     [pa.field("experiment", pa.string(), nullable=False)]
     + [pa.field(n, pa.string()) for n in ("algorithm", "backend", "model", "dataset", "template")]
     + [pa.field("steps", pa.int64()), pa.field("n_prompts", pa.int64())]
-    + [pa.field(n, pa.float64()) for n in ("reward_base", "reward_trained", "reward_diff", "reward_diff_low", "reward_diff_high")]
-    + [pa.field("accuracy_metric", pa.string()), pa.field("accuracy_base", pa.float64()), pa.field("accuracy_trained", pa.float64())]
+    + [pa.field(n, pa.float64())
+       for n in ("reward_base", "reward_trained", "reward_diff", "reward_diff_low", "reward_diff_high")]
+    + [pa.field("accuracy_metric", pa.string()), pa.field("accuracy_base", pa.float64()),
+       pa.field("accuracy_trained", pa.float64())]
     + [pa.field(f"{a}_{p}", pa.float64()) for a in ACCURACIES for p in ("base", "trained")]
     + [pa.field(n, pa.float64()) for n in ("base_init_query_loss", "meta_init_query_loss", "train_seconds")]
     + [pa.field("report", pa.string())]
@@ -32,13 +36,16 @@ SUMMARY = pa.schema(
 """Columns of summary.parquet (null where an experiment has no such number)."""
 
 
-def summary_row(exp: str, cfg: dict, summary: dict, metrics=None) -> dict:
+class ExperimentSet(RootModel[dict[str, Experiment]]):
+    """Experiment name -> its validated config block (what ``rlmeta summarize`` reads)."""
+
+
+def summary_row(exp: str, cfg: Experiment, summary: dict, metrics=None) -> dict:
     """Headline numbers of one experiment (``metrics``: its train_metrics DataFrame, optional)."""
     row = {f.name: None for f in SUMMARY}
-    row.update(experiment=exp, report=f"{exp}/report/report.html",
-               **{k: cfg.get(k) for k in ("algorithm", "backend", "model", "dataset")}, template=cfg.get("prompt"))
-    fomaml = cfg.get("algorithm") == "fomaml"
-    row["steps"] = cfg.get("meta" if fomaml else "train", {}).get("outer_steps" if fomaml else "steps")
+    row.update(experiment=exp, report=f"{exp}/report/report.html", algorithm=cfg.algorithm, backend=cfg.backend,
+               model=cfg.model, dataset=cfg.dataset, template=cfg.prompt)
+    row["steps"] = cfg.meta.outer_steps if cfg.meta is not None else cfg.train.steps
     if metrics is not None and len(metrics):
         row["steps"] = int(len(metrics))
         row["train_seconds"] = float(metrics["step_seconds"].sum())
@@ -51,12 +58,14 @@ def summary_row(exp: str, cfg: dict, summary: dict, metrics=None) -> dict:
     for name in ACCURACIES:
         if name in acc:
             row[f"{name}_base"], row[f"{name}_trained"] = acc[name].get("base"), acc[name].get("trained")
-    primary = PRIMARY.get(summary.get("template") or cfg.get("prompt"))
+    primary = (TEMPLATES[cfg.prompt].primary_accuracy or "").removeprefix("accuracy/")
     if primary in acc:
-        row.update(accuracy_metric=primary, accuracy_base=acc[primary]["base"], accuracy_trained=acc[primary]["trained"])
+        row.update(accuracy_metric=primary, accuracy_base=acc[primary]["base"],
+                   accuracy_trained=acc[primary]["trained"])
     ad = summary.get("adaptation")
     if ad:
-        row.update(base_init_query_loss=ad.get("base_init_query_loss"), meta_init_query_loss=ad.get("meta_init_query_loss"))
+        row.update(base_init_query_loss=ad.get("base_init_query_loss"),
+                   meta_init_query_loss=ad.get("meta_init_query_loss"))
         accs = [v for v in ad.get("per_subject", {}).values() if v.get("base_accuracy") is not None]
         if accs:
             row.update(accuracy_metric="query accuracy (subject mean)",
@@ -84,16 +93,21 @@ def summary_html(rows: list[dict], image: Path | None) -> str:
             if key == "experiment":
                 cells.append(f"<td><a href='{e(r['report'])}'>{e(r['experiment'])}</a></td>")
             elif key == "ci":
-                ci = "—" if r["reward_diff_low"] is None else f"[{fmt(r['reward_diff_low'], signed=True)}, {fmt(r['reward_diff_high'], signed=True)}]"
+                low, high = r["reward_diff_low"], r["reward_diff_high"]
+                ci = "—" if low is None else f"[{fmt(low, signed=True)}, {fmt(high, signed=True)}]"
                 cells.append(f"<td class='num'>{e(ci)}</td>")
             else:
                 v = r.get(key)
                 digits = 1 if key == "train_seconds" else 4 if "loss" in key else 3
-                txt = fmt(v, digits, signed=key == "reward_diff") if isinstance(v, float) else "—" if v is None else str(v)
+                if isinstance(v, float):
+                    txt = fmt(v, digits, signed=key == "reward_diff")
+                else:
+                    txt = "—" if v is None else str(v)
                 cells.append(f"<td class='{'num' if isinstance(v, (int, float)) else 'txt'}'>{e(txt)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     fig = _img(image, "reward difference per experiment") if image is not None else ""
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>rlmeta: summary across experiments</title>"
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            "<title>rlmeta: summary across experiments</title>"
             f"<style>{CSS}body{{max-width:1600px}}table{{font-size:.85em}}td{{white-space:nowrap}}</style></head>"
             "<body><h1>Summary across experiments</h1>"
             "<p>Reward columns: mean total reward per held-out prompt; difference = trained − base with a paired "
@@ -102,33 +116,36 @@ def summary_html(rows: list[dict], image: Path | None) -> str:
             f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{fig}</body></html>")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: collect every experiment's eval/summary.json (and train_metrics) into the summary files."""
-    from rlmeta.io import read_table, write_table, write_text
+def command(p: argparse.ArgumentParser):
+    """``rlmeta summarize``: every experiment's eval/summary.json (and train_metrics) into the summary files."""
+    from rlmeta.cli import existing_dir, settings_type
 
-    p = argparse.ArgumentParser(prog="summarize.py", description="Summary table and page across experiments.")
-    p.add_argument("--results", required=True, help="results folder (reads <results>/<exp>/eval/summary.json)")
-    p.add_argument("--experiments-json", required=True, help="experiment name -> config block, as JSON")
+    p.add_argument("--results", required=True, type=existing_dir,
+                   help="results folder (reads <results>/<exp>/eval/summary.json)")
+    p.add_argument("--experiments", required=True, type=settings_type(ExperimentSet, "experiments"),
+                   help="experiment name -> config block, as JSON or a file")
     p.add_argument("--out-parquet", required=True)
     p.add_argument("--out-html", required=True)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    res = Path(a.results)
-    rows = []
-    for exp, cfg in json.loads(a.experiments_json).items():
-        summary = json.loads((res / exp / "eval" / "summary.json").read_text())
-        mpath = res / exp / "train_metrics.parquet"
-        metrics = read_table(mpath).to_pandas() if mpath.exists() else None
-        rows.append(summary_row(exp, cfg, summary, metrics))
-    write_table(a.out_parquet, pa.Table.from_pylist(rows, schema=SUMMARY), SUMMARY)
-    image = None
-    if any(r["reward_diff"] is not None for r in rows):
-        image = Path(a.out_html).with_name(".summary_forest.png")
-        plots.experiments_forest(rows, image)
-    try:
-        write_text(a.out_html, summary_html(rows, image))
-    finally:
-        if image is not None:
-            image.unlink(missing_ok=True)
-    log.info("summary of %d experiments -> %s, %s", len(rows), a.out_parquet, a.out_html)
-    return 0
+
+    def run(a):
+        from rlmeta.io import read_table, write_table, write_text
+
+        res = Path(a.results)
+        rows = []
+        for exp, cfg in a.experiments.root.items():
+            summary = json.loads((res / exp / "eval" / "summary.json").read_text())
+            mpath = res / exp / "train_metrics.parquet"
+            metrics = read_table(mpath).to_pandas() if mpath.exists() else None
+            rows.append(summary_row(exp, cfg, summary, metrics))
+        write_table(a.out_parquet, pa.Table.from_pylist(rows, schema=SUMMARY), SUMMARY)
+        image = None
+        if any(r["reward_diff"] is not None for r in rows):
+            image = Path(a.out_html).with_name(".summary_forest.png")
+            plots.experiments_forest(rows, image)
+        try:
+            write_text(a.out_html, summary_html(rows, image))
+        finally:
+            if image is not None:
+                image.unlink(missing_ok=True)
+        log.info("summary of %d experiments -> %s, %s", len(rows), a.out_parquet, a.out_html)
+    return run

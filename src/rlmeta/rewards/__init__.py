@@ -1,43 +1,94 @@
-"""Reward registry and scoring of one completion.
+"""The reward registry: every scorer of a completion, with its real parameters.
 
-Each reward is ``fn(completion, reference=None, prompt=None, **params) -> float`` in [0, 1];
-an experiment's total is the weighted sum ``sum(weight * reward)`` (config ``rewards``), with
-per-reward keyword arguments from config ``reward_params``.
+A reward is ``fn(completion, reference=None, prompt=None, *, <params>) -> float`` in [0, 1], or, for
+scorers that are cheaper over a whole batch (math-verify in worker processes), ``fn(completions,
+references, prompts, *, <params>) -> list[float]`` registered with ``batched=True``. Parameters
+are keyword arguments with defaults; ``RewardSpec.check_params`` checks a config's
+``reward_params`` against them (names and types), so a typo is an error, never ignored.
+``RewardSpec.score`` is the one batched entry point that the score step, both trainers and the
+evaluation use (through ``rlmeta.scoring``).
+
+Task metrics (accuracies, format rates) are registered scorers too; a template names which it
+reports (``rlmeta.prompts.Template.metrics``).
 """
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable
 
-from rlmeta.rewards.mathverify import math_correct, math_verify_batch
-from rlmeta.rewards.text import coherence, length, sections
-from rlmeta.rewards.xml import gsm8k_correct, integer_answer, xml_count, xml_soft, xml_strict
+import numpy as np
+
+FIRST_ARGS = 3
+"""Positional arguments every reward takes first: completion(s), reference(s), prompt(s)."""
 
 
 @dataclass(frozen=True)
 class RewardSpec:
-    """A registered reward: its function, a one-line description and its range."""
+    """A registered reward: its function, a one-line description, its range and whether it is batched."""
 
     name: str
-    fn: Callable[..., float]
+    fn: Callable
     description: str
     range: tuple[float, float] = (0.0, 1.0)
+    batched: bool = False
+
+    @property
+    def params(self) -> dict[str, inspect.Parameter]:
+        """The keyword parameters (name -> inspect.Parameter with its default)."""
+        sig = list(inspect.signature(self.fn).parameters.values())[FIRST_ARGS:]
+        for p in sig:
+            if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.default is p.empty:
+                raise TypeError(f"reward {self.name}: parameter {p.name!r} must be a keyword with a default "
+                                "(no **kwargs: unknown parameters must be errors)")
+        return {p.name: p for p in sig}
+
+    def check_params(self, given: dict, where: str = "reward_params") -> None:
+        """ValueError (one line) for a parameter this reward does not have, or a value of the wrong type."""
+        params = self.params
+        for key, value in given.items():
+            if key not in params:
+                allowed = ", ".join(f"{k} (default {p.default!r})" for k, p in params.items()) or "none"
+                raise ValueError(f"{where}.{key}: reward '{self.name}' has no parameter '{key}'; its parameters: "
+                                 f"{allowed}")
+            default = params[key].default
+            numeric = (int, float)
+            ok = (isinstance(value, numeric) and not isinstance(value, bool)) if isinstance(default, numeric) \
+                and not isinstance(default, bool) else default is None or isinstance(value, type(default))
+            if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+                ok = value.is_integer()
+            if not ok:
+                raise ValueError(f"{where}.{key} is {value!r} ({type(value).__name__}); reward '{self.name}' expects "
+                                 f"{type(default).__name__} like its default {default!r}")
+
+    def score(self, completions: Sequence[str], references: Sequence[str | None] | None = None,
+              prompts: Sequence | None = None, params: dict | None = None) -> np.ndarray:
+        """Scores of a batch of completions (float64 array)."""
+        n = len(completions)
+        refs = list(references) if references is not None else [None] * n
+        prompts = list(prompts) if prompts is not None else [None] * n
+        kw = params or {}
+        if self.batched:
+            out = self.fn(list(completions), refs, prompts, **kw)
+        else:
+            out = [self.fn(c, r, p, **kw) for c, r, p in zip(completions, refs, prompts)]
+        return np.asarray(out, dtype=np.float64).reshape(n)
 
 
-REGISTRY: dict[str, RewardSpec] = {
-    s.name: s
-    for s in [
-        RewardSpec("sections", sections, "share of the five inner-scientist section headers present (optional order bonus)"),
-        RewardSpec("length", length, "1 inside [min_words, max_words] (40..200), linear decay over `margin` words outside"),
-        RewardSpec("coherence", coherence, "distinct-word ratio x (1 - repeated n-gram share), scaled down for very short text"),
-        RewardSpec("xml_strict", xml_strict, "whole completion is <reasoning>\\n...\\n</reasoning>\\n<answer>\\n...\\n</answer>"),
-        RewardSpec("xml_soft", xml_soft, "a <reasoning>...</reasoning> block followed by an <answer>...</answer> block"),
-        RewardSpec("xml_count", xml_count, "seed 003 count_xml partial credit for each tag line, x2, minus trailing text"),
-        RewardSpec("integer_answer", integer_answer, "the <answer> block is an integer"),
-        RewardSpec("gsm8k_correct", gsm8k_correct, "numeric equality of the <answer> (else last number) with the reference"),
-        RewardSpec("math_correct", math_correct, "math-verify equivalence of the last \\boxed{} with the reference"),
-    ]
-}
+REGISTRY: dict[str, RewardSpec] = {}
+
+
+def register(name: str, description: str, *, batched: bool = False, range: tuple[float, float] = (0.0, 1.0)):
+    """Decorator: add a reward function to ``REGISTRY`` under ``name`` (its parameters are checked now)."""
+    def wrap(fn: Callable) -> Callable:
+        if name in REGISTRY and REGISTRY[name].fn is not fn:
+            raise ValueError(f"reward '{name}' is registered twice ({REGISTRY[name].fn.__module__} and "
+                             f"{fn.__module__})")
+        spec = RewardSpec(name, fn, description, range, batched)
+        spec.params  # noqa: B018 - raises on **kwargs or parameters without defaults
+        REGISTRY[name] = spec
+        return fn
+    return wrap
 
 
 def unknown_rewards(names) -> None:
@@ -47,16 +98,6 @@ def unknown_rewards(names) -> None:
         raise ValueError(f"unknown reward(s) {', '.join(map(repr, bad))}; valid rewards: {', '.join(sorted(REGISTRY))}")
 
 
-def score_completion(prompt_messages, completion: str, reference: str | None, rewards: dict[str, float],
-                     params: dict | None = None) -> tuple[float, dict[str, float]]:
-    """(weighted total, unweighted component values in ``rewards`` order) of one completion."""
-    unknown_rewards(rewards)
-    params = params or {}
-    components = {
-        name: float(REGISTRY[name].fn(completion, reference=reference, prompt=prompt_messages, **params.get(name, {})))
-        for name in rewards
-    }
-    return sum(w * components[n] for n, w in rewards.items()), components
+from rlmeta.rewards import mathverify, text, xml  # noqa: E402,F401  (register the built-in rewards)
 
-
-__all__ = ["REGISTRY", "RewardSpec", "score_completion", "unknown_rewards", "math_verify_batch"] + list(REGISTRY)
+__all__ = ["REGISTRY", "RewardSpec", "register", "unknown_rewards"]

@@ -8,6 +8,7 @@ times out or crashes scores 0.0.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing as mp
@@ -18,9 +19,8 @@ import time
 from collections import deque
 from multiprocessing.connection import wait
 
-from math_verify import parse, verify
-
 from rlmeta.answers import last_boxed
+from rlmeta.rewards import register
 
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # its own timeout/parse warnings
 log = logging.getLogger(__name__)
@@ -29,10 +29,14 @@ STARTUP_S = 120.0
 
 
 def _parse_gold(reference: str, to: int | None):
+    from math_verify import parse  # imported on first use: sympy takes a second to load
+
     return parse(f"${reference}$", parsing_timeout=to) or parse(f"\\boxed{{{reference}}}", parsing_timeout=to)
 
 
 def _verify(completion: str, reference: str | None, to: int | None) -> float:
+    from math_verify import parse, verify
+
     box = last_boxed(completion or "")
     if not box or not reference:
         return 0.0
@@ -41,17 +45,32 @@ def _verify(completion: str, reference: str | None, to: int | None) -> float:
     return 1.0 if gold and pred and verify(gold, pred, timeout_seconds=to) else 0.0
 
 
-def math_correct(completion: str, reference=None, prompt=None, timeout_s: float = 5.0, **_) -> float:
-    """1 when the completion's last ``\\boxed{}`` equals the reference under math-verify.
+def verify_one(completion: str, reference=None, timeout_s: float = 5.0) -> float:
+    """1 when the completion's last ``\\boxed{}`` equals the reference under math-verify, in this process.
 
     Uses math-verify's own (whole-second) timeouts in the main thread and none elsewhere;
-    prefer ``math_verify_batch`` for many pairs.
+    ``math_correct`` (worker processes with hard timeouts) is what scoring uses.
     """
     main = threading.current_thread() is threading.main_thread()
     try:
         return _verify(completion, reference, max(1, math.ceil(timeout_s)) if main else None)
     except Exception:
         return 0.0
+
+
+@register("math_correct", "math-verify equivalence of the last \\boxed{} with the reference", batched=True)
+def math_correct(completions, references, prompts=None, timeout_s: float = 5.0, workers: int = 2) -> list[float]:
+    """Batched: 1.0 per completion whose last ``\\boxed{}`` math-verify finds equal to its reference.
+
+    Runs in ``workers`` processes, ``timeout_s`` seconds per pair (a timeout or crash scores 0);
+    ``workers=0`` scores in this process.
+    """
+    return math_verify_batch(list(zip(completions, references)), workers=workers, timeout_s=timeout_s)
+
+
+@register("boxed_present", "the completion has a \\boxed{} answer (the MATH format rate)")
+def boxed_present(completion: str, reference=None, prompt=None) -> float:
+    return 1.0 if last_boxed(completion or "") is not None else 0.0
 
 
 class _Timeout(BaseException):
@@ -100,8 +119,10 @@ def math_verify_batch(pairs, workers: int = 2, timeout_s: float = 5.0, context: 
     Timeouts and crashes score 0.0. ``workers=0`` scores inline (main thread only).
     """
     pairs = list(pairs)
+    import math_verify  # noqa: F401  (loaded once here, so forked workers start warm)
+
     if workers <= 0:
-        return [math_correct(c, r, timeout_s=timeout_s) for c, r in pairs]
+        return [verify_one(c, r, timeout_s) for c, r in pairs]
     results = [0.0] * len(pairs)
     todo = deque(range(len(pairs)))
     ctx = mp.get_context(context or default_context())
@@ -172,10 +193,8 @@ def math_verify_batch(pairs, workers: int = 2, timeout_s: float = 5.0, context: 
                         start()
     finally:
         for conn in list(procs):
-            try:
+            with contextlib.suppress(OSError):
                 conn.send(None)
-            except OSError:
-                pass
         for conn, p in list(procs.items()):
             p.join(timeout=1.0)
             drop(conn)

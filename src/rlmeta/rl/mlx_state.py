@@ -1,10 +1,10 @@
 """Resumable state of the MLX trainer: prompt order, checkpoints, optimizer and RNG state.
 
-A checkpoint ``<out>/<step>/`` is a full model folder (``MLXPolicy.save``: transformers and
-``mlx_lm.load`` open it as-is) plus ``optimizer.safetensors`` (the flattened AdamW state),
-``adapter/`` (LoRA runs: the unmerged adapters training resumes from) and
-``trainer_state.json`` (step, counters, numpy/sampler/UED state, the run's spec). No pickle.
-The whole folder is swapped in atomically, so a folder with ``trainer_state.json`` is complete.
+A checkpoint ``<out>/<step>/`` is a portable model folder (``rlmeta.checkpoints.save_mlx``:
+transformers and ``mlx_lm.load`` open it as-is) plus ``optimizer.safetensors`` (the flattened AdamW
+state), ``adapter/`` (LoRA runs: the unmerged adapters training resumes from),
+``trainer_state.json`` (step, counters, numpy/sampler/UED state, the run's spec) and the metrics
+rows so far. No pickle. The folder is built aside and renamed in, its marker written last.
 
 MLX has no setter for its global PRNG key, so the trainer reseeds ``mx.random`` from
 ``(seed, step)`` before every rollout and update: the key at a step boundary is a function of
@@ -12,17 +12,14 @@ the step, and the JSON records it for inspection.
 """
 from __future__ import annotations
 
-import logging
-import shutil
+import json
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from rlmeta.io import atomic_dir, write_json
-
-log = logging.getLogger(__name__)
+from rlmeta import checkpoints
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -71,44 +68,29 @@ def rng_key() -> list[int]:
     return [int(v) for v in np.array(mx.random.state[0]).ravel()]
 
 
-def save_checkpoint(path: str | Path, policy, optimizer, state: dict) -> Path:
-    """Write a complete checkpoint folder atomically (see the module docstring)."""
-    from rlmeta.policy.lora import save_adapter
+def save_checkpoint(path: str | Path, policy, optimizer, state: dict, metrics) -> Path:
+    """Write a complete checkpoint folder atomically (see the module docstring); ``metrics``: a MetricsTable."""
+    from rlmeta.io import write_json
+    from rlmeta.policy.lora import mlx_merged_weights, save_adapter
+    from rlmeta.tracking import METRICS_FILE
 
-    path = Path(path)
-    with atomic_dir(path) as tmp:
-        model_dir = policy.save(tmp / "model")
-        for f in model_dir.iterdir():
-            f.rename(tmp / f.name)
-        model_dir.rmdir()
+    def extra(tmp: Path) -> None:
         if getattr(policy, "lora", None):
             save_adapter(policy, tmp / ADAPTER_DIR)
         mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
         write_json(tmp / STATE_FILE, {**state, "mx_random_key": rng_key()})
-    return path
+        metrics.write(tmp / METRICS_FILE)
+
+    return checkpoints.save_mlx(mlx_merged_weights(policy.model), policy.config, policy.tokenizer, path,
+                                policy.source, extra=extra, step=state["step"])
 
 
-def checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete ``<out>/<step>/`` checkpoints, by step."""
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        return []
-    found = [(int(p.name), p) for p in out_dir.iterdir()
-             if p.is_dir() and p.name.isdigit() and (p / STATE_FILE).exists()]
-    return sorted(found)
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The highest-step complete checkpoint in ``out_dir``, or None."""
-    found = checkpoints(out_dir)
-    return found[-1][1] if found else None
-
-
-def remove_checkpoints(out_dir: str | Path, reason: str) -> None:
-    """Delete every numbered checkpoint (a different run's state must not be resumed)."""
-    for _, p in checkpoints(out_dir):
-        log.warning("removing %s: %s", p, reason)
-        shutil.rmtree(p)
+def read_state(ckpt: str | Path) -> dict | None:
+    """The checkpoint's trainer state, or None when it cannot be read."""
+    try:
+        return json.loads((Path(ckpt) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def load_weights(policy, ckpt: str | Path) -> None:

@@ -2,19 +2,21 @@
 
 One step is one rollout batch: ``batch_prompts`` train prompts (a seeded shuffle per epoch, or
 ``UEDSampler`` by learning potential), ``group_size`` completions each from the batched MLX
-policy, rewards from the experiment's reward mix, group-relative advantages (a group is one
-prompt's completions: one headline, one problem), then ``updates_per_batch`` AdamW updates on
-the batch. The first update is on-policy; later ones weight by the importance ratio against the
-log-probs the sampling policy recorded (token level for GRPO, sequence level for GSPO), with
-``objectives_mlx.policy_loss`` (TRL's loss, k3 KL to a frozen reference copy when beta > 0).
+policy, rewards from the experiment's reward mix (``rlmeta.scoring``), group-relative advantages
+(a group is one prompt's completions: one headline, one problem), then ``updates_per_batch`` AdamW
+updates on the batch. The first update is on-policy; later ones weight by the importance ratio
+against the log-probs the sampling policy recorded (token level for GRPO, sequence level for GSPO),
+with ``objectives_mlx.policy_loss`` (TRL's loss, k3 KL to a frozen reference copy when beta > 0).
+The learning rate follows ``rlmeta.schedules.mlx_schedule`` over optimizer updates.
 
 Checkpoints (``mlx_state``) land in ``<out>/<step>/`` every ``checkpoint_every`` steps; a rerun
-resumes from the latest one and ends where an uninterrupted run would. The final merged model
-goes to ``<out>/final``. Metrics use the TRL trainer's train_metrics columns, one row per step.
+resumes from the latest complete one and ends where an uninterrupted run would, with every step's
+metrics row. The final merged model goes to ``<out>/final``; ``train_metrics.parquet`` is written
+when training ends. Metrics use the TRL trainer's train_metrics columns, one row per step.
 """
 from __future__ import annotations
 
-import json
+import argparse
 import logging
 import math
 import sys
@@ -27,32 +29,21 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from rlmeta import checkpoints
 from rlmeta.io import read_table
 from rlmeta.policy import load_policy
-from rlmeta.policy.base import derive_seed
-from rlmeta.policy.mlx_policy import LOGITS_BUDGET, pad_batch, sequence_logprobs
+from rlmeta.policy.base import LOGITS_BUDGET, derive_seed
+from rlmeta.policy.mlx_policy import pad_batch, sequence_logprobs
 from rlmeta.rl import mlx_state
-from rlmeta.rl.objectives import default_epsilons, group_advantages, lr_at
+from rlmeta.rl.objectives import group_advantages
 from rlmeta.rl.objectives_mlx import policy_loss
 from rlmeta.rl.ued import UEDSampler
-from rlmeta.tracking import MetricsWriter, NonFiniteMetricError, check_finite, wandb_run
+from rlmeta.schedules import mlx_schedule
+from rlmeta.scoring import score
+from rlmeta.settings import RLJob, WandbSettings
+from rlmeta.tracking import MetricsTable, NonFiniteMetricError, check_finite, wandb_run
 
 log = logging.getLogger(__name__)
-
-
-def train_settings(experiment: dict) -> dict:
-    """The experiment's ``train`` block with the schema's defaults and the algorithm's epsilons."""
-    from rlmeta.config import load_schema
-
-    props = load_schema()["$defs"]["train"]["properties"]
-    t = {k: v["default"] for k, v in props.items() if "default" in v}
-    t.update(experiment.get("train") or {})
-    t["ued"] = {**{k: v["default"] for k, v in props["ued"]["properties"].items()}, **(t.get("ued") or {})}
-    t.setdefault("lora", None)
-    low, high = default_epsilons(experiment.get("algorithm", "grpo"))
-    t["epsilon_low"] = low if t.get("epsilon_low") is None else t["epsilon_low"]
-    t["epsilon_high"] = high if t.get("epsilon_high") is None else t["epsilon_high"]
-    return t
 
 
 def train_prompts(path: str | Path, max_prompts: int | None = None) -> list[dict]:
@@ -60,70 +51,42 @@ def train_prompts(path: str | Path, max_prompts: int | None = None) -> list[dict
     rows = [r for r in read_table(path).select(["prompt_id", "task", "split", "prompt", "reference"]).to_pylist()
             if r["split"] == "train"]
     if not rows:
-        raise ValueError(f"{path}: no rows with split == 'train'")
+        from rlmeta.errors import UserError
+
+        raise UserError(f"{path}: no rows with split == 'train'")
     return rows[:max_prompts] if max_prompts else rows
-
-
-def score_batch(prompts: list, texts: list[str], refs: list, rewards: dict, params: dict | None):
-    """(weighted totals [N], {name: component values [N]}) of completions.
-
-    ``math_correct`` is scored through the timeout-guarded ``math_verify_batch`` (as on TRL);
-    the other rewards through ``rewards.score_completion``.
-    """
-    from rlmeta.rewards import math_verify_batch, score_completion, unknown_rewards
-
-    unknown_rewards(rewards)
-    params = params or {}
-    comps = {n: np.zeros(len(texts)) for n in rewards}
-    others = {n: w for n, w in rewards.items() if n != "math_correct"}
-    for i, (p, c, r) in enumerate(zip(prompts, texts, refs)):
-        for n, v in score_completion(p, c, r, others, params)[1].items():
-            comps[n][i] = v
-    if "math_correct" in rewards:
-        kw = params.get("math_correct", {})
-        comps["math_correct"][:] = math_verify_batch(list(zip(texts, refs)), workers=int(kw.get("workers", 2)),
-                                                     timeout_s=float(kw.get("timeout_s", 5.0)))
-    total = sum(w * comps[n] for n, w in rewards.items())
-    return np.asarray(total, dtype=np.float64), comps
 
 
 class MLXTrainer:
     """Policy, reference, optimizer, prompt sampler and step counter of one MLX GRPO/GSPO run."""
 
-    def __init__(self, model_dir: str | Path, prompts_path: str | Path, experiment: dict, seed: int = 0):
-        self.algorithm = experiment.get("algorithm", "grpo")
-        if self.algorithm not in ("grpo", "gspo"):
-            raise ValueError(f"train_mlx runs grpo or gspo, not {self.algorithm!r}")
-        self.rewards = dict(experiment.get("rewards") or {})
-        if not self.rewards:
-            raise ValueError("experiment has no rewards to train on")
-        self.reward_params = experiment.get("reward_params") or {}
-        self.t, self.seed = train_settings(experiment), seed
-        self.level = "sequence" if self.algorithm == "gspo" else "token"
-        self.spec = json.loads(json.dumps({"model": str(model_dir), "seed": seed, "experiment": experiment},
-                                          sort_keys=True))
-        self.prompts = train_prompts(prompts_path, experiment.get("max_train_prompts"))
+    def __init__(self, model_dir: str | Path, prompts_path: str | Path, job: RLJob, seed: int = 0):
+        self.job, self.t, self.seed = job, job.train, seed
+        self.level = "sequence" if job.algorithm == "gspo" else "token"
+        self.eps_low, self.eps_high = job.epsilons
+        self.spec = {"model": str(model_dir), "seed": seed, "job": job.model_dump(mode="json")}
+        self.prompts = train_prompts(prompts_path, job.max_train_prompts)
         self.policy = load_policy(model_dir, "mlx")
-        if self.t["lora"] is not None:
+        if self.t.lora is not None:
             from rlmeta.policy.lora import apply_lora
 
-            apply_lora(self.policy, self.t["lora"], seed=seed)
-        self.ref = load_policy(model_dir, "mlx").model if self.t["beta"] > 0 else None
+            apply_lora(self.policy, self.t.lora, seed=seed)
+        self.ref = load_policy(model_dir, "mlx").model if self.t.beta > 0 else None
         if self.ref is not None:
             self.ref.freeze()
         self.prompt_ids = self.policy.encode_prompts([r["prompt"] for r in self.prompts])
-        n, k = len(self.prompts), int(self.t["batch_prompts"])
-        if self.t["ued"]["enabled"]:
+        n, k = len(self.prompts), self.t.batch_prompts
+        if self.t.ued.enabled:
             if k > n:
                 log.warning("UED draws distinct prompts: batch_prompts %d capped at the %d train prompts", k, n)
             self.batch_prompts = min(k, n)
-            self.sampler = UEDSampler(n, self.t["ued"]["staleness_weight"], self.t["ued"]["temperature"],
-                                      derive_seed(seed, "ued"))
+            self.sampler = UEDSampler(n, self.t.ued.staleness_weight, self.t.ued.temperature, derive_seed(seed, "ued"))
         else:
             self.batch_prompts = k
             self.sampler = mlx_state.EpochSampler(n, derive_seed(seed, "order"))
-        self.optimizer = optim.AdamW(learning_rate=float(self.t["learning_rate"]),
-                                     weight_decay=float(self.t["weight_decay"]), bias_correction=True)
+        mu = self.t.updates_per_batch
+        lr = mlx_schedule(self.t.lr_schedule, self.t.learning_rate, self.t.warmup_steps * mu, self.t.steps * mu)
+        self.optimizer = optim.AdamW(learning_rate=lr, weight_decay=self.t.weight_decay, bias_correction=True)
         self.grad_fn = nn.value_and_grad(self.policy.model, self._loss)
         self.step, self.tokens = 0, 0
         self._metrics: dict = {}
@@ -131,17 +94,17 @@ class MLXTrainer:
     # -- rollout ---------------------------------------------------------------------------
     def rollout(self) -> dict:
         """Sample, score and pack one batch for ``update`` (also returns its reward statistics)."""
-        t, g = self.t, int(self.t["group_size"])
+        t, g = self.t, self.t.group_size
         idx = self.sampler.sample(self.batch_prompts)
         self.policy.model.eval()
-        gens = self.policy.generate([self.prompt_ids[i] for i in idx], n=g, temperature=float(t["temperature"]),
-                                    top_p=float(t["top_p"]), max_new_tokens=int(t["max_new_tokens"]),
+        gens = self.policy.generate([self.prompt_ids[i] for i in idx], n=g, temperature=t.temperature,
+                                    top_p=t.top_p, max_new_tokens=t.max_new_tokens,
                                     seed=derive_seed(self.seed, "rollout", self.step))
         rows = [self.prompts[idx[x.prompt_index]] for x in gens]
-        total, comps = score_batch([r["prompt"] for r in rows], [x.text for x in gens],
-                                   [r["reference"] for r in rows], self.rewards, self.reward_params)
-        adv = group_advantages(total, g, t["scale_rewards"])
-        self.sampler.update(idx, total.reshape(-1, g).tolist())
+        s = score([x.text for x in gens], [r["reference"] for r in rows], [r["prompt"] for r in rows],
+                  self.job.rewards, self.job.reward_params)
+        adv = group_advantages(s.total, g, t.scale_rewards)
+        self.sampler.update(idx, s.total.reshape(-1, g).tolist())
         ids, plen, mask = pad_batch([x.prompt_ids for x in gens], [x.token_ids for x in gens], self.policy.pad_id)
         old = np.zeros(mask.shape, np.float32)
         for i, x in enumerate(gens):
@@ -151,42 +114,45 @@ class MLXTrainer:
         if self.ref is not None:
             batch["ref"] = self.reference_logprobs(ids, plen, mask)
         lens = np.array([len(x.token_ids) for x in gens])
-        spread = total.reshape(-1, g).std(axis=1)
-        stats = {"reward_mean": float(total.mean()), "reward_std": float(total.std(ddof=1)) if total.size > 1 else 0.0,
+        spread = s.total.reshape(-1, g).std(axis=1)
+        stats = {"reward_mean": float(s.total.mean()),
+                 "reward_std": float(s.total.std(ddof=1)) if s.total.size > 1 else 0.0,
                  "zero_std_frac": float(np.isclose(spread, 0.0, rtol=1e-5, atol=1e-8).mean()),
                  "completion_len_mean": float(lens.mean()),
                  "new_tokens": int(lens.sum() + sum(len(x.prompt_ids) for x in gens)),
-                 **{f"reward/{n}": float(v.mean()) for n, v in comps.items()}}
+                 **{f"reward/{n}": float(v.mean()) for n, v in s.components.items()}}
         return {"batch": batch, "stats": stats, "indices": idx, "generations": gens}
 
     def reference_logprobs(self, ids: mx.array, plen: mx.array, mask: mx.array) -> mx.array:
         """The frozen reference's completion log-probs (the KL term's), evaluated."""
-        ref = mx.stop_gradient(sequence_logprobs(self.ref, ids, plen, mask, float(self.t["temperature"])))
+        ref = mx.stop_gradient(sequence_logprobs(self.ref, ids, plen, mask, self.t.temperature))
         mx.eval(ref)
         return ref
 
     # -- update ----------------------------------------------------------------------------
     def _loss(self, model, ids, plen, mask, old, ref, adv, num_items):
-        logp = sequence_logprobs(model, ids, plen, mask, float(self.t["temperature"]))
+        logp = sequence_logprobs(model, ids, plen, mask, self.t.temperature)
         loss, self._metrics = policy_loss(
-            logp, old, ref, adv, mask, level=self.level, eps_low=float(self.t["epsilon_low"]),
-            eps_high=float(self.t["epsilon_high"]), beta=float(self.t["beta"]), loss_type=self.t["loss_type"],
-            max_completion_length=int(self.t["max_new_tokens"]), num_items=num_items)
+            logp, old, ref, adv, mask, level=self.level, eps_low=self.eps_low, eps_high=self.eps_high,
+            beta=self.t.beta, loss_type=self.t.loss_type, max_completion_length=self.t.max_new_tokens,
+            num_items=num_items)
         return loss
 
     def _chunks(self, batch: dict) -> list[slice]:
         """Row slices whose logits stay under ``LOGITS_BUDGET`` (one slice for small batches), of
         whole groups where the budget allows: ``sequence_logprobs`` runs a shared prompt once per slice."""
         n, t = batch["mask"].shape
-        rows = max(1, LOGITS_BUDGET // max(1, t * int(self.policy.config.get("vocab_size", 1))))
-        g = int(self.t["group_size"])
+        rows = max(1, LOGITS_BUDGET // max(1, t * self.policy.vocab_size))
+        g = self.t.group_size
         rows = rows - rows % g if rows >= g else rows
         return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
 
     def update(self, batch: dict, old_logp: bool) -> dict:
         """One AdamW update on the whole batch (micro-batched, gradients accumulated)."""
         grads, loss, metrics = self.gradients(batch, old_logp)
-        return {"loss": loss, **self.apply(grads), **metrics}
+        applied = self.apply(grads)
+        lr = self.optimizer.learning_rate.item()  # set from the schedule by the update just applied
+        return {"loss": loss, "lr": lr, **applied, **metrics}
 
     def gradients(self, batch: dict, old_logp: bool) -> tuple[dict, float, dict]:
         """(gradients, loss, policy-loss metrics) of the batch, summed over its micro-batches."""
@@ -196,13 +162,13 @@ class MLXTrainer:
         for sl in self._chunks(batch):
             m = mask[sl]
             rows_w, tok_w = (sl.stop - sl.start) / n, m.sum().item() / tokens
-            w = {"grpo": rows_w, "dr_grpo": rows_w, "bnpo": tok_w, "dapo": 1.0}[self.t["loss_type"]]
+            w = {"grpo": rows_w, "dr_grpo": rows_w, "bnpo": tok_w, "dapo": 1.0}[self.t.loss_type]
             ref = None if batch["ref"] is None else batch["ref"][sl]
             old = batch["old"][sl] if old_logp else None
             loss, g = self.grad_fn(self.policy.model, batch["ids"][sl], batch["plen"][sl], m, old, ref,
                                    batch["adv"][sl], tokens)
             if w != 1.0:
-                g = tree_map(lambda a: a * w, g)
+                g = tree_map(lambda a, w=w: a * w, g)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             loss_total += loss.item() * w
             mw = rows_w if self.level == "sequence" else tok_w
@@ -212,8 +178,8 @@ class MLXTrainer:
 
     def apply(self, grads: dict) -> dict:
         """Clip and apply ``grads`` (AdamW); ``grad_norm`` and whether every weight is still finite."""
-        max_norm = self.t["max_grad_norm"]
-        grads, norm = optim.clip_grad_norm(grads, math.inf if max_norm is None else float(max_norm))
+        max_norm = self.t.max_grad_norm
+        grads, norm = optim.clip_grad_norm(grads, math.inf if max_norm is None else max_norm)
         self.optimizer.update(self.policy.model, grads)
         params = tree_flatten(self.policy.model.trainable_parameters())
         finite = mx.stack([mx.isfinite(p).all() for _, p in params]).all()
@@ -225,19 +191,13 @@ class MLXTrainer:
         t0 = time.perf_counter()
         mx.random.seed(derive_seed(self.seed, "step", self.step))
         ro = self.rollout()
-        mu, steps = int(self.t["updates_per_batch"]), int(self.t["steps"])
+        mu = self.t.updates_per_batch
         self.policy.model.train()
-        updates = []
-        for u in range(mu):
-            opt_step = self.step * mu + u
-            lr = lr_at(opt_step, float(self.t["learning_rate"]), self.t["lr_schedule"],
-                       int(self.t["warmup_steps"]) * mu, steps * mu)
-            self.optimizer.learning_rate = lr
-            updates.append({**self.update(ro["batch"], old_logp=mu > 1), "lr": lr})
+        updates = [self.update(ro["batch"], old_logp=mu > 1) for _ in range(mu)]
         self.policy.model.eval()
         self.step += 1
         self.tokens += ro["stats"].pop("new_tokens")
-        mean = lambda k: float(np.mean([u[k] for u in updates]))  # noqa: E731
+        mean = lambda k: float(np.mean([u[k] for u in updates]))
         row = {"step": self.step, "loss": mean("loss"), "kl": mean("kl") if self.ref is not None else None,
                "clip_ratio": mean("clip_ratio"), "grad_norm": mean("grad_norm"), "lr": updates[-1]["lr"],
                "tokens": self.tokens, **ro["stats"], "step_seconds": time.perf_counter() - t0}
@@ -250,65 +210,62 @@ class MLXTrainer:
                 "sampler_kind": type(self.sampler).__name__,
                 "next_rollout_seed": derive_seed(self.seed, "rollout", self.step)}
 
-    def save(self, path: str | Path) -> Path:
-        return mlx_state.save_checkpoint(path, self.policy, self.optimizer, self.state())
+    def save(self, path: str | Path, metrics: MetricsTable) -> Path:
+        return mlx_state.save_checkpoint(path, self.policy, self.optimizer, self.state(), metrics)
 
     def load(self, ckpt: str | Path) -> None:
         """Resume from a checkpoint written by ``save``."""
-        state = json.loads((Path(ckpt) / mlx_state.STATE_FILE).read_text())
+        state = mlx_state.read_state(ckpt)
         mlx_state.load_weights(self.policy, ckpt)
         mlx_state.load_optimizer(self.optimizer, ckpt)
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
 
     def resumable(self, ckpt: Path) -> bool:
-        state = json.loads((ckpt / mlx_state.STATE_FILE).read_text())
+        """True when ``ckpt`` was written by a run of this spec (and the same sampler)."""
+        state = mlx_state.read_state(ckpt) or {}
         return state.get("spec") == self.spec and state.get("sampler_kind") == type(self.sampler).__name__
 
 
 def progress(row: dict, steps: int) -> str:
     """The step's stderr line: reward, loss, kl, clip ratio, grad norm, length, s/step."""
-    f = lambda k: "-" if row[k] is None else f"{row[k]:.4g}"  # noqa: E731
+    f = lambda k: "-" if row[k] is None else f"{row[k]:.4g}"
     return (f"step {row['step']}/{steps} reward={f('reward_mean')} loss={f('loss')} kl={f('kl')} "
             f"clip={f('clip_ratio')} grad_norm={f('grad_norm')} len={f('completion_len_mean')} "
             f"{row['step_seconds']:.2f}s/step")
 
 
-def train_mlx(model_dir: str | Path, prompts_path: str | Path, experiment: dict, out_dir: str | Path,
-              metrics_path: str | Path, wandb_cfg: dict | None = None, seed: int = 0,
+def train_mlx(model_dir: str | Path, prompts_path: str | Path, job: RLJob, out_dir: str | Path,
+              metrics_path: str | Path, wandb: WandbSettings | None = None, seed: int = 0,
               stop_after: int | None = None) -> Path:
-    """Train and return ``<out_dir>/final``; resumes from the latest ``<out_dir>/<step>/``.
+    """Train and return ``<out_dir>/final``; resumes from the latest complete ``<out_dir>/<step>/``.
 
-    ``experiment``: ``algorithm`` (grpo | gspo), ``rewards``, ``reward_params``, ``train``.
-    ``wandb_cfg``: ``mode`` (offline | online | disabled), ``project``, ``entity``, ``name``.
     ``stop_after``: return after this many steps of this call without the final save, as a
     killed run would (tests); returns the last checkpoint (or None).
     """
     out_dir = Path(out_dir)
-    wandb_cfg = {"mode": "offline", "project": "rlmeta", **(wandb_cfg or {})}
-    trainer = MLXTrainer(model_dir, prompts_path, experiment, seed)
-    ckpt = mlx_state.latest_checkpoint(out_dir)
+    wandb = wandb or WandbSettings()
+    trainer = MLXTrainer(model_dir, prompts_path, job, seed)
+    metrics = MetricsTable([f"reward/{n}" for n in job.rewards])
+    ckpt = checkpoints.latest(out_dir, readable=lambda p: mlx_state.read_state(p) is not None)
     if ckpt is not None and not trainer.resumable(ckpt):
-        mlx_state.remove_checkpoints(out_dir, "trained with a different spec")
+        checkpoints.remove_all(out_dir, "trained with a different spec")
         ckpt = None
     if ckpt is not None:
         trainer.load(ckpt)
+        metrics.restore(ckpt, trainer.step)
         log.info("resuming %s at step %d", ckpt, trainer.step)
-    steps, every = int(trainer.t["steps"]), int(trainer.t["checkpoint_every"])
-    writer = MetricsWriter(metrics_path, [f"reward/{n}" for n in trainer.rewards],
-                           resume_step=trainer.step if ckpt is not None else None)
-    name = wandb_cfg.get("name") or (out_dir.parent.name if out_dir.name == "checkpoints" else out_dir.name)
+    steps, every = trainer.t.steps, trainer.t.checkpoint_every
     config = {**trainer.spec, "out_dir": str(out_dir), "backend": "mlx"}
     done = 0
-    with wandb_run(wandb_cfg["mode"], wandb_cfg["project"], wandb_cfg.get("entity"), name, out_dir, config) as run:
+    with wandb_run(wandb, checkpoints.run_name(out_dir), out_dir, config) as run:
         while trainer.step < steps:
             if stop_after is not None and done >= stop_after:
                 return ckpt
             out = trainer.train_step()
             done += 1
             row = {k: v for k, v in out.items() if k not in ("updates", "indices", "weights_finite")}
-            writer.add(row)
-            writer.flush()
+            metrics.add(row)
             run.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=row["step"])
             print(progress(row, steps), file=sys.stderr, flush=True)
             check_finite({k: v for k, v in row.items() if k != "step"}, row["step"], ckpt)
@@ -316,15 +273,16 @@ def train_mlx(model_dir: str | Path, prompts_path: str | Path, experiment: dict,
                 raise NonFiniteMetricError(f"non-finite weights after the updates of step {row['step']} "
                                            f"(lr={row['lr']:.3g}); last good checkpoint: {ckpt or 'none (start over)'}")
             if trainer.step % every == 0:
-                ckpt = trainer.save(out_dir / str(trainer.step))
-    writer.close()
+                ckpt = trainer.save(out_dir / str(trainer.step), metrics)
     final = trainer.policy.save(out_dir / "final")
+    metrics.write(metrics_path)
     log.info("saved %s", final)
     return final
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line of ``scripts/train_mlx.py``."""
-    from rlmeta.rl.cli import run_trainer
+def command(p: argparse.ArgumentParser):
+    """``rlmeta train-mlx``."""
+    from rlmeta.cli import add_training_arguments
 
-    return run_trainer(train_mlx, "train_mlx.py", 'Online GRPO/GSPO on MLX (mlx-lm policy).', 'folder for <step>/ checkpoints and final/', argv)
+    add_training_arguments(p, "folder for <step>/ checkpoints and final/")
+    return lambda a: train_mlx(a.model, a.prompts, a.job, a.out, a.metrics, a.wandb, a.seed)

@@ -1,8 +1,8 @@
 """GRPO / GSPO objective: the NumPy reference implementation.
 
 Mirrors TRL's ``GRPOTrainer`` (trl 1.16: advantages in ``_generate_and_score_completions``,
-loss in ``_compute_loss``); ``objectives_torch`` and ``objectives_mlx`` are line-by-line copies
-over tensors and are tested against this file. Shapes: ``N`` sequences (prompts x group size),
+loss in ``_compute_loss``); ``objectives_mlx`` is a line-by-line copy over MLX arrays, tested
+against this file; TRL's own loss is tested against it too. Shapes: ``N`` sequences (prompts x group size),
 ``T`` completion tokens; ``mask`` is 1 on real completion tokens and 0 on padding.
 
 Deviations from TRL, all deliberate:
@@ -18,23 +18,18 @@ import math
 
 import numpy as np
 
+from rlmeta.settings import DEFAULT_EPSILONS
+
 SCALES = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 LEVELS = ("token", "sequence")
-SCHEDULES = ("constant", "linear", "cosine")
 
 
 def default_epsilons(algorithm: str) -> tuple[float, float]:
-    """(epsilon_low, epsilon_high) when the config leaves them null.
-
-    grpo: 0.2 / 0.28, the DAPO "clip-higher" pair (TRL's own default is 0.2 / 0.2: ``epsilon_high``
-    falls back to ``epsilon``; TRL's docs recommend 0.28). gspo: 3e-4 / 4e-4 (GSPO paper, Zheng et
-    al. 2025), sized for the sequence-level ratio, which stays far closer to 1 than token ratios.
-    """
-    table = {"grpo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}
-    if algorithm not in table:
-        raise ValueError(f"no default epsilons for algorithm {algorithm!r}; expected one of {sorted(table)}")
-    return table[algorithm]
+    """(epsilon_low, epsilon_high) of an algorithm when the config leaves them null (``settings.DEFAULT_EPSILONS``)."""
+    if algorithm not in DEFAULT_EPSILONS:
+        raise ValueError(f"no default epsilons for algorithm {algorithm!r}; expected one of {sorted(DEFAULT_EPSILONS)}")
+    return DEFAULT_EPSILONS[algorithm]
 
 
 def check_args(scale=None, level=None, loss_type=None):
@@ -139,22 +134,3 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, level="token", ep
                "clip_ratio/low": mean(low), "clip_ratio/high": mean(high),
                "kl": math.nan if kl is None else mean(kl)}
     return float(loss), metrics
-
-
-def lr_at(step: int, base_lr: float, schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 1) -> float:
-    """Learning rate for 0-based optimizer ``step``; equal to transformers'
-    ``get_{constant,linear,cosine}_schedule_with_warmup`` (so step 0 of a warm-up has lr 0).
-
-    Linear warm-up over ``warmup_steps``, then constant, linear decay to 0 at ``total_steps``, or
-    half-cosine decay to 0 at ``total_steps``; held at 0 past ``total_steps``.
-    """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown lr schedule {schedule!r}; expected one of {SCHEDULES}")
-    if step < warmup_steps:
-        return base_lr * step / max(1, warmup_steps)
-    if schedule == "constant":
-        return base_lr
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "linear":
-        return base_lr * (1.0 - progress)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -8,7 +8,7 @@ import math
 
 import mlx.core as mx
 
-from rlmeta.rl.objectives import check_args, default_epsilons, lr_at, resolve_epsilons  # noqa: F401
+from rlmeta.rl.objectives import check_args, resolve_epsilons
 
 
 def group_advantages(rewards: mx.array, group_size: int, scale: str = "group", eps: float = 1e-4):

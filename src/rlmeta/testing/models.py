@@ -1,4 +1,4 @@
-"""Test helpers for the policy, parity and rollout tests: tiny checkpoints and prompt tables.
+"""Tiny models and tables for the tests and benchmarks: checkpoints, prompts tables, MATH task tables.
 
 ``tiny_checkpoint`` builds a Qwen3 with ``rlmeta.models.build.build_tiny_model`` and, unless
 told not to, fine-tunes it for a few steps so that it answers short and ends with
@@ -6,6 +6,7 @@ told not to, fine-tunes it for a few steps so that it answers short and ends wit
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -17,11 +18,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from rlmeta.config import ROOT
-from rlmeta.tables import PROMPTS
+from rlmeta.io import write_table
+from rlmeta.settings import ROOT, ModelBuild
+from rlmeta.tables import PROBLEMS, PROMPTS
 
-GSM8K = next(p for p in (ROOT / "resources/gsm8k/test.jsonl", ROOT.parent / "shared/data/gsm8k/test.jsonl")
-             if p.exists())
+GSM8K = ROOT / "resources" / "gsm8k" / "test.jsonl"
 
 
 def questions(n: int, offset: int = 0) -> list[str]:
@@ -55,8 +56,8 @@ def tiny_checkpoint(out_dir: Path, *, tokenizer: str = "bpe", hidden: int = 64, 
     out_dir = Path(out_dir)
     corpus = out_dir.parent / f"{out_dir.name}-corpus.jsonl"
     corpus.write_text("".join(json.dumps({"question": q}) + "\n" for q in questions(corpus_lines)))
-    build = {"tokenizer": tokenizer, "hidden_size": hidden, "num_layers": layers, "num_heads": 4,
-             "num_kv_heads": 2, "intermediate_size": 4 * hidden}
+    build = ModelBuild(tokenizer=tokenizer, hidden_size=hidden, num_layers=layers, num_heads=4, num_kv_heads=2,
+                       intermediate_size=4 * hidden)
     build_tiny_model(out_dir, build, [corpus], seed)
     if teach_stop:
         _teach_stop(out_dir, seed)
@@ -77,10 +78,8 @@ def cached_checkpoint(pytest_config, name: str, **kw) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         tiny_checkpoint(tmp / "model", **kw)
-        try:
+        with contextlib.suppress(OSError):  # another process finished first
             os.replace(tmp / "model", path)
-        except OSError:  # another process finished first
-            pass
         shutil.rmtree(tmp, ignore_errors=True)
         for old in root.glob(f"{name}-" + "?" * 12):  # builds from older sources
             if old != path:
@@ -123,3 +122,42 @@ def prompts_table(n: int, split: str = "eval", offset: int = 0) -> pa.Table:
              "split": split, "prompt": m, "reference": None, "reference_completion": None}
             for i, m in enumerate(messages(questions(n, offset)))]
     return pa.Table.from_pylist(rows, schema=PROMPTS)
+
+
+# -- MATH-like tasks for the meta-learning tests ----------------------------------------------
+
+SUBJECTS = ["algebra", "geometry", "number_theory"]
+TASKS_BUILD = ModelBuild(tokenizer="bpe", vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         intermediate_size=128, max_position_embeddings=512)
+
+
+def _problem(subject: str, i: int, split: str) -> dict:
+    a, b = i + 2, (i * 3) % 7 + 1
+    op, ans = {"algebra": ("+", a + b), "geometry": ("*", a * b), "number_theory": ("-", a - b)}[subject]
+    return dict(problem_id=f"{subject}/{split}/{i}", source="math", split=split, subject=subject, level=1,
+                question=f"What is {a} {op} {b}?", solution=f"We get {a} {op} {b} = \\boxed{{{ans}}}.",
+                answer=str(ans))
+
+
+def make_tasks(root: Path, subjects=SUBJECTS, sizes=(6, 6, 6)) -> Path:
+    """Write ``<root>/<subject>/{support,query,heldout}.parquet`` of one-line arithmetic problems."""
+    for s_i, subject in enumerate(subjects):
+        start = 10 * s_i
+        for split, n in zip(("support", "query", "heldout"), sizes):
+            rows = [_problem(subject, start + j, split) for j in range(n)]
+            start += n
+            write_table(root / subject / f"{split}.parquet", pa.Table.from_pylist(rows, schema=PROBLEMS), PROBLEMS)
+    return root
+
+
+def tasks_model(out: Path, seed: int = 0) -> Path:
+    """A tiny Qwen3 (hidden 64, 2 layers, 300-token BPE) from ``build_tiny_model`` on the problems' text."""
+    from rlmeta.models.build import build_tiny_model
+
+    corpus = out.parent / f"{out.name}_corpus.jsonl"
+    with open(corpus, "w") as fh:
+        for s in SUBJECTS:
+            for i in range(40):
+                r = _problem(s, i, "x")
+                fh.write(json.dumps({"problem": r["question"], "solution": r["solution"]}) + "\n")
+    return build_tiny_model(out, TASKS_BUILD, [corpus], seed)

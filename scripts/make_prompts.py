@@ -1,3 +1,0 @@
-from rlmeta.prompts import main
-
-raise SystemExit(main())

@@ -1,3 +1,0 @@
-from rlmeta.scoring import main
-
-raise SystemExit(main())

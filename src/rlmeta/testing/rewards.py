@@ -1,0 +1,17 @@
+"""Rewards registered for the length of a test (toy tasks with a known answer)."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from rlmeta.rewards import REGISTRY, register
+
+
+@contextlib.contextmanager
+def registered(name: str, fn: Callable, description: str = "test reward", batched: bool = False) -> Iterator[str]:
+    """Register ``fn`` as reward ``name`` inside the block (its parameters are checked as for built-ins)."""
+    register(name, description, batched=batched)(fn)
+    try:
+        yield name
+    finally:
+        REGISTRY.pop(name, None)
