@@ -1,9 +1,15 @@
 # Two commands for a fresh machine: `make run` (the embedded default) and `make test`.
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
-# This machine has the CPU wheel of torch 2.13.0 on disk; pinning it first keeps pip from
-# pulling a CUDA build. On a Mac or a GPU box: make run TORCH=torch
-TORCH   ?= torch==2.13.0
+UV      := $(VENV)/bin/uv
+UV_VERSION := 0.13.9
+# Every package at the version of requirements.lock (`make lock` refreshes it), installed with uv.
+# torch is pinned in the lock's header and installed on its own, from the build that fits the
+# machine: pip's find-links here (the CPU wheel on this disk), else PyPI (CUDA on Linux, macOS wheel
+# on a Mac). For the CPU build elsewhere: make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+LOCK    := requirements.lock
+TORCH   ?= torch==$(shell sed -n 's/^\# pin: torch==//p' $(LOCK))
+TORCH_SOURCE := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) $(if $(TORCH_INDEX),--index $(TORCH_INDEX))
 CORES   ?= 2
 STAMP   := $(VENV)/.installed
 # Peers that benchmarks/ compare against, kept out of the venv in a folder of their own (the
@@ -15,18 +21,20 @@ BENCH_PEERS := mlx-lm-lora==5.10.2
 BENCH_STAMP := $(BENCH_DEPS)/.installed-$(subst ==,-,$(subst $(eval) ,+,$(BENCH_PEERS)))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test test-fast test-slurm bench bench-deps lint dryrun clean
+.PHONY: setup run test test-fast test-slurm bench bench-deps lint lock dryrun clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[mlx,torch,dev]"
+	$(PY) -m pip install -q "uv==$(UV_VERSION)"
+	$(UV) pip install -q --python $(PY) --no-deps -r $(LOCK)
+	$(UV) pip install -q --python $(PY) $(TORCH_SOURCE) "$(TORCH)"
+	$(UV) pip install -q --python $(PY) --no-deps -e .
 	touch $@
 
 setup: $(STAMP)
 
 run: setup
+	rlmeta unlock  # a killed run's stale lock, only when no Snakemake uses this folder
 	snakemake --profile profiles/default --cores $(CORES)
 
 test: setup
@@ -54,6 +62,10 @@ lint: setup
 	ruff check src tests benchmarks scripts
 	snakefmt --check Snakefile rules
 	snakemake --lint
+
+# Re-resolve every dependency (needs PyPI): requirements.lock and the pinned envs/*.yaml.
+lock: setup
+	$(PY) scripts/lock.py
 
 dryrun: setup
 	snakemake -n --cores $(CORES)

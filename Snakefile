@@ -18,6 +18,7 @@ include: "rules/prompts.smk"
 include: "rules/rollouts.smk"
 include: "rules/train.smk"
 include: "rules/meta.smk"
+include: "rules/provenance.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 
@@ -33,6 +34,7 @@ localrules:
     make_prompts,
     score,
     evaluate,
+    provenance,
     report,
     report_fomaml,
     summary,

@@ -12,6 +12,8 @@ from snakemake.settings.types import DeploymentMethod
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # a Snakemake outside the project's venv
 from rlmeta.errors import UserError  # noqa: E402
+from rlmeta.prompts import TEMPLATES  # noqa: E402
+from rlmeta.provenance import code_fingerprint, reward_modules, step_module  # noqa: E402
 from rlmeta.settings import startup_checks, validate  # noqa: E402
 
 try:
@@ -365,6 +367,84 @@ def out_dir_of(wildcards, output):
 
 def input_dir_of(wildcards, input):
     return os.path.dirname(input[0])
+
+
+# -- code and provenance ---------------------------------------------------------------------
+
+
+def code_of(*steps):
+    """A rule's `code` param: every rlmeta module its steps import, with a hash of its source, so that
+    editing one re-runs exactly the rules that run it (rlmeta.provenance). Not used by the command."""
+    return code_fingerprint([step_module(s) for s in steps])
+
+
+def scorers_of(wildcards, rewards=True, metrics=True):
+    """The registered scorers an experiment's jobs call: its rewards and its template's task metrics."""
+    e = exp_of(wildcards)
+    return (list(e.reward_weights) if rewards else []) + (list(TEMPLATES[e.prompt].metrics.values()) if metrics else [])
+
+
+def code_with_scorers(step, rewards=True, metrics=True):
+    """code_of(step) plus the modules of the scorers the experiment uses (rlmeta.provenance leaves the reward
+    functions out of every import graph), so editing a reward re-runs only the jobs of experiments using it."""
+
+    def code(wildcards):
+        used = scorers_of(wildcards, rewards, metrics)
+        return code_fingerprint([step_module(step), *reward_modules(used)])
+
+    return code
+
+
+def data_jobs(name):
+    """Benchmark files of the jobs that prepare a dataset."""
+    ds = DATASETS[name]
+    if ds.kind == "rss":
+        return [f"{R}/benchmarks/fetch_rss/{f}.tsv" for f in ds.feeds] + [f"{R}/benchmarks/build_headlines/{name}.tsv"]
+    jobs = [f"{R}/benchmarks/prepare_{ds.kind}/{name}.tsv"]
+    return jobs + ([f"{R}/benchmarks/split_math_tasks/{name}.tsv"] if ds.kind == "math" else [])
+
+
+def provenance_benchmarks(wildcards):
+    """Benchmark files (wall time, memory) of every job an experiment's result depends on."""
+    name, e = wildcards.exp, exp_of(wildcards)
+    jobs = data_jobs(e.dataset)
+    if MODELS[e.model].build is not None:
+        jobs.append(f"{R}/benchmarks/build_model/{e.model}.tsv")
+    if e.algorithm == "fomaml":
+        return jobs + [f"{R}/benchmarks/train_fomaml/{name}.tsv"]
+    if e.warmstart.steps > 0:
+        jobs.append(f"{R}/benchmarks/warmstart/{warmstart_key(name)}.tsv")
+    train = "train_mlx" if e.backend == "mlx" else "train_trl"
+    jobs += [f"{R}/benchmarks/make_prompts/{name}.tsv", f"{R}/benchmarks/{train}/{name}.tsv"]
+    return jobs + [
+        f"{R}/benchmarks/{rule}/{name}/{pol}.tsv" for rule in ("generate", "score") for pol in ("base", "trained")
+    ]
+
+
+def provenance_data(wildcards):
+    """The data an experiment's result was computed from (hashed into provenance.json)."""
+    name, e = wildcards.exp, exp_of(wildcards)
+    ds = DATASETS[e.dataset]
+    sources = local_files(ds.source) if ds.kind != "rss" else [f for url in ds.feeds.values() for f in local_files(url)]
+    if e.algorithm == "fomaml":
+        return sources + [f"{R}/data/{e.dataset}_tasks"]
+    return sources + [
+        f"{R}/{name}/prompts.parquet",
+        *[f"{R}/{name}/{kind}/{pol}.parquet" for kind in ("responses", "rewards") for pol in ("base", "trained")],
+    ]
+
+
+def provenance_models(wildcards):
+    """`ROLE=PATH` of the models behind the result: the base (or initial) model and the trained one."""
+    e = exp_of(wildcards)
+    base = meta_base_path(wildcards) if e.algorithm == "fomaml" else base_policy(wildcards.exp)
+    return f"--model base={shlex.quote(base)} --model trained={R}/{wildcards.exp}/checkpoints/final"
+
+
+def provenance_model_inputs(wildcards):
+    e = exp_of(wildcards)
+    base = meta_base_input(wildcards) if e.algorithm == "fomaml" else base_policy_input(wildcards)
+    return base + [f"{R}/{wildcards.exp}/checkpoints/final"]
 
 
 # -- targets -----------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ rule fetch_rss:
         meta=f"{R}/data/rss/{{feed}}.json",
     log:
         f"{R}/logs/fetch_rss/{{feed}}.log",
+    benchmark:
+        f"{R}/benchmarks/fetch_rss/{{feed}}.tsv"
     conda:
         "../envs/core.yaml"
     threads: 1
@@ -17,6 +19,7 @@ rule fetch_rss:
         mem_mb=500,
         runtime=10,
     params:
+        code=code_of("fetch-rss"),
         dataset=feed_json,
         out_dir=out_dir_of,
     shell:
@@ -31,6 +34,8 @@ rule build_headlines:
         f"{R}/data/{{dataset}}.parquet",
     log:
         f"{R}/logs/build_headlines/{{dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/build_headlines/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=names_of_kind("rss"),
     conda:
@@ -40,6 +45,7 @@ rule build_headlines:
         mem_mb=1000,
         runtime=10,
     params:
+        code=code_of("build-headlines"),
         feeds=dataset_feeds,
         snapshots=input_dir_of,
     shell:
@@ -55,6 +61,8 @@ rule prepare_gsm8k:
         test=f"{R}/data/{{dataset}}/test.parquet",
     log:
         f"{R}/logs/prepare/{{dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/prepare_gsm8k/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=names_of_kind("gsm8k"),
     conda:
@@ -64,6 +72,7 @@ rule prepare_gsm8k:
         mem_mb=2000,
         runtime=20,
     params:
+        code=code_of("prepare-gsm8k"),
         source=lookup(dpath="datasets/{dataset}/source", within=config),
         caps=cap_args,
         out_dir=out_dir_of,
@@ -80,6 +89,8 @@ rule prepare_math:
         test=f"{R}/data/{{dataset}}/test.parquet",
     log:
         f"{R}/logs/prepare/{{dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/prepare_math/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=names_of_kind("math"),
     conda:
@@ -89,6 +100,7 @@ rule prepare_math:
         mem_mb=2000,
         runtime=20,
     params:
+        code=code_of("prepare-math"),
         source=lookup(dpath="datasets/{dataset}/source", within=config),
         caps=cap_args,
         out_dir=out_dir_of,
@@ -104,6 +116,8 @@ rule split_math_tasks:
         directory(f"{R}/data/{{dataset}}_tasks"),
     log:
         f"{R}/logs/split_math_tasks/{{dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/split_math_tasks/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=names_of_kind("math"),
     conda:
@@ -113,6 +127,7 @@ rule split_math_tasks:
         mem_mb=1000,
         runtime=10,
     params:
+        code=code_of("split-math-tasks"),
         seed=SEED,
         subjects=dataset_subjects,
         support=lookup(dpath="datasets/{dataset}/support_ratio", within=config),

@@ -10,10 +10,13 @@ rule evaluate:
         rewards_base=f"{R}/{{exp}}/rewards/base.parquet",
         rewards_trained=f"{R}/{{exp}}/rewards/trained.parquet",
         checkpoint=f"{R}/{{exp}}/checkpoints/final",
+        provenance=f"{R}/{{exp}}/provenance.json",
     output:
         f"{R}/{{exp}}/eval/summary.json",
     log:
         f"{R}/logs/{{exp}}/evaluate.log",
+    benchmark:
+        f"{R}/benchmarks/evaluate/{{exp}}.tsv"
     wildcard_constraints:
         exp=exps_where(algorithm=("grpo", "gspo")),
     conda:
@@ -23,6 +26,7 @@ rule evaluate:
         mem_mb=2000,
         runtime=20,
     params:
+        code=code_of("evaluate"),
         seed=SEED,
         base=base_policy_path,
         config=experiment_json,
@@ -31,4 +35,5 @@ rule evaluate:
         " --responses-base {input.responses_base} --responses-trained {input.responses_trained}"
         " --rewards-base {input.rewards_base} --rewards-trained {input.rewards_trained}"
         " --checkpoint {input.checkpoint} --base-checkpoint {params.base:q} --seed {params.seed}"
+        " --provenance {input.provenance}"
         " --out {output} > {log} 2>&1"

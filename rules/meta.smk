@@ -11,6 +11,8 @@ rule train_fomaml:
         metrics=f"{R}/{{exp}}/train_metrics.parquet",
     log:
         f"{R}/logs/{{exp}}/train.log",
+    benchmark:
+        f"{R}/benchmarks/train_fomaml/{{exp}}.tsv"
     wildcard_constraints:
         exp=exps_where(algorithm="fomaml"),
     conda:
@@ -23,6 +25,7 @@ rule train_fomaml:
         nodes=1,
         cpus_per_task=2,
     params:
+        code=code_of("launch", "train-fomaml"),
         seed=SEED,
         model=meta_base_path,
         subjects=subjects,
@@ -42,10 +45,13 @@ rule eval_adaptation:
         base=meta_base_input,
         meta=f"{R}/{{exp}}/checkpoints/final",
         tasks=tasks_dir,
+        provenance=f"{R}/{{exp}}/provenance.json",
     output:
         f"{R}/{{exp}}/eval/summary.json",
     log:
         f"{R}/logs/{{exp}}/eval_adaptation.log",
+    benchmark:
+        f"{R}/benchmarks/eval_adaptation/{{exp}}.tsv"
     wildcard_constraints:
         exp=exps_where(algorithm="fomaml"),
     conda:
@@ -56,6 +62,7 @@ rule eval_adaptation:
         runtime=120,
         gpu=0,
     params:
+        code=code_with_scorers("eval-adaptation", rewards=False),
         seed=SEED,
         base=meta_base_path,
         subjects=subjects,
@@ -64,4 +71,4 @@ rule eval_adaptation:
     shell:
         "rlmeta eval-adaptation --base {params.base:q} --meta {input.meta} --tasks-dir {input.tasks}"
         " --subjects {params.subjects} --settings {params.meta:q} --seed {params.seed}"
-        " --max-new-tokens {params.max_new_tokens} --out {output} > {log} 2>&1"
+        " --max-new-tokens {params.max_new_tokens} --provenance {input.provenance} --out {output} > {log} 2>&1"

@@ -9,6 +9,8 @@ rule build_model:
         directory(f"{R}/models/{{model}}"),
     log:
         f"{R}/logs/build_model/{{model}}.log",
+    benchmark:
+        f"{R}/benchmarks/build_model/{{model}}.tsv"
     wildcard_constraints:
         model=built_models(),
     conda:
@@ -18,6 +20,7 @@ rule build_model:
         mem_mb=2000,
         runtime=20,
     params:
+        code=code_of("build-model"),
         seed=SEED,
         build=build_json,
         corpus=corpus_args,
@@ -35,6 +38,8 @@ rule warmstart:
         directory(f"{R}/warmstart/{{key}}"),
     log:
         f"{R}/logs/warmstart/{{key}}.log",
+    benchmark:
+        f"{R}/benchmarks/warmstart/{{key}}.tsv"
     conda:
         warmstart_env
     threads: 1
@@ -43,6 +48,7 @@ rule warmstart:
         runtime=60,
         gpu=0,
     params:
+        code=code_of("warmstart"),
         seed=SEED,
         model=warmstart_model,
         backend=warmstart_backend_of,

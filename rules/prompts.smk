@@ -9,6 +9,8 @@ rule make_prompts:
         f"{R}/{{exp}}/prompts.parquet",
     log:
         f"{R}/logs/{{exp}}/make_prompts.log",
+    benchmark:
+        f"{R}/benchmarks/make_prompts/{{exp}}.tsv"
     conda:
         "../envs/core.yaml"
     threads: 1
@@ -16,6 +18,7 @@ rule make_prompts:
         mem_mb=1000,
         runtime=10,
     params:
+        code=code_of("make-prompts"),
         seed=SEED,
         template=template_of,
         eval_fraction=eval_fraction,

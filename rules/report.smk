@@ -43,6 +43,8 @@ rule report:
         ),
     log:
         f"{R}/logs/{{exp}}/report.log",
+    benchmark:
+        f"{R}/benchmarks/report/{{exp}}.tsv"
     wildcard_constraints:
         exp=exps_where(algorithm=("grpo", "gspo")),
     conda:
@@ -52,6 +54,7 @@ rule report:
         mem_mb=2000,
         runtime=10,
     params:
+        code=code_of("report"),
         config=experiment_json,
         out_dir=out_dir_of,
     shell:
@@ -89,6 +92,8 @@ rule report_fomaml:
         ),
     log:
         f"{R}/logs/{{exp}}/report.log",
+    benchmark:
+        f"{R}/benchmarks/report_fomaml/{{exp}}.tsv"
     wildcard_constraints:
         exp=exps_where(algorithm="fomaml"),
     conda:
@@ -98,6 +103,7 @@ rule report_fomaml:
         mem_mb=2000,
         runtime=10,
     params:
+        code=code_of("report"),
         config=experiment_json,
         out_dir=out_dir_of,
     shell:
@@ -122,6 +128,7 @@ rule summary:
         mem_mb=2000,
         runtime=10,
     params:
+        code=code_of("summarize"),
         experiments=reported_json(),
         results=out_dir_of,
     shell:

@@ -11,6 +11,8 @@ rule generate:
         f"{R}/{{exp}}/responses/{{policy}}.parquet",
     log:
         f"{R}/logs/{{exp}}/generate_{{policy}}.log",
+    benchmark:
+        f"{R}/benchmarks/generate/{{exp}}/{{policy}}.tsv"
     wildcard_constraints:
         policy="base|trained",
     conda:
@@ -21,6 +23,7 @@ rule generate:
         runtime=60,
         gpu=0,
     params:
+        code=code_of("generate"),
         model=policy_path,
         backend=backend_of,
         sampling=sampling_json,
@@ -38,6 +41,8 @@ rule score:
         f"{R}/{{exp}}/rewards/{{policy}}.parquet",
     log:
         f"{R}/logs/{{exp}}/score_{{policy}}.log",
+    benchmark:
+        f"{R}/benchmarks/score/{{exp}}/{{policy}}.tsv"
     conda:
         "../envs/core.yaml"
     threads: 1
@@ -45,6 +50,7 @@ rule score:
         mem_mb=2000,
         runtime=20,
     params:
+        code=code_with_scorers("score"),
         rewards=rewards_json,
         template=template_of,
     shell:

@@ -12,6 +12,8 @@ rule train_mlx:
         metrics=f"{R}/{{exp}}/train_metrics.parquet",
     log:
         f"{R}/logs/{{exp}}/train.log",
+    benchmark:
+        f"{R}/benchmarks/train_mlx/{{exp}}.tsv"
     wildcard_constraints:
         exp=exps_where(backend="mlx"),
     conda:
@@ -22,6 +24,7 @@ rule train_mlx:
         runtime=240,
         gpu=0,
     params:
+        code=code_with_scorers("train-mlx", metrics=False),
         seed=SEED,
         model=base_policy_path,
         job=rl_job_json,
@@ -43,6 +46,8 @@ rule train_trl:
         metrics=f"{R}/{{exp}}/train_metrics.parquet",
     log:
         f"{R}/logs/{{exp}}/train.log",
+    benchmark:
+        f"{R}/benchmarks/train_trl/{{exp}}.tsv"
     wildcard_constraints:
         exp=exps_where(backend="torch", algorithm=("grpo", "gspo")),
     conda:
@@ -53,6 +58,7 @@ rule train_trl:
         runtime=480,
         gpu=1,
     params:
+        code=code_with_scorers("train-trl", metrics=False),
         seed=SEED,
         model=base_policy_path,
         job=rl_job_json,

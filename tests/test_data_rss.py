@@ -22,7 +22,7 @@ from rlmeta.settings import ROOT as REPO
 from rlmeta.tables import HEADLINES
 
 RSS = REPO / "resources" / "rss"
-UTC = dt.timezone.utc
+UTC = dt.UTC
 BOZO_WITH_ENTRIES = (b"<rss><channel><title>t</title><item><title>kept one</title><link>http://x.test/1</link></item>"
                      b"<item><title>two &bogus;</title><link>http://x.test/2</link></item></channel></rss>")
 COUNTS = {"guardian": 55, "heise": 15, "tpm": 20, "wapo_wellness": 29, "huffpost_canada": 2, "nbc_ny": 1}

@@ -10,8 +10,9 @@ import pyarrow as pa
 import pytest
 
 from rlmeta.cli import main
-from rlmeta.evaluation.evaluate import config_hash, evaluate
+from rlmeta.evaluation.evaluate import evaluate
 from rlmeta.prompts import TEMPLATES
+from rlmeta.provenance import config_hash
 from rlmeta.scoring import score_responses
 from rlmeta.settings import Experiment
 from rlmeta.tables import PROMPTS, RESPONSES, rewards_schema

@@ -1,11 +1,13 @@
 """FOMAML on a tiny Qwen3: meta-gradient against a hand-written reference, exact restore,
-meta-LoRA, the outer learning-rate schedule, metrics, checkpoints (pruned, with markers) and resume."""
+meta-LoRA, the outer learning-rate schedule, metrics, checkpoints (pruned, with markers), resume, and a run
+made to diverge stopped by the divergence guard."""
 from __future__ import annotations
 
 import copy
 import json
 import logging
 import math
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -16,12 +18,12 @@ import torch
 
 from rlmeta import checkpoints
 from rlmeta.cli import main
-from rlmeta.meta.distributed import DistContext
+from rlmeta.meta.distributed import DistContext, load_resume
 from rlmeta.meta.fomaml import FOMAML, load_model, train
 from rlmeta.meta.tasks import TaskSampler, load_tasks
-from rlmeta.settings import MetaSettings, WandbSettings
+from rlmeta.settings import GuardSettings, MetaSettings, WandbSettings
 from rlmeta.testing.models import SUBJECTS, make_tasks, tasks_model
-from rlmeta.tracking import METRICS_FILE
+from rlmeta.tracking import METRICS_FILE, DivergenceError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -181,6 +183,10 @@ def test_full_run_metrics_and_checkpoints(env, full_run):
     assert checkpoints.is_complete(full_run["out"])
     base = _weights(env["model"])
     assert any(not torch.equal(_weights(full_run["out"])[k], base[k]) for k in base)
+    # the default divergence guard watched the run and tripped nothing
+    assert META.guard == GuardSettings(patience=3, zero_grad_norm=0.0, param_norm_ratio=10.0)
+    norms = [r["param_norm"] for r in rows]
+    assert all(math.isfinite(n) and n < 10 * norms[0] for n in norms) and len(set(norms)) == 3, norms
 
 
 def test_stop_and_resume_gives_the_same_run(env, full_run, tmp_path, caplog):
@@ -207,9 +213,10 @@ def test_stop_and_resume_gives_the_same_run(env, full_run, tmp_path, caplog):
         assert [r[key] for r in mb] == pytest.approx([r[key] for r in ma], abs=1e-6), key
 
 
-def test_incomplete_checkpoint_is_skipped_on_resume(env, full_run, tmp_path, caplog):
-    """A checkpoint without its marker (cut during its save) is skipped with a warning; the run resumes
-    from the one before and still ends with the full run's weights."""
+@pytest.mark.parametrize("damage", ["no_marker", "half_a_shard"])
+def test_incomplete_checkpoint_is_skipped_on_resume(env, full_run, tmp_path, caplog, damage):
+    """A checkpoint without its marker (cut during its save), its weights shard also cut in half in one variant,
+    is skipped with a warning; the run resumes from the one before and still ends with the full run's weights."""
     caplog.set_level(logging.INFO)
     out, metrics = tmp_path / "c/checkpoints/final", tmp_path / "c/m.parquet"
     kw = dict(model_dir=str(env["model"]), tasks_dir=str(env["tasks"]), subjects=SUBJECTS, cfg=META, seed=5,
@@ -217,6 +224,9 @@ def test_incomplete_checkpoint_is_skipped_on_resume(env, full_run, tmp_path, cap
     train(stop_after=2, **kw)
     assert [s for s, _ in checkpoints.numbered(out.parent)] == [1, 2]
     (out.parent / "2" / checkpoints.MARKER).unlink()
+    if damage == "half_a_shard":
+        (shard,) = (out.parent / "2").glob("*.distcp")  # the DCP file of model and optimizer
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     caplog.clear()
     train(**kw)
     warned = [r for r in caplog.records if r.levelno == logging.WARNING and "skipping checkpoint" in r.getMessage()]
@@ -243,6 +253,31 @@ def test_other_runs_checkpoints_are_not_resumed(env, full_run, tmp_path, caplog)
     assert json.loads((ck / "2" / "state.json").read_text())["spec"]["meta"]["outer_steps"] == 3  # left alone
 
 
+def test_a_run_made_to_diverge_trips_the_guard(env, tmp_path):
+    """outer_lr 1e4 after a warm-up step at lr 0 (the start norm): from step 2 the weights' norm is ~3e5 times
+    its start. The guard stops at step 4 naming checkpoint 1, the last written before step 2, whose weights are
+    finite; no final model, no train_metrics. (zero_grad is switched off: from step 3 the meta-gradient is 0 too.)
+    With the default keep_checkpoints 2, pruning would delete checkpoint 1 at step 3: it spares the checkpoint
+    the guard would name while a condition holds, so 1, 2 and 3 are on disk."""
+    meta = settings(outer_steps=6, warmup_steps=1, outer_lr=1e4, checkpoint_every=1, guard={"zero_grad_norm": None})
+    assert meta.keep_checkpoints == 2
+    out, metrics = tmp_path / "checkpoints/final", tmp_path / "m.parquet"
+    ck = out.parent
+    with pytest.raises(DivergenceError) as e:
+        train(str(env["model"]), str(env["tasks"]), SUBJECTS, meta, 5, out, metrics, OFF)
+    assert re.fullmatch(r"diverged at step 4: the weights' norm grew to \S+, \S+x its start \S+ \(limit 10x\) for 3 "
+                        r"steps \(since step 2; meta\.guard\.param_norm_ratio\); last good checkpoint: "
+                        + re.escape(str(ck / "1")), str(e.value)), str(e.value)
+    assert [s for s, _ in checkpoints.numbered(ck)] == [1, 2, 3] and not out.exists() and not metrics.exists()
+    rows = pq.read_table(ck / "3" / METRICS_FILE).to_pylist()
+    assert rows[0]["lr"] == 0.0 and all(r["param_norm"] > 1e4 * rows[0]["param_norm"] for r in rows[1:]), rows
+    # the named checkpoint (DCP shards: checkpoints.weights_finite cannot read them) loads with finite weights
+    lr = learner(env, meta)
+    assert load_resume(ck / "1", lr.model, lr.opt, DistContext())["step"] == 1
+    assert all(bool(torch.isfinite(p).all()) for p in lr.model.parameters())
+    assert lr.param_norm() == pytest.approx(rows[0]["param_norm"], rel=1e-6)
+
+
 def test_cli_trains_and_merges_meta_lora(env, tmp_path):
     """`rlmeta train-fomaml --meta JSON`, meta-LoRA: a merged full checkpoint in which only the adapted
     projections differ from the base, plus the unmerged adapter."""
@@ -264,8 +299,8 @@ def test_cli_trains_and_merges_meta_lora(env, tmp_path):
 def test_cli_rejects_bad_meta_settings(env, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train-fomaml", "--model", str(env["model"]), "--tasks-dir", str(env["tasks"]), "--subjects", *SUBJECTS,
-              "--meta", '{"outer_steps": 2, "warmup_steps": 2}', "--out", str(tmp_path / "f"),
+              "--meta", '{"nproc": 2, "shard_size": 3}', "--out", str(tmp_path / "f"),
               "--metrics", str(tmp_path / "f.parquet")])
     assert e.value.code == 2
-    assert "warmup_steps (2) must be below outer_steps (2)" in capsys.readouterr().err
+    assert "shard_size 3 must divide nproc 2" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()

@@ -1,4 +1,5 @@
-"""MLX GRPO/GSPO trainer: it learns a known task, resumes exactly, guards NaN, saves a shared checkpoint.
+"""MLX GRPO/GSPO trainer: it learns a known task, resumes exactly, stops runs that diverge (NaN, and each
+condition of the divergence guard on a run made to diverge), saves a shared checkpoint.
 
 The toy task: a tiny random Qwen3 (BPE vocabulary of ~300 tokens, so each of the 10 single-digit
 tokens starts near 1/300 per position) is rewarded by the share of digits in its completion. The
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -24,10 +26,10 @@ from rlmeta.io import write_records  # noqa: E402
 from rlmeta.rl import mlx_state  # noqa: E402
 from rlmeta.rl.mlx_trainer import MLXTrainer, train_mlx  # noqa: E402
 from rlmeta.schedules import mlx_schedule  # noqa: E402
-from rlmeta.settings import ROOT, ModelBuild, RLJob, WandbSettings  # noqa: E402
+from rlmeta.settings import ROOT, ModelBuild, RLGuardSettings, RLJob, WandbSettings  # noqa: E402
 from rlmeta.tables import PROMPTS  # noqa: E402
 from rlmeta.testing.rewards import registered  # noqa: E402
-from rlmeta.tracking import METRICS_FILE, NonFiniteMetricError  # noqa: E402
+from rlmeta.tracking import METRICS_FILE, DivergenceGuard, NonFiniteMetricError  # noqa: E402
 
 TINY = ModelBuild(tokenizer="bpe", vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                   intermediate_size=64)
@@ -112,6 +114,11 @@ def test_learns_the_toy_task(learned):
     assert [row["step"] for row in rows] == list(range(1, 31))
     assert all(row["reward_mean"] == row["reward/toy_digits"] for row in rows)
     assert rows[-1]["tokens"] > rows[0]["tokens"] > 0 and all(row["kl"] is None for row in rows)
+    # the default divergence guard watched this run (every condition on) and tripped nothing
+    assert experiment(algorithm).train.guard == RLGuardSettings(patience=3, zero_grad_norm=0.0, param_norm_ratio=10.0,
+                                                                reward_floor=True)
+    norms = [row["param_norm"] for row in rows]
+    assert all(math.isfinite(n) and n < 10 * norms[0] for n in norms), norms
 
 
 def test_negated_reward_does_not_improve(tiny, prompts, tmp_path):
@@ -256,18 +263,82 @@ def test_incomplete_checkpoint_is_skipped_with_a_warning(tiny, prompts, tmp_path
 
 
 def test_poisoned_learning_rate_stops_and_keeps_the_last_good_checkpoint(tiny, prompts, tmp_path):
-    # warm-up: step 1 runs at lr 0, step 2 at 1e30 (finite weights), step 3 overflows them
+    # warm-up: step 1 runs at lr 0, step 2 at 1e30 (finite but huge weights: the param_norm condition starts
+    # to hold), step 3 overflows them. The good checkpoint is the last one written before step 2: checkpoints/1.
     exp = experiment(steps=5, learning_rate=1e30, weight_decay=0.1, warmup_steps=1, checkpoint_every=1)
-    with pytest.raises(NonFiniteMetricError, match=r"at step 3.*last good checkpoint: .*checkpoints/2"):
-        run(tiny, prompts, tmp_path, exp)
     ckpts = tmp_path / "checkpoints"
+    with pytest.raises(NonFiniteMetricError) as e:
+        run(tiny, prompts, tmp_path, exp)
+    msg = str(e.value)
+    assert re.fullmatch(r"non-finite \S.* at step 3: .*; last good checkpoint: (.*)", msg), msg
+    assert msg.endswith(f"; last good checkpoint: {ckpts / '1'}"), msg
+    assert "param_norm" in msg.split(" at step 3")[0], msg  # the weights themselves overflowed
     assert [s for s, _ in checkpoints.numbered(ckpts)] == [1, 2] and not (ckpts / "final").exists()
+    assert checkpoints.weights_finite(ckpts / "1") is True
+    assert checkpoints.weights_finite(ckpts / "2") is True  # finite, but written after things went wrong
     # train_metrics.parquet is written when training ends: a stopped run leaves the rows in its checkpoints
     assert not (tmp_path / "train_metrics.parquet").exists()
     assert [r["step"] for r in checkpoint_rows(ckpts / "1")] == [1]
     rows = checkpoint_rows(ckpts / "2")
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(1e30)
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    # the norm is finite while the weights are, and past the guard's 10x limit from step 2
+    assert math.isfinite(rows[1]["param_norm"]) and rows[1]["param_norm"] > 1e20 * rows[0]["param_norm"]
+    assert rows[0]["param_norm"] == pytest.approx(_norm(mx.load(str(ckpts / "1" / "model.safetensors"))), rel=1e-5)
+    assert rows[1]["param_norm"] == pytest.approx(_norm(mx.load(str(ckpts / "2" / "model.safetensors"))), rel=1e-5)
+
+
+def _norm(weights: dict) -> float:
+    """The L2 norm of every weight, in float64 (NumPy)."""
+    return math.sqrt(sum(float((np.asarray(v.astype(mx.float32), dtype=np.float64) ** 2).sum())
+                         for v in weights.values()))
+
+
+GUARD_OFF = {"zero_grad_norm": None, "param_norm_ratio": None, "reward_floor": False}
+DIVERGING = {
+    # condition: (train settings that make the run diverge, the guard settings, what the message says)
+    # lr 1e4 (as measured in the issue): from step 2 the gradient is 0 although rewards still differ within groups
+    "zero_grad": ({"learning_rate": 1e4}, {**GUARD_OFF, "zero_grad_norm": 0.0},
+                  r"the gradient norm stayed at 0 \(<= 0\) while the rewards still differed within groups"),
+    # warm-up: step 1 runs at lr 0 (the start norm), step 2 at 1e4 grows the weights' norm ~1e5 times
+    "param_norm": ({"learning_rate": 1e4, "warmup_steps": 1}, {**GUARD_OFF, "param_norm_ratio": 10.0},
+                   r"the weights' norm grew to \S+, \S+x its start \S+ \(limit 10x\)"),
+    # three new tokens at lr 100: from step 2 every completion is the same digit-free text (reward 0, the floor).
+    # zero_grad stays on: its gradient is 0 too, but every group's rewards are equal (no signal), so it must not trip
+    "reward_floor": ({"learning_rate": 100, "max_new_tokens": 3}, {**GUARD_OFF, "zero_grad_norm": 0.0,
+                                                                   "reward_floor": True},
+                     r"the mean rollout reward fell to its floor 0 after having been above it"),
+}
+
+
+@pytest.mark.parametrize("condition", list(DIVERGING))
+def test_a_run_made_to_diverge_trips_the_guard(tiny, prompts, tmp_path, capsys, restore_logging, condition):
+    """Through the command line: exit 2 with the error in one line naming the step, the condition, its settings
+    key and the last checkpoint written before the condition started to hold (step 2): checkpoints/1, finite.
+    Nothing is written as final."""
+    train, guard, says = DIVERGING[condition]
+    job = experiment(steps=6, checkpoint_every=1, guard=guard, **train)
+    ck, metrics = tmp_path / "checkpoints", tmp_path / "train_metrics.parquet"
+    argv = ["train-mlx", "--model", str(tiny), "--prompts", str(prompts), "--job", job.model_dump_json(),
+            "--out", str(ck), "--metrics", str(metrics), "--wandb", '{"mode": "disabled"}']
+    assert main(argv) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    key = f"train.guard.{DivergenceGuard.KEYS[condition]}"
+    assert re.fullmatch(rf"rlmeta train-mlx: error: diverged at step 4: {says} for 3 steps \(since step 2; "
+                        rf"{re.escape(key)}\); last good checkpoint: {re.escape(str(ck / '1'))}", line), line
+    assert [s for s, _ in checkpoints.numbered(ck)] == [1, 2, 3]  # the check runs before the step's checkpoint
+    assert not (ck / "final").exists() and not metrics.exists()
+    assert checkpoints.weights_finite(ck / "1") is True
+    rows = checkpoint_rows(ck / "3")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    first, later = rows[0], rows[1:]
+    if condition == "zero_grad":
+        assert first["grad_norm"] > 0 and all(r["grad_norm"] == 0 and r["zero_std_frac"] < 1 for r in later), rows
+    elif condition == "param_norm":
+        assert first["lr"] == 0 and all(r["param_norm"] > 1e4 * first["param_norm"] for r in later), rows
+    else:
+        assert first["reward_mean"] > 0 and all(r["reward_mean"] == 0 for r in later), rows
+        assert all(r["grad_norm"] == 0 and r["zero_std_frac"] == 1 for r in later), rows  # not a zero_grad trip
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ across experiments; and the real rules (evaluate, report, report_fomaml, summary
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,11 +12,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from rlmeta import provenance
 from rlmeta.cli import main
+from rlmeta.io import write_json
 from rlmeta.report.render import FOMAML_PLOTS, RL_PLOTS, build_report, fmt, fmt_ci
 from rlmeta.report.summary import SUMMARY, summary_row
 from rlmeta.settings import ROOT, Experiment
 from rlmeta.testing.fixtures import NASTY, write_fomaml_fixture, write_rl_fixture
+from rlmeta.testing.workflow import snakemake_env
 
 REPORT_SAMPLES = {"gsm": 3, "mth": 6}
 """eval.report_samples of the fixture experiments (8 prompts each): the report shows that many."""
@@ -187,7 +189,9 @@ def test_rules_and_snakemake_report(tmp_path):
     write_rl_fixture(res, "headlines_gspo", "inner_scientist", n_prompts=6, samples=2)
     write_rl_fixture(res, "gsm8k_grpo_lora", "xml_cot", n_prompts=6, samples=2)
     write_fomaml_fixture(res, "math_fomaml")
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    for exp in ("headlines_gspo", "gsm8k_grpo_lora", "math_fomaml"):  # rules/provenance.smk is not included
+        write_json(res / exp / "provenance.json", provenance.build(exp, {}, 1234, [], {}, []))
+    env = snakemake_env()
     sm = [sys.executable, "-m", "snakemake", "--cores", "2", "--config", "wandb={mode: disabled}",
           "run_experiments=[headlines_gspo, gsm8k_grpo_lora, math_fomaml]"]
     out = subprocess.run(sm, cwd=wf, capture_output=True, text=True, env=env, timeout=600)

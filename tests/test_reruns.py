@@ -78,6 +78,7 @@ def test_reward_weight_change_reruns_scoring_training_and_downstream_only(done, 
         ("train_trl", exp),                    # the reward is part of the training spec
         ("generate", f"{exp}, policy=trained"),
         ("score", f"{exp}, policy=trained"),
+        ("provenance", exp),                   # it hashes the new tables and times the new jobs
         ("evaluate", exp),
         ("report", exp),
         ("summary", ""),
@@ -107,6 +108,7 @@ def test_eval_change_does_not_retrain(done, tmp_path):
         ("generate", f"{exp}, policy=trained"),
         ("score", f"{exp}, policy=base"),
         ("score", f"{exp}, policy=trained"),
+        ("provenance", exp),
         ("evaluate", exp),
         ("report", exp),
         ("summary", ""),
@@ -129,6 +131,7 @@ def test_named_experiment_config_plans_only_that_experiment(done):
         ("score", f"{exp}, policy=base"),
         ("score", f"{exp}, policy=trained"),
         ("train_trl", exp),
+        ("provenance", exp),
         ("evaluate", exp),
         ("report", exp),
         ("summary", ""),

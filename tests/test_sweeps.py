@@ -25,8 +25,8 @@ SWEEP = """sweeps:
 POINTS = [f"lr_temp__learning_rate={lr}__temperature={t}" for lr in (0.001, 0.004) for t in (0.7, 1.0)]
 DEFAULT_EXPERIMENTS = ["headlines_gspo", "headlines_grpo_ued", "gsm8k_grpo_lora", "gsm8k_gspo", "math_fomaml"]
 PER_POINT = {("make_prompts", ""), ("generate", "policy=base"), ("generate", "policy=trained"),
-             ("score", "policy=base"), ("score", "policy=trained"), ("train_trl", ""), ("evaluate", ""),
-             ("report", "")}
+             ("score", "policy=base"), ("score", "policy=trained"), ("train_trl", ""), ("provenance", ""),
+             ("evaluate", ""), ("report", "")}
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +121,8 @@ def test_run_experiments_restricts_all_to_chosen_points(wf):
         f"{results}/{p}/{f}" for p in chosen for f in ("eval/summary.json", "train_metrics.parquet"))
     # no MLX, FOMAML or other data jobs
     assert {r for r, _ in job_keys(planned)} <= {"prepare_gsm8k", "build_model", "make_prompts", "warmstart",
-                                                 "generate", "score", "train_trl", "evaluate", "report",
-                                                 "summary", "all"}
+                                                 "generate", "score", "train_trl", "provenance", "evaluate",
+                                                 "report", "summary", "all"}
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """rlmeta.rl.trl_trainer: GRPOConfig mapping, a learning proof on a toy reward (and its failing
 counterpart), the final checkpoint in transformers and mlx_lm, train_metrics, GSPO + LoRA + resume,
-incomplete checkpoints, UED prompt selection."""
+incomplete checkpoints, UED prompt selection, runs made to diverge stopped by the divergence guard."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ import math
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,7 +20,7 @@ from rlmeta.cli import main
 from rlmeta.io import write_table
 from rlmeta.models.build import build_tiny_model
 from rlmeta.rl import trl_trainer as T
-from rlmeta.settings import LoraSettings, ModelBuild, RLJob, WandbSettings
+from rlmeta.settings import LoraSettings, ModelBuild, RLGuardSettings, RLJob, WandbSettings
 from rlmeta.tables import PROMPTS, TRAIN_METRICS_BASE
 from rlmeta.testing.rewards import registered
 from rlmeta.testing.wandb_files import FAKE_KEY, wandb_records_when_flushed
@@ -210,32 +211,58 @@ def test_train_dataset_is_the_train_split(tmp_path):
 
 
 def test_metrics_callback_rows_carry_forward_and_nan_stop(tmp_path, capsys):
-    from types import SimpleNamespace
+    import torch
 
-    from rlmeta.tracking import NonFiniteMetricError
+    from rlmeta.tracking import DivergenceGuard, NonFiniteMetricError
 
     metrics = MetricsTable(["reward/toy_a"])
-    cb = T.TrainMetricsCallback(metrics, ["toy_a"], tmp_path / "ck")
+    guard = DivergenceGuard(RLGuardSettings(), 0.0)
+    cb = T.TrainMetricsCallback(metrics, ["toy_a"], guard)
     state = SimpleNamespace(global_step=1, max_steps=3)
     gen = {"reward": 0.5, "reward_std": 0.1, "num_tokens": 120.0, "frac_reward_zero_std": 0.25,
            "completions/mean_length": 7.0, "rewards/toy_a/mean": 0.5, "clip_ratio/region_mean": 0.0}
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0], [2.0, 0.0]]))
+        model.bias.copy_(torch.tensor([4.0, 0.0]))
     cb.on_step_begin(None, state, None)
-    cb.on_step_end(None, state, None)
+    cb.on_step_end(None, state, None, model=model)  # the weights' norm after the step: sqrt(1 + 4 + 4 + 16) = 5
     cb.on_log(None, state, None, logs={"loss": 0.1, "grad_norm": 0.3, "learning_rate": 1e-3, **gen})
-    cb.on_save(None, state, None)
+    checkpoint = tmp_path / "ck" / "checkpoint-1"
+    checkpoint.mkdir(parents=True)
+    guard.record_checkpoint(1, checkpoint)  # as Trainer._save_checkpoint does
     state.global_step = 2  # a reuse step (num_iterations > 1): TRL logs no sampling metrics
     cb.on_log(None, state, None, logs={"loss": 0.2, "grad_norm": 0.4, "learning_rate": 1e-3})
     cb.on_log(None, state, None, logs={"train_runtime": 1.0, "train_loss": 0.1})  # end-of-training summary
     rows = metrics.table().to_pylist()
-    assert not list(tmp_path.iterdir())  # rows are kept in memory; the trainer writes the table when it ends
+    # rows are kept in memory; the trainer writes the table when it ends
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["reward_mean"] == 0.5 and rows[1]["tokens"] == 120
     assert rows[0]["zero_std_frac"] == 0.25 and rows[0]["reward/toy_a"] == 0.5 and rows[0]["kl"] is None
+    assert rows[0]["param_norm"] == pytest.approx(5.0) and guard.start_norm == pytest.approx(5.0)
     assert rows[0]["step_seconds"] >= 0 and "step 2/3 loss=0.2" in capsys.readouterr().err
     state.global_step = 3
-    with pytest.raises(NonFiniteMetricError, match=r"non-finite loss at step 3: loss=nan; last good checkpoint: .*"
-                                                   r"checkpoint-1"):
+    with pytest.raises(NonFiniteMetricError, match=r"^non-finite loss at step 3: loss=nan; last good checkpoint: "
+                                                   rf"{re.escape(str(checkpoint))}$"):
         cb.on_log(None, state, None, logs={"loss": float("nan"), "grad_norm": 0.4, "learning_rate": 1e-3})
     assert metrics.table().num_rows == 3  # the bad row is kept for diagnosis
+
+
+def test_metrics_callback_runs_the_divergence_conditions():
+    """The guard sees every logged row: a zero gradient with rewards that still differ, three steps running."""
+    from rlmeta.tracking import DivergenceError, DivergenceGuard
+
+    cb = T.TrainMetricsCallback(MetricsTable(["reward/toy_a"]), ["toy_a"],
+                                DivergenceGuard(RLGuardSettings(), 0.0))
+    state = SimpleNamespace(global_step=0, max_steps=9)
+    gen = {"reward": 0.5, "reward_std": 0.1, "num_tokens": 120.0, "frac_reward_zero_std": 0.25}
+    for step, grad in [(1, 0.3), (2, 0.0), (3, 0.0)]:
+        state.global_step = step
+        cb.on_log(None, state, None, logs={"loss": 0.1, "grad_norm": grad, "learning_rate": 1e-3, **gen})
+    state.global_step = 4
+    with pytest.raises(DivergenceError, match=r"^diverged at step 4: the gradient norm stayed at 0 .* for 3 steps "
+                                              r"\(since step 2; train\.guard\.zero_grad_norm\)"):
+        cb.on_log(None, state, None, logs={"loss": 0.1, "grad_norm": 0.0, "learning_rate": 1e-3, **gen})
 
 
 # (b) the proof that it learns, and that the proof can fail ------------------------------------------
@@ -300,7 +327,7 @@ def test_train_metrics_columns_and_finite(trained_pos):
     rows = t.to_pylist()
     assert [r["step"] for r in rows] == list(range(1, PROOF_TRAIN["steps"] + 1))
     for col in ("loss", "reward_mean", "reward_std", "clip_ratio", "grad_norm", "lr", "tokens", "step_seconds",
-                "zero_std_frac", "completion_len_mean", "reward/toy_a"):
+                "zero_std_frac", "completion_len_mean", "param_norm", "reward/toy_a"):
         vals = [r[col] for r in rows]
         assert all(v is not None and math.isfinite(v) for v in vals), (col, vals)
     assert all(r["kl"] is None for r in rows)  # beta = 0: TRL computes no KL
@@ -308,6 +335,10 @@ def test_train_metrics_columns_and_finite(trained_pos):
     assert all(a < b for a, b in zip([r["tokens"] for r in rows], [r["tokens"] for r in rows][1:]))
     assert rows[-1]["reward_mean"] > rows[0]["reward_mean"]
     assert rows[-1]["reward/toy_a"] == pytest.approx(rows[-1]["reward_mean"])
+    # the default divergence guard (every condition on) watched this learning run and tripped nothing
+    assert job_of().train.guard == RLGuardSettings(patience=3, zero_grad_norm=0.0, param_norm_ratio=10.0,
+                                                   reward_floor=True)
+    assert all(r["param_norm"] < 10 * rows[0]["param_norm"] for r in rows)
 
 
 @pytest.mark.slow
@@ -489,3 +520,69 @@ def test_ued_trl_draws_distinct_prompts_scores_them_and_resumes_exactly(tiny, to
     assert drop_seconds(pq.read_table(b / "train_metrics.parquet").to_pylist()) == drop_seconds(rows)
     assert (b / "checkpoints" / "final" / "model.safetensors").read_bytes() == \
         (ck / "final" / "model.safetensors").read_bytes()
+
+
+# (h) runs made to diverge: the divergence guard stops them ------------------------------------------------
+
+GUARD_OFF = {"zero_grad_norm": None, "param_norm_ratio": None, "reward_floor": False}
+DIVERGING = {
+    # condition: (train settings, guard settings, the error's type, step it trips at, the step its condition began)
+    # lr 1e4 (as measured in the issue): from step 2 the gradient is 0 although rewards still differ within groups
+    "zero_grad": ({"learning_rate": 1e4}, {**GUARD_OFF, "zero_grad_norm": 0.0}, "DivergenceError", 4, 2,
+                  r"the gradient norm stayed at 0 \(<= 0\) while the rewards still differed within groups for 3 steps"),
+    # warm-up: step 1 runs at lr 0 (the start norm), step 2 at 1e4 grows the weights' norm ~1e5 times
+    "param_norm": ({"learning_rate": 1e4, "warmup_steps": 1}, {**GUARD_OFF, "param_norm_ratio": 10.0},
+                   "DivergenceError", 4, 2,
+                   r"the weights' norm grew to \S+, \S+x its start \S+ \(limit 10x\) for 3 steps"),
+    # three new tokens at lr 1: from step 3 every completion is the same text without an 'a' (reward 0, the floor).
+    # zero_grad stays on: its gradient is 0 too, but every group's rewards are equal (no signal): it must not trip
+    "reward_floor": ({"learning_rate": 1.0, "max_new_tokens": 3}, {**GUARD_OFF, "zero_grad_norm": 0.0,
+                                                                   "reward_floor": True},
+                     "DivergenceError", 5, 3, r"the mean rollout reward fell to its floor 0 after having been above it "
+                                              r"for 3 steps"),
+    # the default guard; step 2 at lr 1e30 leaves huge but finite weights (param_norm starts to hold), step 3's
+    # overflow them: the checkpoint written after step 2 is not called good
+    "non_finite": ({"learning_rate": 1e30, "warmup_steps": 1, "weight_decay": 0.1}, {}, "NonFiniteMetricError", 3, 2,
+                   r"non-finite \S.*"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("condition", list(DIVERGING))
+def test_a_run_made_to_diverge_trips_the_guard(tiny, toy_reward, tmp_path, condition):
+    """The error names the step, the condition, its settings key and the last checkpoint written before the
+    condition began to hold, whose weights are finite; nothing is written as final."""
+    from rlmeta import tracking
+
+    train_over, guard, error, trip, began, says = DIVERGING[condition]
+    _, model, prompts = tiny
+    ck, metrics = tmp_path / "checkpoints", tmp_path / "train_metrics.parquet"
+    job = job_of(1.0, steps=6, checkpoint_every=1, guard=guard, **train_over)
+    with pytest.raises(tracking.DivergenceError) as e:
+        T.train_trl(model, prompts, job, ck, metrics, WandbSettings(mode="disabled"), seed=0)
+    assert type(e.value).__name__ == error
+    named = ck / f"checkpoint-{began - 1}"
+    msg = str(e.value)
+    if condition == "non_finite":
+        assert re.fullmatch(rf"non-finite \S.* at step {trip}: .*; last good checkpoint: {re.escape(str(named))}",
+                            msg), msg
+    else:
+        key = f"train.guard.{tracking.DivergenceGuard.KEYS[condition]}"
+        assert re.fullmatch(rf"diverged at step {trip}: {says} \(since step {began}; {re.escape(key)}\); "
+                            rf"last good checkpoint: {re.escape(str(named))}", msg), msg
+    assert [s for s, _ in checkpoints.numbered(ck)] == list(range(1, trip))  # checked before the step's save
+    assert not (ck / "final").exists() and not metrics.exists()
+    assert checkpoints.weights_finite(named) is True
+    rows = pq.read_table(ck / f"checkpoint-{trip - 1}" / METRICS_FILE).to_pylist()
+    good, bad = rows[:began - 1], rows[began - 1:]
+    if condition == "zero_grad":
+        assert all(r["grad_norm"] > 0 for r in good) and all(r["grad_norm"] == 0 and r["zero_std_frac"] < 1
+                                                             for r in bad), rows
+    elif condition == "param_norm":
+        assert good[0]["lr"] == 0 and all(r["param_norm"] > 1e4 * good[0]["param_norm"] for r in bad), rows
+    elif condition == "reward_floor":
+        assert all(r["reward_mean"] > 0 for r in good) and all(r["reward_mean"] == 0 for r in bad), rows
+        assert all(r["grad_norm"] == 0 and r["zero_std_frac"] == 1 for r in bad), rows  # not a zero_grad trip
+    else:  # huge but finite at step 2
+        assert bad[0]["lr"] == pytest.approx(1e30) and math.isfinite(bad[0]["param_norm"])
+        assert bad[0]["param_norm"] > 1e20 * good[0]["param_norm"]

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from rlmeta.settings import ROOT
+from rlmeta.testing.workflow import path_without_slurm, snakemake_env
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 def run(args, cmd=SNAKEMAKE, env=None, **kw):
-    env = env or dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = env or snakemake_env()
     return subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, **kw)
 
 
@@ -45,7 +46,7 @@ def test_experiment_config_dry_run(path, tmp_path):
 
 def test_hub_experiment_offline_stops_at_start_up(tmp_path):
     path = ROOT / "config" / "experiments" / "gsm8k_grpo_qwen3.yaml"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = snakemake_env(HF_HUB_OFFLINE="1")
     out = run(["-n", "--cores", "1", "--configfile", str(path), "--config", f"results={tmp_path}/results"], env=env)
     assert out.returncode != 0
     lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "Hugging Face cache" in ln]
@@ -86,7 +87,7 @@ def test_venv_snakemake_runs_a_job_without_activation(tmp_path):
     """``.venv/bin/snakemake`` with a PATH that does not hold the venv: the rule runs the venv's python."""
     venv_snakemake = Path(sys.executable).parent / "snakemake"
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    env["PATH"] = "/usr/bin:/bin"
+    env["PATH"] = path_without_slurm("/usr/bin:/bin")
     target = f"{tmp_path}/results/data/gsm8k/test.parquet"
     out = run(["--cores", "1", "--config", f"results={tmp_path}/results", "--", target], cmd=[str(venv_snakemake)],
               env=env)

@@ -55,6 +55,27 @@ def marker(folder: str | Path) -> dict:
         return {}
 
 
+def weights_finite(folder: str | Path) -> bool | None:
+    """True when every tensor of the folder's safetensors files (adapters included) is finite; None when it has
+    none (e.g. a FOMAML checkpoint of DCP shards, checked in memory when it was written)."""
+    files = sorted(Path(folder).rglob("*.safetensors"))
+    if not files:
+        return None
+    try:
+        import torch
+        from safetensors import safe_open
+
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                if not all(bool(torch.isfinite(st.get_tensor(k)).all()) for k in st.keys()):  # noqa: SIM118
+                    return False
+    except ImportError:  # an MLX-only environment
+        import mlx.core as mx
+
+        return all(bool(mx.isfinite(v).all()) for f in files for v in mx.load(str(f)).values())
+    return True
+
+
 def numbered(out_dir: str | Path, readable: Callable[[Path], bool] | None = None) -> list[tuple[int, Path]]:
     """Complete numbered checkpoints in ``out_dir``, by step; incomplete or unreadable ones are skipped, with a
     warning."""
@@ -84,12 +105,15 @@ def latest(out_dir: str | Path, readable: Callable[[Path], bool] | None = None) 
     return found[-1][1] if found else None
 
 
-def prune(out_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` numbered checkpoints (complete or not)."""
+def prune(out_dir: str | Path, keep: int, spare=()) -> None:
+    """Delete all but the newest ``keep`` numbered checkpoints (complete or not), and those in ``spare``
+    (e.g. the divergence guard's last good checkpoint while a condition holds)."""
+    spare = {Path(p).resolve() for p in spare}
     steps = sorted((int(m.group(1)), p) for p in Path(out_dir).iterdir()
                    if (m := STEP_DIR.match(p.name)) and p.is_dir())
     for _, p in steps[:-keep] if keep > 0 else steps:
-        shutil.rmtree(p, ignore_errors=True)
+        if p.resolve() not in spare:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def remove_all(out_dir: str | Path, reason: str) -> None:

@@ -40,11 +40,14 @@ STEPS: dict[str, tuple[str, str, str]] = {
     "eval-adaptation": ("rlmeta.meta.adaptation_eval", "command",
                         "adapt base and meta-learned initialisations on held-out problems"),
     "evaluate": ("rlmeta.evaluation.evaluate", "command", "paired base-versus-trained comparison -> summary.json"),
+    "provenance": ("rlmeta.provenance", "command", "an experiment's provenance.json (code, environment, inputs)"),
     "report": ("rlmeta.report.render", "command", "one experiment's report (Markdown, HTML, figures)"),
     "summarize": ("rlmeta.report.summary", "command", "the summary across experiments"),
     "inspect": ("rlmeta.inspect", "command", "sample a checkpoint on your own prompts and show the rewards"),
     "merge-lora": ("rlmeta.policy.lora", "command", "merge a LoRA adapter into a full checkpoint"),
     "launch": ("rlmeta.launch", "command", "run a step under torchrun (one node) or srun + torchrun (SLURM)"),
+    "status": ("rlmeta.status", "command", "what Snakemake would run and why (naming changed code modules)"),
+    "unlock": ("rlmeta.locks", "command", "remove a killed run's Snakemake locks when no Snakemake uses the folder"),
     "validate": ("rlmeta.cli", "validate_command", "validate config files and print the experiments they define"),
     "schema": ("rlmeta.cli", "schema_command", "print or write config/schema.yaml (generated from the settings)"),
 }
@@ -70,7 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"rlmeta {step}", description=help_text[0].upper() + help_text[1:] + ".",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     runner: Callable = getattr(importlib.import_module(module), attr)(parser)
-    args = parser.parse_args(rest)
+    if getattr(runner, "passthrough", False):  # a step that hands unknown options on (rlmeta status)
+        args, args.extra = parser.parse_known_args(rest)
+    else:
+        args = parser.parse_args(rest)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr, force=True)
     try:
         status = runner(args)

@@ -281,6 +281,19 @@ def build_prompts(
     return pa.Table.from_pylist(records, schema=PROMPTS)
 
 
+def train_rows(path, max_prompts: int | None = None) -> list[dict]:
+    """Rows of a prompts table's train split (``prompt_id``, ``task``, ``prompt``, ``reference``), the first
+    ``max_prompts`` of them: what both RL trainers train on."""
+    from rlmeta.errors import UserError
+    from rlmeta.io import read_table
+
+    table = read_table(path).select(["prompt_id", "task", "split", "prompt", "reference"])
+    rows = [r for r in table.to_pylist() if r["split"] == "train"]
+    if not rows:
+        raise UserError(f"{path}: no rows with split == 'train'")
+    return rows[:max_prompts] if max_prompts else rows
+
+
 def command(p: argparse.ArgumentParser):
     """``rlmeta make-prompts``: build an experiment's prompts table from headlines or problem tables."""
     from rlmeta.cli import default_of, existing_file, help_of

@@ -252,6 +252,30 @@ class TRLSettings(Block):
     use_vllm: bool = opt(False, "Generate with vLLM (CUDA clusters; vLLM is not installed by default).")
     report_to: Literal["wandb", "tensorboard", "none"] = opt("wandb", "Where transformers' Trainer logs.")
     bf16: bool | None = opt(None, "bf16 autocast (null = on with CUDA, off on the CPU).")
+    deterministic: bool = opt(
+        False, "Deterministic torch kernels (transformers' enable_full_determinism: torch.use_deterministic_"
+               "algorithms, CUBLAS_WORKSPACE_CONFIG=:16:8, deterministic cuDNN and flash-attention): GPU runs that "
+               "repeat bit for bit, at some speed; CPU runs repeat without it. See docs/reproducibility.md.")
+
+
+class GuardSettings(Block):
+    """The divergence guard: stop a run that has gone wrong, naming the last checkpoint written before it
+    did (whose weights were finite). A NaN or infinite loss, gradient norm or weight always stops at once."""
+
+    patience: int = opt(3, "Consecutive steps a divergence condition must hold before the run stops.", ge=1)
+    zero_grad_norm: float | None = opt(
+        0.0, "Stop when the gradient norm stays at or below this although the rewards still differ within "
+             "groups, i.e. there is a learning signal but no gradient (saturated weights; null = off).", ge=0)
+    param_norm_ratio: float | None = opt(
+        10.0, "Stop when the norm of all weights stays above this multiple of its value at the first step "
+              "(weights blowing up; null = off).", gt=1)
+
+
+class RLGuardSettings(GuardSettings):
+    """The divergence guard of an RL run (see GuardSettings), with the reward collapse condition."""
+
+    reward_floor: bool = opt(True, "Stop when the mean rollout reward stays at the lowest value the reward mix "
+                                   "can take, after having been above it (a collapse).")
 
 
 class TrainSettings(Block):
@@ -286,6 +310,7 @@ class TrainSettings(Block):
     lora: LoraSettings | None = opt(None, "Train a LoRA adapter instead of every weight (null = full fine-tuning).")
     checkpoint_every: int = opt(10, "Write a resumable checkpoint every N rollout batches.", ge=1)
     trl: TRLSettings = opt({}, "TRL-only options (backend torch).")
+    guard: RLGuardSettings = opt({}, "When to stop a run that diverges.")
 
 
 class MetaSettings(Block):
@@ -308,6 +333,11 @@ class MetaSettings(Block):
     lora: LoraSettings | None = opt(None, "Meta-learn only a LoRA adapter (meta-LoRA; null = every weight).")
     checkpoint_every: int = opt(10, "Write a resumable checkpoint every N outer steps.", ge=1)
     keep_checkpoints: int = opt(2, "Resumable checkpoints kept (older ones are pruned).", ge=1)
+    guard: GuardSettings = opt({}, "When to stop a run that diverges.")
+    deterministic: bool = opt(
+        False, "Deterministic torch kernels (transformers' enable_full_determinism: torch.use_deterministic_"
+               "algorithms, CUBLAS_WORKSPACE_CONFIG=:16:8, deterministic cuDNN and flash-attention): GPU runs that "
+               "repeat bit for bit, at some speed; CPU runs repeat without it. See docs/reproducibility.md.")
 
     @model_validator(mode="after")
     def _layout(self) -> MetaSettings:
@@ -376,6 +406,13 @@ class RLJob(Block):
     def _check(self) -> RLJob:
         check_rewards(self.rewards, self.reward_params)
         return self
+
+    @property
+    def reward_floor(self) -> float:
+        """The lowest total reward the mix can give: each reward at the end of its range its weight makes worst."""
+        from rlmeta.rewards import REGISTRY
+
+        return float(sum(min(w * REGISTRY[n].range[0], w * REGISTRY[n].range[1]) for n, w in self.rewards.items()))
 
     @property
     def epsilons(self) -> tuple[float, float]:

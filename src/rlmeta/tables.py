@@ -93,6 +93,7 @@ TRAIN_METRICS_BASE = [
     ("step_seconds", pa.float64()),
     ("zero_std_frac", pa.float64()),  # fraction of groups whose rewards are all equal
     ("completion_len_mean", pa.float64()),
+    ("param_norm", pa.float64()),  # L2 norm of all weights after the step (the divergence guard watches it)
 ]
 
 

@@ -41,7 +41,7 @@ class FeedError(UserError):
 
 
 def _utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
 
 
 def _fetch_http(url: str, timeout_s: float, retries: int, user_agent: str, backoff_s: float) -> bytes:
@@ -146,7 +146,7 @@ def _to_utc(struct: time.struct_time | None) -> dt.datetime | None:
     """feedparser's ``*_parsed`` values are UTC struct_times."""
     if not struct:
         return None
-    return dt.datetime.fromtimestamp(calendar.timegm(struct), tz=dt.timezone.utc)
+    return dt.datetime.fromtimestamp(calendar.timegm(struct), tz=dt.UTC)
 
 
 def _parse_snapshot(name: str, snapshot_dir: Path) -> tuple[list, dt.datetime | None, str | None]:

@@ -8,7 +8,6 @@ tokens. See docs/evaluation.md for the meaning of each field.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -19,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from rlmeta.evaluation.stats import paired_comparison, per_prompt_means
+from rlmeta.provenance import checkpoint_info, config_hash
 from rlmeta.tables import PROMPTS, RESPONSES, REWARD_KEYS, is_metric_column
 
 log = logging.getLogger(__name__)
@@ -115,34 +115,6 @@ def evaluate(prompts: pa.Table, responses: dict[str, pa.Table], rewards: dict[st
     return summary
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 hex digest of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def checkpoint_info(path: str | Path) -> dict:
-    """Path and sha256 of a checkpoint's model.safetensors (of its sorted shards when sharded;
-    null when the folder holds none, e.g. a hub id)."""
-    p = Path(path)
-    single = p / "model.safetensors"
-    files = [single] if single.is_file() else sorted(p.glob("*.safetensors")) if p.is_dir() else []
-    if not files:
-        return {"path": str(path), "sha256": None}
-    if len(files) == 1:
-        return {"path": str(path), "sha256": file_sha256(files[0])}
-    digest = hashlib.sha256("".join(f"{f.name}:{file_sha256(f)}\n" for f in files).encode()).hexdigest()
-    return {"path": str(path), "sha256": digest, "shards": [f.name for f in files]}
-
-
-def config_hash(config_block: dict) -> str:
-    """sha256 of the canonical JSON (sorted keys, no spaces) of an experiment's config block."""
-    return hashlib.sha256(json.dumps(config_block, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def no_nan(obj):
     """Replace NaN floats by None, recursively (strict JSON)."""
     if isinstance(obj, float) and math.isnan(obj):
@@ -169,6 +141,7 @@ def command(p: argparse.ArgumentParser):
     p.add_argument("--checkpoint", required=True, type=existing_dir, help="trained checkpoint folder (hashed)")
     p.add_argument("--base-checkpoint", help="base policy folder or hub id (recorded; hashed when local)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--provenance", type=existing_file, help="the experiment's provenance.json (embedded)")
     p.add_argument("--out", required=True, help="output summary.json")
 
     def run(a):
@@ -186,6 +159,8 @@ def command(p: argparse.ArgumentParser):
                        checkpoint=checkpoint_info(a.checkpoint))
         if a.base_checkpoint:
             summary["base_checkpoint"] = checkpoint_info(a.base_checkpoint)
+        if a.provenance:
+            summary["provenance"] = json.loads(Path(a.provenance).read_text())
         write_json(a.out, no_nan(summary))
         r = summary["reward"]
         log.info("%s: reward base %.4f trained %.4f diff %+.4f [%.4f, %.4f] over %d prompts -> %s in %.1fs",

@@ -11,6 +11,7 @@ a fresh seeded one on the base (the meta run's starting point), the meta-learned
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -156,7 +157,7 @@ def evaluate(base: str, meta_dir: str, tasks_dir: str, subjects: list[str], cfg:
 
 def command(p: argparse.ArgumentParser):
     """``rlmeta eval-adaptation``."""
-    from rlmeta.cli import add_settings, existing_dir, model_ref
+    from rlmeta.cli import add_settings, existing_dir, existing_file, model_ref
 
     p.add_argument("--base", required=True, type=model_ref, help="the initial checkpoint the meta run started from")
     p.add_argument("--meta", required=True, type=existing_dir, help="the meta-learned checkpoint (train-fomaml --out)")
@@ -165,6 +166,7 @@ def command(p: argparse.ArgumentParser):
     add_settings(p, "settings", MetaSettings, "the experiment's meta block (the inner-loop settings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=128, help="greedy completion length of the accuracy check")
+    p.add_argument("--provenance", type=existing_file, help="the experiment's provenance.json (embedded)")
     p.add_argument("--out", required=True, help="output JSON")
 
     def run(a):
@@ -172,6 +174,8 @@ def command(p: argparse.ArgumentParser):
 
         t0 = time.perf_counter()
         summary = evaluate(a.base, str(a.meta), a.tasks_dir, a.subjects, a.settings, a.seed, a.max_new_tokens)
+        if a.provenance:
+            summary["provenance"] = json.loads(Path(a.provenance).read_text())
         write_json(a.out, summary)
         s = summary["adaptation"]
         log.info("post-adaptation query loss: base %.4f, meta %.4f; accuracy base %.3f, meta %.3f (%.1fs) -> %s",

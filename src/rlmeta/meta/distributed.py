@@ -65,11 +65,39 @@ class DistContext:
             dist.barrier()
 
 
+def exit_with_launcher(poll_s: float = 1.0) -> bool:
+    """Under torchrun, end this worker when its launcher dies.
+
+    torchrun starts workers in a session of their own, so a SIGKILL of the job's process group (a
+    killed Snakemake, ``scancel`` of a step) ends the launcher but not them: they would go on writing
+    checkpoints into a directory whose lock has been removed. A daemon thread polls the parent PID
+    (PR_SET_PDEATHSIG would fire when the parent's *thread* that forked ends, not the process) and exits
+    at once when the worker is orphaned; checkpoints are renamed into place whole, so none is left half
+    written. Returns whether the watch was started (only under torchrun)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(143)  # as if SIGTERM: the launcher is gone, nobody will collect the result
+
+    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
+    return True
+
+
 def init_distributed(shard_size: int = 0) -> DistContext:
     """Join torchrun's process group (gloo on CPU, NCCL on CUDA) when WORLD_SIZE > 1.
 
     ``shard_size`` 0 (auto) shards over all ranks on CUDA (models too big for one GPU) and
-    is 1 (task-parallel) on CPU."""
+    is 1 (task-parallel) on CPU. Under torchrun the worker also ends with its launcher
+    (``exit_with_launcher``)."""
+    exit_with_launcher()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world == 1:

@@ -184,7 +184,15 @@ class FOMAML:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        return self._row(step, lr, norm, info, time.perf_counter() - t0)
+        row = self._row(step, lr, norm, info, time.perf_counter() - t0)
+        row["param_norm"] = self.param_norm()
+        return row
+
+    @torch.no_grad()
+    def param_norm(self) -> float:
+        """L2 norm of all weights of the model copy (its shards summed); NaN or inf as soon as one weight is."""
+        sq = torch.stack([local(p.detach()).double().pow(2).sum() for p in self.model.parameters()]).sum()
+        return math.sqrt(float(self.ctx.shard_sum(sq.reshape(1).cpu())[0]))
 
     def _row(self, step: int, lr: float, norm: float, info: dict, seconds: float) -> dict:
         st = info["stats"]
@@ -222,7 +230,8 @@ def load_model(model_dir: str, lora: LoraSettings | None, seed: int, device):
     return tok, model
 
 
-def save_final(model, tokenizer, model_dir: str, lora: LoraSettings | None, out: Path, ctx: DistContext) -> None:
+def save_final(model, tokenizer, model_dir: str, lora: LoraSettings | None, out: Path, ctx: DistContext,
+               record: dict | None = None) -> None:
     """Gather the full state dict on rank 0 and save a portable checkpoint atomically (LoRA merged, the
     adapter also kept in ``meta_adapter/`` for the adaptation evaluation)."""
     from transformers import AutoModelForCausalLM
@@ -241,8 +250,15 @@ def save_final(model, tokenizer, model_dir: str, lora: LoraSettings | None, out:
         missing, unexpected = fresh.load_state_dict(sd, strict=False)
         if unexpected or [k for k in missing if "lm_head" not in k]:
             raise RuntimeError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        keep_adapter = (lambda tmp: fresh.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)) if lora else None
-        checkpoints.save_torch(fresh, tokenizer, out, source=model_dir, extra=keep_adapter, kind="fomaml")
+        from rlmeta.provenance import write_training_record
+
+        def extra(tmp: Path) -> None:
+            if lora is not None:  # the unmerged meta-adapter too: the adaptation evaluation adapts it
+                fresh.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
+            if record is not None:
+                write_training_record(tmp, record["seed"], record["spec"])
+
+        checkpoints.save_torch(fresh, tokenizer, out, source=model_dir, extra=extra, kind="fomaml")
     ctx.barrier()
 
 
@@ -252,12 +268,16 @@ def train(model_dir: str, tasks_dir: str, subjects: list[str], cfg: MetaSettings
     """Meta-train and save the final checkpoint to ``out``; returns ``out``. ``stop_after`` ends this
     run after that many outer steps without a final save (as if preempted; for resume tests)."""
     from rlmeta import checkpoints
-    from rlmeta.tracking import MetricsTable, check_finite, wandb_run
+    from rlmeta.tracking import DivergenceGuard, MetricsTable, wandb_run
 
     out = Path(out)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir else out.parent
     wandb = wandb or WandbSettings()
     ctx = init_distributed(cfg.shard_size)
+    if cfg.deterministic:  # before any CUDA work: cuBLAS reads CUBLAS_WORKSPACE_CONFIG at its first call
+        from transformers import enable_full_determinism
+
+        enable_full_determinism(seed)
     try:
         # under FSDP2 the model loads on CPU and fully_shard moves each rank's shards to its device
         tok, model = load_model(model_dir, cfg.lora, seed, torch.device("cpu") if ctx.distributed else ctx.device)
@@ -267,6 +287,7 @@ def train(model_dir: str, tasks_dir: str, subjects: list[str], cfg: MetaSettings
         spec = {"model": str(model_dir), "tasks_dir": str(tasks_dir), "subjects": list(subjects), "seed": seed,
                 "meta": cfg.model_dump(mode="json", exclude=RESUMABLE_ACROSS)}
         table = MetricsTable(metric_columns(subjects))
+        guard = DivergenceGuard(cfg.guard, None, "meta.guard")  # DCP checkpoints: their weights are checked in memory
         start, last = 0, None
         if resume:
             last = checkpoints.latest(ckpt_dir, readable=lambda p: _state(p) is not None)
@@ -277,6 +298,7 @@ def train(model_dir: str, tasks_dir: str, subjects: list[str], cfg: MetaSettings
             learner.sched.load_state_dict(state["scheduler"])
             start = state["step"]
             table.restore(last, start)
+            guard.restore(state.get("guard", {}))
             if ctx.is_main:
                 log.info("resuming from %s (step %d)", last, start)
         config = {**spec, "world": ctx.world}
@@ -288,12 +310,14 @@ def train(model_dir: str, tasks_dir: str, subjects: list[str], cfg: MetaSettings
                      "steps %d..%d",
                      model_dir, len(subjects), n_params, "meta-LoRA" if cfg.lora else "full", ctx.world,
                      ctx.task_groups, ctx.shard_size, start + 1, cfg.outer_steps)
+        guard.begin(learner.param_norm())  # the weights' norm before the first update (unless resumed)
         with run_ctx as run:
             for step in range(start, cfg.outer_steps):
                 if stop_after is not None and step - start >= stop_after:
                     return out
                 row = learner.step(step)
-                check_finite({k: v for k, v in row.items() if "/" not in k or k.startswith("meta/")}, row["step"], last)
+                guard.check(row["step"], {k: v for k, v in row.items() if "/" not in k or k.startswith("meta/")},
+                            row["param_norm"])  # every rank: the reduced values agree, so all stop together
                 if ctx.is_main:
                     table.add(row)
                     if run is not None:
@@ -305,11 +329,12 @@ def train(model_dir: str, tasks_dir: str, subjects: list[str], cfg: MetaSettings
                 s = step + 1
                 if s % cfg.checkpoint_every == 0 and s < cfg.outer_steps:
                     last = ckpt_dir / str(s)
-                    save_resume(last, model, learner.opt, ctx,
-                                {"step": s, "scheduler": learner.sched.state_dict(), "spec": spec}, table)
+                    guard.record_checkpoint(s, last)
+                    save_resume(last, model, learner.opt, ctx, {"step": s, "scheduler": learner.sched.state_dict(),
+                                                                "spec": spec, "guard": guard.state()}, table)
                     if ctx.is_main:
-                        checkpoints.prune(ckpt_dir, cfg.keep_checkpoints)
-        save_final(model, tok, model_dir, cfg.lora, out, ctx)
+                        checkpoints.prune(ckpt_dir, cfg.keep_checkpoints, spare=guard.protected())
+        save_final(model, tok, model_dir, cfg.lora, out, ctx, {"seed": seed, "spec": spec})
         if ctx.is_main:
             table.write(metrics)
             log.info("saved %s", out)

@@ -191,8 +191,8 @@ class BasePolicy(ABC):
         """(B, T) teacher-forced log-probs of one chunk of completions (zero past each completion)."""
 
     @abstractmethod
-    def save(self, path: str | Path) -> Path:
-        """Write a portable checkpoint atomically (LoRA adapters merged in)."""
+    def save(self, path: str | Path, extra=None) -> Path:
+        """Write a portable checkpoint atomically (LoRA adapters merged in); ``extra(folder)`` adds files."""
 
 
 Policy = BasePolicy

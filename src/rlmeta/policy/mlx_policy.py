@@ -164,8 +164,9 @@ class MLXPolicy(BasePolicy):
     def _logprob_rows(self, prompt_ids, completion_ids, temperature):
         return np.array(sequence_logprobs(self.model, *pad_batch(prompt_ids, completion_ids, self.pad_id), temperature))
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, extra=None) -> Path:
         """Atomic portable checkpoint (LoRA fused) that transformers and mlx_lm both open."""
         from rlmeta.policy.lora import mlx_merged_weights
 
-        return checkpoints.save_mlx(mlx_merged_weights(self.model), self.config, self.tokenizer, path, self.source)
+        return checkpoints.save_mlx(mlx_merged_weights(self.model), self.config, self.tokenizer, path, self.source,
+                                    extra=extra)

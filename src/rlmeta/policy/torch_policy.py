@@ -157,6 +157,6 @@ class TorchPolicy(BasePolicy):
         lp = sequence_logprobs(self.model, *batch, temperature)
         return lp.cpu().numpy()
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, extra=None) -> Path:
         """Atomic portable checkpoint (LoRA merged) that transformers and mlx_lm both open."""
-        return checkpoints.save_torch(self.model, self.tokenizer, path, self.source)
+        return checkpoints.save_torch(self.model, self.tokenizer, path, self.source, extra=extra)

@@ -207,8 +207,39 @@ def build_report(exp: str, cfg: Experiment, summary: dict, metrics: pd.DataFrame
         ("experiment", exp), ("algorithm", cfg.algorithm), ("backend", cfg.backend),
         ("model", cfg.model), ("dataset", cfg.dataset), ("template", cfg.prompt),
         ("checkpoint", ck.get("path")), ("checkpoint sha256", ck.get("sha256")),
-        ("config sha256", summary.get("config_hash"))] if v is not None]
+        ("config sha256", summary.get("config_hash")), *provenance_lines(summary.get("provenance"))]
+        if v is not None]
     return rep
+
+
+KEY_PACKAGES = ("torch", "transformers", "trl", "peft", "mlx", "mlx-lm", "math-verify", "snakemake")
+"""The versions a report's provenance lists (provenance.json has the whole stack)."""
+
+
+def provenance_lines(prov: dict | None) -> list[tuple[str, str]]:
+    """(label, value) lines of an experiment's provenance record for the report (empty when absent)."""
+    if not prov:
+        return []
+    env = prov.get("environment", {})
+    train_env = (prov.get("training") or {}).get("environment") or env
+    git = env.get("git") or {}
+    commit = git.get("commit")
+    state = None if commit is None else f"{commit[:12]}" + (
+        f" (dirty: diff sha256 {git.get('diff_sha256', '')[:12]})" if git.get("dirty") else " (clean)")
+    pk = train_env.get("packages", {})
+    gpu = (train_env.get("gpu") or {}).get("devices") or []
+    jobs = prov.get("jobs", {})
+    cpu = train_env.get("cpu", {})
+    where = f"{train_env.get('hostname')}: {train_env.get('os')}, {cpu.get('model')} ({cpu.get('cores')} cores)"
+    if gpu:
+        where += f", {gpu[0]['name']} x{len(gpu)} (driver {gpu[0].get('driver')})"
+    threads = {k: v for k, v in train_env.get("threads", {}).items() if k != "env"}
+    seconds = sum(j["seconds"] for j in jobs.values())
+    return [("git commit", state), ("Python", train_env.get("python")),
+            ("packages", ", ".join(f"{k} {pk[k]}" for k in KEY_PACKAGES if k in pk) or None),
+            ("trained on", where), ("threads", json.dumps(threads) if threads else None),
+            ("seed", prov.get("seed")), ("input files hashed", len(prov.get("inputs", {}))),
+            ("job wall time", f"{seconds:.1f} s over {len(jobs)} jobs" if jobs else None)]
 
 
 def _fence(text: str) -> str:
@@ -249,7 +280,8 @@ table{border-collapse:collapse;margin:.8em 0;font-size:.92em}th,td{border:1px so
 vertical-align:top;text-align:left}th{background:#eef2f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:.88em}
 table.long{width:100%;table-layout:fixed}table.long col.narrow{width:11%}table.long col.mid{width:20%}
-img{max-width:100%;border:1px solid #ddd;margin:.5em 0}.meta{color:#555;font-size:.85em}"""
+img{max-width:100%;border:1px solid #ddd;margin:.5em 0}.meta{color:#555;font-size:.85em}
+.warn{background:#fff4e5;border:1px solid #f0a030;border-radius:6px;padding:.6em 1.2em}"""
 
 
 def _img(path: Path, alt: str) -> str:

@@ -82,7 +82,33 @@ HEADLINE = [("experiment", "experiment"), ("algorithm", "algorithm"), ("backend"
             ("train_seconds", "training s")]
 
 
-def summary_html(rows: list[dict], image: Path | None) -> str:
+def provenance_note(provenances: dict[str, dict | None]) -> str:
+    """One sentence on what produced the results: the commit and versions they share, or which differ."""
+    from rlmeta.report.render import KEY_PACKAGES
+
+    def key(p):
+        env = ((p or {}).get("training") or {}).get("environment") or (p or {}).get("environment") or {}
+        git = env.get("git") or {}
+        pk = env.get("packages", {})
+        return (git.get("commit"), bool(git.get("dirty")), tuple((k, pk.get(k)) for k in KEY_PACKAGES if k in pk))
+
+    keys = {exp: key(p) for exp, p in provenances.items()}
+    if not keys:
+        return ""
+    distinct = sorted(set(keys.values()), key=str)
+    if len(distinct) == 1:
+        commit, dirty, pk = distinct[0]
+        return (f"All results from commit {(commit or 'unknown')[:12]}{' (dirty tree)' if dirty else ''}; "
+                + ", ".join(f"{k} {v}" for k, v in pk) + ".")
+    groups = []
+    for commit, dirty, pk in distinct:
+        names = [e for e, k in keys.items() if k == (commit, dirty, pk)]
+        groups.append(f"{', '.join(names)}: commit {(commit or 'unknown')[:12]}{' (dirty)' if dirty else ''}, "
+                      + ", ".join(f"{k} {v}" for k, v in pk))
+    return "Warning: these results come from different code or library versions. " + "; ".join(groups) + "."
+
+
+def summary_html(rows: list[dict], image: Path | None, note: str = "") -> str:
     """The summary page: one table row per experiment (linked to its report) and the forest plot."""
     e = html.escape
     head = "".join(f"<th>{e(label)}</th>" for _, label in HEADLINE)
@@ -113,7 +139,9 @@ def summary_html(rows: list[dict], image: Path | None) -> str:
             "<p>Reward columns: mean total reward per held-out prompt; difference = trained − base with a paired "
             "bootstrap 95% interval over prompts. FOMAML rows: query loss after adaptation from the base and the "
             "meta-learned initialisation (lower is better). Each experiment links to its report.</p>"
-            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{fig}</body></html>")
+            + (f"<p class='{'warn' if note.startswith('Warning') else 'meta'}' id='provenance'>{e(note)}</p>"
+               if note else "")
+            + f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{fig}</body></html>")
 
 
 def command(p: argparse.ArgumentParser):
@@ -131,9 +159,10 @@ def command(p: argparse.ArgumentParser):
         from rlmeta.io import read_table, write_table, write_text
 
         res = Path(a.results)
-        rows = []
+        rows, provenances = [], {}
         for exp, cfg in a.experiments.root.items():
             summary = json.loads((res / exp / "eval" / "summary.json").read_text())
+            provenances[exp] = summary.get("provenance")
             mpath = res / exp / "train_metrics.parquet"
             metrics = read_table(mpath).to_pandas() if mpath.exists() else None
             rows.append(summary_row(exp, cfg, summary, metrics))
@@ -143,7 +172,7 @@ def command(p: argparse.ArgumentParser):
             image = Path(a.out_html).with_name(".summary_forest.png")
             plots.experiments_forest(rows, image)
         try:
-            write_text(a.out_html, summary_html(rows, image))
+            write_text(a.out_html, summary_html(rows, image, provenance_note(provenances)))
         finally:
             if image is not None:
                 image.unlink(missing_ok=True)

@@ -30,10 +30,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from rlmeta import checkpoints
-from rlmeta.io import read_table
 from rlmeta.policy import load_policy
 from rlmeta.policy.base import LOGITS_BUDGET, derive_seed
 from rlmeta.policy.mlx_policy import pad_batch, sequence_logprobs
+from rlmeta.prompts import train_rows
+from rlmeta.provenance import write_training_record
 from rlmeta.rl import mlx_state
 from rlmeta.rl.objectives import group_advantages
 from rlmeta.rl.objectives_mlx import policy_loss
@@ -41,20 +42,9 @@ from rlmeta.rl.ued import UEDSampler
 from rlmeta.schedules import mlx_schedule
 from rlmeta.scoring import score
 from rlmeta.settings import RLJob, WandbSettings
-from rlmeta.tracking import MetricsTable, NonFiniteMetricError, check_finite, wandb_run
+from rlmeta.tracking import DivergenceGuard, MetricsTable, wandb_run
 
 log = logging.getLogger(__name__)
-
-
-def train_prompts(path: str | Path, max_prompts: int | None = None) -> list[dict]:
-    """Rows of the train split: ``prompt_id``, ``task``, ``prompt`` (messages), ``reference``."""
-    rows = [r for r in read_table(path).select(["prompt_id", "task", "split", "prompt", "reference"]).to_pylist()
-            if r["split"] == "train"]
-    if not rows:
-        from rlmeta.errors import UserError
-
-        raise UserError(f"{path}: no rows with split == 'train'")
-    return rows[:max_prompts] if max_prompts else rows
 
 
 class MLXTrainer:
@@ -65,7 +55,7 @@ class MLXTrainer:
         self.level = "sequence" if job.algorithm == "gspo" else "token"
         self.eps_low, self.eps_high = job.epsilons
         self.spec = {"model": str(model_dir), "seed": seed, "job": job.model_dump(mode="json")}
-        self.prompts = train_prompts(prompts_path, job.max_train_prompts)
+        self.prompts = train_rows(prompts_path, job.max_train_prompts)
         self.policy = load_policy(model_dir, "mlx")
         if self.t.lora is not None:
             from rlmeta.policy.lora import apply_lora
@@ -88,6 +78,7 @@ class MLXTrainer:
         lr = mlx_schedule(self.t.lr_schedule, self.t.learning_rate, self.t.warmup_steps * mu, self.t.steps * mu)
         self.optimizer = optim.AdamW(learning_rate=lr, weight_decay=self.t.weight_decay, bias_correction=True)
         self.grad_fn = nn.value_and_grad(self.policy.model, self._loss)
+        self.guard = DivergenceGuard(self.t.guard, job.reward_floor, "train.guard", checkpoints.weights_finite)
         self.step, self.tokens = 0, 0
         self._metrics: dict = {}
 
@@ -177,14 +168,25 @@ class MLXTrainer:
         return grads, loss_total, metrics
 
     def apply(self, grads: dict) -> dict:
-        """Clip and apply ``grads`` (AdamW); ``grad_norm`` and whether every weight is still finite."""
+        """Clip and apply ``grads`` (AdamW); returns the gradient norm before clipping."""
         max_norm = self.t.max_grad_norm
         grads, norm = optim.clip_grad_norm(grads, math.inf if max_norm is None else max_norm)
         self.optimizer.update(self.policy.model, grads)
-        params = tree_flatten(self.policy.model.trainable_parameters())
-        finite = mx.stack([mx.isfinite(p).all() for _, p in params]).all()
-        mx.eval(params, self.optimizer.state, finite)
-        return {"grad_norm": norm.item(), "weights_finite": finite.item()}
+        mx.eval(self.policy.model.trainable_parameters(), self.optimizer.state)
+        return {"grad_norm": norm.item()}
+
+    def param_norm(self) -> float:
+        """L2 norm of all weights (frozen ones included); NaN or inf as soon as one weight is.
+
+        Each tensor's norm is taken as ``max|p| * ||p / max|p|||`` and the tensors are combined in float64, so
+        huge but finite weights (1e30) give a finite norm instead of overflowing float32's sum of squares."""
+        params = [p.astype(mx.float32) for _, p in tree_flatten(self.policy.model.parameters())]
+        peaks = [mx.abs(p).max() for p in params]
+        scaled = [mx.sqrt(((p / mx.where(m > 0, m, 1.0)) ** 2).sum()) for p, m in zip(params, peaks)]
+        peaks, scaled = mx.stack(peaks), mx.stack(scaled)
+        mx.eval(peaks, scaled)
+        norms = np.array(peaks, dtype=np.float64) * np.array(scaled, dtype=np.float64)
+        return float(np.sqrt((norms ** 2).sum()))
 
     def train_step(self) -> dict:
         """Rollout + ``updates_per_batch`` updates; returns the step's train_metrics row (+ ``updates``)."""
@@ -200,14 +202,14 @@ class MLXTrainer:
         mean = lambda k: float(np.mean([u[k] for u in updates]))
         row = {"step": self.step, "loss": mean("loss"), "kl": mean("kl") if self.ref is not None else None,
                "clip_ratio": mean("clip_ratio"), "grad_norm": mean("grad_norm"), "lr": updates[-1]["lr"],
-               "tokens": self.tokens, **ro["stats"], "step_seconds": time.perf_counter() - t0}
-        return {**row, "updates": updates, "indices": ro["indices"],
-                "weights_finite": all(u["weights_finite"] for u in updates)}
+               "tokens": self.tokens, **ro["stats"], "param_norm": self.param_norm(),
+               "step_seconds": time.perf_counter() - t0}
+        return {**row, "updates": updates, "indices": ro["indices"]}
 
     # -- state -----------------------------------------------------------------------------
     def state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "spec": self.spec, "sampler": self.sampler.state_dict(),
-                "sampler_kind": type(self.sampler).__name__,
+                "sampler_kind": type(self.sampler).__name__, "guard": self.guard.state(),
                 "next_rollout_seed": derive_seed(self.seed, "rollout", self.step)}
 
     def save(self, path: str | Path, metrics: MetricsTable) -> Path:
@@ -219,6 +221,7 @@ class MLXTrainer:
         mlx_state.load_weights(self.policy, ckpt)
         mlx_state.load_optimizer(self.optimizer, ckpt)
         self.sampler.load_state_dict(state["sampler"])
+        self.guard.restore(state.get("guard", {}))
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
 
     def resumable(self, ckpt: Path) -> bool:
@@ -258,23 +261,23 @@ def train_mlx(model_dir: str | Path, prompts_path: str | Path, job: RLJob, out_d
     steps, every = trainer.t.steps, trainer.t.checkpoint_every
     config = {**trainer.spec, "out_dir": str(out_dir), "backend": "mlx"}
     done = 0
+    trainer.guard.begin(trainer.param_norm())  # the weights' norm before the first update (unless resumed)
     with wandb_run(wandb, checkpoints.run_name(out_dir), out_dir, config) as run:
         while trainer.step < steps:
             if stop_after is not None and done >= stop_after:
                 return ckpt
             out = trainer.train_step()
             done += 1
-            row = {k: v for k, v in out.items() if k not in ("updates", "indices", "weights_finite")}
+            row = {k: v for k, v in out.items() if k not in ("updates", "indices")}
             metrics.add(row)
             run.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=row["step"])
             print(progress(row, steps), file=sys.stderr, flush=True)
-            check_finite({k: v for k, v in row.items() if k != "step"}, row["step"], ckpt)
-            if not out["weights_finite"]:
-                raise NonFiniteMetricError(f"non-finite weights after the updates of step {row['step']} "
-                                           f"(lr={row['lr']:.3g}); last good checkpoint: {ckpt or 'none (start over)'}")
+            trainer.guard.check(row["step"], row, row["param_norm"])  # raises on NaN/inf or divergence
             if trainer.step % every == 0:
-                ckpt = trainer.save(out_dir / str(trainer.step), metrics)
-    final = trainer.policy.save(out_dir / "final")
+                path = out_dir / str(trainer.step)
+                trainer.guard.record_checkpoint(trainer.step, path)  # part of the state the checkpoint saves
+                ckpt = trainer.save(path, metrics)
+    final = trainer.policy.save(out_dir / "final", extra=lambda tmp: write_training_record(tmp, seed, trainer.spec))
     metrics.write(metrics_path)
     log.info("saved %s", final)
     return final

@@ -28,11 +28,12 @@ from rlmeta import checkpoints
 from rlmeta.io import write_json
 from rlmeta.schedules import transformers_name
 from rlmeta.settings import LoraSettings, RLJob, WandbSettings
-from rlmeta.tracking import METRICS_FILE, MetricsTable, check_finite, wandb_run
+from rlmeta.tracking import METRICS_FILE, DivergenceGuard, MetricsTable, wandb_run
 
 log = logging.getLogger(__name__)
 
 UED_FILE = "ued_sampler.json"
+GUARD_FILE = "divergence_guard.json"
 # TRL log key -> train_metrics column; the GENERATION ones are logged only on steps that sample.
 METRIC_KEYS = {
     "loss": "loss", "reward": "reward_mean", "reward_std": "reward_std", "kl": "kl",
@@ -73,6 +74,7 @@ def grpo_config_kwargs(job: RLJob, out_dir: str | os.PathLike, seed: int = 0, re
         run_name=run_name,
         seed=seed,
         data_seed=seed,
+        full_determinism=t.trl.deterministic,  # Trainer then calls enable_full_determinism(seed)
         use_cpu=not cuda,
         bf16=bool(cuda) if t.trl.bf16 is None else t.trl.bf16,
         activation_checkpointing=bool(cuda),  # TRL turns it on (memory for compute); pointless on CPU
@@ -101,7 +103,7 @@ def grpo_config_kwargs(job: RLJob, out_dir: str | os.PathLike, seed: int = 0, re
         use_vllm=t.trl.use_vllm,
         report_to="none" if report_to == "none" else [report_to],
         logging_steps=1,
-        logging_nan_inf_filter=False,  # a NaN loss must reach check_finite, not be averaged away
+        logging_nan_inf_filter=False,  # a NaN loss must reach the divergence guard, not be averaged away
         save_strategy="steps",
         save_steps=t.checkpoint_every * mu,
         ignore_data_skip=t.ued.enabled,  # the UED sampler resumes from its saved state, not by replaying draws
@@ -151,9 +153,9 @@ def train_dataset(prompts_path: str | os.PathLike, max_prompts: int | None = Non
     """``datasets.Dataset`` of the train split: ``prompt`` (chat messages), ``reference``, ``prompt_index``."""
     from datasets import Dataset
 
-    from rlmeta.rl.mlx_trainer import train_prompts
+    from rlmeta.prompts import train_rows
 
-    rows = train_prompts(prompts_path, max_prompts)
+    rows = train_rows(prompts_path, max_prompts)
     return Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "reference": [r["reference"] for r in rows],
                               "prompt_index": list(range(len(rows)))})
 
@@ -207,8 +209,9 @@ class UEDRepeatSampler:
 class Trainer(GRPOTrainer):
     """TRL's GRPOTrainer with whole-or-absent checkpoints (and the metrics inside them) and UED sampling."""
 
-    def __init__(self, *args, metrics: MetricsTable, spec: dict, ued: UEDRepeatSampler | None = None, **kwargs):
-        self.rlmeta_metrics, self.rlmeta_spec, self.ued = metrics, spec, ued
+    def __init__(self, *args, metrics: MetricsTable, guard: DivergenceGuard, spec: dict,
+                 ued: UEDRepeatSampler | None = None, **kwargs):
+        self.rlmeta_metrics, self.rlmeta_guard, self.rlmeta_spec, self.ued = metrics, guard, spec, ued
         self._staging: Path | None = None
         self._rng_checkpoint: str | None = None
         super().__init__(*args, **kwargs)
@@ -256,8 +259,10 @@ class Trainer(GRPOTrainer):
         finally:
             self._staging, staging = None, self._staging
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state
+        self.rlmeta_guard.record_checkpoint(self.state.global_step, out / name)  # on every rank
         if self.args.should_save:
             folder = staging / name
+            write_json(folder / GUARD_FILE, self.rlmeta_guard.state())
             self.rlmeta_metrics.write(folder / METRICS_FILE)
             if self.ued is not None:
                 write_json(folder / UED_FILE, self.ued.state_dict())
@@ -270,28 +275,32 @@ class Trainer(GRPOTrainer):
 
 
 class TrainMetricsCallback(TrainerCallback):
-    """Collects each logged optimizer step as a train_metrics row, prints it to stderr, stops on NaN/inf.
+    """Collects each logged optimizer step as a train_metrics row, prints it to stderr, and runs the
+    divergence guard on it (which stops the run on NaN/inf or divergence).
 
     TRL logs sampling metrics (reward, lengths, tokens) only on steps that generate; steps that
     reuse the batch (``num_iterations`` > 1) carry them forward. ``tokens`` is TRL's cumulative
-    ``num_tokens`` (prompt + completion tokens so far). ``kl`` is null when beta = 0.
+    ``num_tokens`` (prompt + completion tokens so far). ``kl`` is null when beta = 0. ``param_norm``
+    is the L2 norm of all weights after the step.
     """
 
-    def __init__(self, metrics: MetricsTable, reward_names: list[str], out_dir: str | os.PathLike,
-                 last_checkpoint: str | None = None):
-        self.metrics, self.out_dir, self.last_checkpoint = metrics, Path(out_dir), last_checkpoint
+    def __init__(self, metrics: MetricsTable, reward_names: list[str], guard: DivergenceGuard):
+        self.metrics, self.guard = metrics, guard
         self.keys = {**METRIC_KEYS, **{f"rewards/{n}/mean": f"reward/{n}" for n in reward_names}}
         self.carry: dict = {}
-        self.t0, self.step_seconds = None, None
+        self.t0, self.step_seconds, self.param_norm = None, None, None
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if model is not None:  # the weights' norm before the first update (a resumed run keeps its own)
+            self.guard.begin(param_norm(model))
 
     def on_step_begin(self, args, state, control, **kw):
         self.t0 = time.perf_counter()
 
-    def on_step_end(self, args, state, control, **kw):
+    def on_step_end(self, args, state, control, model=None, **kw):
         self.step_seconds = time.perf_counter() - self.t0 if self.t0 is not None else None
-
-    def on_save(self, args, state, control, **kw):
-        self.last_checkpoint = str(self.out_dir / f"checkpoint-{state.global_step}")
+        if model is not None:
+            self.param_norm = param_norm(model)
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs or "loss" not in logs or "train_runtime" in logs:
@@ -301,12 +310,21 @@ class TrainMetricsCallback(TrainerCallback):
         merged = {**self.carry, **logs}
         row = {col: merged.get(key) for key, col in self.keys.items()}
         row["tokens"] = int(row["tokens"]) if row["tokens"] is not None else None
-        row.update(step=state.global_step, step_seconds=self.step_seconds)
+        row.update(step=state.global_step, step_seconds=self.step_seconds, param_norm=self.param_norm)
         self.metrics.add(row)
         print(f"step {state.global_step}/{state.max_steps} loss={_fmt(row['loss'])} "
               f"reward={_fmt(row['reward_mean'])} kl={_fmt(row['kl'])} grad_norm={_fmt(row['grad_norm'])} "
               f"len={_fmt(row['completion_len_mean'])} {_fmt(row['step_seconds'])}s", file=sys.stderr, flush=True)
-        check_finite({k: v for k, v in row.items() if k != "step"}, state.global_step, self.last_checkpoint)
+        self.guard.check(state.global_step, row, self.param_norm)
+
+
+def param_norm(model) -> float:
+    """L2 norm of all weights of a torch model (frozen ones included); NaN or inf as soon as one weight is."""
+    import torch
+
+    with torch.no_grad():
+        # float64: huge but finite weights (1e30) must give a finite norm, not overflow float32's sum of squares
+        return float(torch.stack([p.detach().double().pow(2).sum() for p in model.parameters()]).sum().sqrt())
 
 
 def _fmt(v) -> str:
@@ -357,13 +375,16 @@ def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, job
     metrics = MetricsTable([f"reward/{n}" for n in job.rewards])
     if resume:
         metrics.restore(resume, resume_step)
-    callback = TrainMetricsCallback(metrics, list(job.rewards), out_dir, last_checkpoint=resume)
+    guard = DivergenceGuard(t.guard, job.reward_floor, "train.guard", checkpoints.weights_finite)
+    if resume:
+        guard.restore(json.loads((Path(resume) / GUARD_FILE).read_text()))
+    callback = TrainMetricsCallback(metrics, list(job.rewards), guard)
     log.info("TRL %s: %s -> %s (%d optimizer steps%s)", job.algorithm, model_dir, out_dir, args.max_steps,
              f", resuming {resume}" if resume else "")
     if resume_step is not None and resume_step >= args.max_steps:
         # transformers would train one step past max_steps when resumed at the end: load instead
         model, tokenizer = _load_checkpoint(model_dir, resume)
-        return _finish(model, tokenizer, out_dir, model_dir, metrics, metrics_path)
+        return _finish(model, tokenizer, out_dir, model_dir, metrics, metrics_path, seed, spec)
     ued = None
     if t.ued.enabled:
         from rlmeta.policy.base import derive_seed
@@ -376,18 +397,22 @@ def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, job
             ued.load_state_dict(json.loads((Path(resume) / UED_FILE).read_text()))
     trainer = Trainer(model=str(model_dir), reward_funcs=reward_functions(job), args=args, train_dataset=dataset,
                       peft_config=lora_config(t.lora), callbacks=[callback, *(callbacks or [])],
-                      metrics=metrics, spec=spec, ued=ued)
+                      metrics=metrics, guard=guard, spec=spec, ued=ued)
     if report_to == "wandb":
         with wandb_run(wandb, name, out_dir, {**spec, "out_dir": str(out_dir)}):
             trainer.train(resume_from_checkpoint=resume)
     else:
         trainer.train(resume_from_checkpoint=resume)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    return _finish(model, trainer.processing_class, out_dir, model_dir, metrics, metrics_path)
+    return _finish(model, trainer.processing_class, out_dir, model_dir, metrics, metrics_path, seed, spec)
 
 
-def _finish(model, tokenizer, out_dir: Path, model_dir, metrics: MetricsTable, metrics_path) -> Path:
-    final = checkpoints.save_torch(model, tokenizer, out_dir / "final", source=model_dir)
+def _finish(model, tokenizer, out_dir: Path, model_dir, metrics: MetricsTable, metrics_path, seed: int,
+            spec: dict) -> Path:
+    from rlmeta.provenance import write_training_record
+
+    final = checkpoints.save_torch(model, tokenizer, out_dir / "final", source=model_dir,
+                                   extra=lambda tmp: write_training_record(tmp, seed, spec))
     metrics.write(metrics_path)
     log.info("saved %s", final)
     return final

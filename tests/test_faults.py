@@ -1,0 +1,358 @@
+"""Training that survives faults, through Snakemake: a training job SIGKILLed after its first checkpoint and
+run again with the same command ends with every step's train_metrics row and the weights of a run that was
+never interrupted; ``rlmeta unlock`` removes the killed run's stale lock (and leaves a live run's alone).
+
+One module-scoped work directory runs the shared part once, for one experiment of each trainer (MLX
+``headlines_gspo``, TRL ``gsm8k_gspo`` full fine-tuning, FOMAML ``math_fomaml``), shortened by an override
+config: data, the tiny model, the warm starts, and each experiment's uninterrupted training (the reference).
+Each test copies that results folder without the training outputs into a second work directory, starts
+``snakemake <exp>/train_metrics.parquet`` in its own process group, SIGKILLs it once the first numbered
+checkpoint is complete, runs ``rlmeta unlock --directory`` and then the same command again. Snakemake's
+workflow profile (profiles/default, loaded on its own) sets ``rerun-incomplete``: the rerun deletes the
+killed job's declared outputs and runs it again, and the trainer resumes from its checkpoint, rebuilding the
+whole metrics table from the rows the checkpoint carries.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rlmeta import checkpoints
+from rlmeta.locks import lock_files, unlock_if_stale
+from rlmeta.testing.workflow import SNAKEMAKE, common_args, mirror_workflow, snakemake, snakemake_env
+
+OVERRIDE = """\
+run_experiments: [headlines_gspo, gsm8k_gspo, math_fomaml]
+wandb: {mode: disabled}
+experiments:
+  headlines_gspo:
+    warmstart: {steps: 4, batch_size: 8}
+    train: {steps: 6, checkpoint_every: 2, batch_prompts: 2, group_size: 4, max_new_tokens: 16}
+  gsm8k_gspo:
+    # the tiny model writes no XML after 4 warm-up steps: coherence gives its text a graded reward (a gradient)
+    rewards: {coherence: 0.5}
+    warmstart: {steps: 4, batch_size: 8}
+    train: {steps: 4, checkpoint_every: 1, batch_prompts: 2, group_size: 4, max_new_tokens: 16}
+  math_fomaml:
+    meta: {outer_steps: 6, checkpoint_every: 2, meta_batch_size: 2, support_batch: 2, query_batch: 2,
+           max_seq_len: 256, warmup_steps: 1}
+"""
+# experiment: (training rule, first checkpoint folder, progress line of step N, the resume log line, base policy)
+TRAINING = {
+    "headlines_gspo": ("train_mlx", "2", r"^step (\d+)/6 reward=", "resuming {ck}/2 at step 2",
+                       "warmstart/tiny_inner_scientist_*"),
+    # updates_per_batch 2 (the experiment's): 8 optimizer steps, a checkpoint every 2
+    "gsm8k_gspo": ("train_trl", "checkpoint-2", r"step (\d+)/8 loss=", "resuming {ck}/checkpoint-2",
+                   "warmstart/tiny_xml_cot_*"),
+    "math_fomaml": ("train_fomaml", "2", r"step (\d+)/6 meta/loss", "resuming from {ck}/2 (step 2)", "models/tiny"),
+}
+STEPS = {"headlines_gspo": 6, "gsm8k_gspo": 8, "math_fomaml": 6}
+UPSTREAM = {"fetch_rss", "build_headlines", "prepare_gsm8k", "prepare_math", "split_math_tasks", "build_model",
+            "make_prompts", "warmstart"}
+HAVE_MLX = importlib.util.find_spec("mlx") is not None
+RUN = [e for e, (rule, *_) in TRAINING.items() if HAVE_MLX or rule != "train_mlx"]
+
+
+def env() -> dict:
+    """The environment of ``rlmeta.testing.workflow.snakemake``: this venv's bin first on PATH."""
+    return snakemake_env()
+
+
+def target(results: Path, exp: str) -> Path:
+    return results / exp / "train_metrics.parquet"
+
+
+def ran(out: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> job count from Snakemake's "Job stats" table."""
+    text = out.stdout + out.stderr
+    table = text[text.index("Job stats:"):].split("\n\n")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
+
+
+def tail(text: str, n: int = 4000) -> str:
+    return text[-n:]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(override config, results folder) of the shared run: data, model, warm starts and the three uninterrupted
+    trainings, in a work directory of its own."""
+    base = tmp_path_factory.mktemp("faults")
+    override = base / "override.yaml"
+    override.write_text(OVERRIDE)
+    workdir = mirror_workflow(base / "reference")
+    results = workdir / "results"
+    t0 = time.monotonic()
+    out = snakemake(["--cores", "2", *common_args(results, [override]), "--",
+                     *[target(results, e) for e in RUN]], cwd=workdir, timeout=900)
+    assert out.returncode == 0, tail(out.stdout + out.stderr)
+    print(f"reference run: {time.monotonic() - t0:.0f}s")
+    assert {r: n for r, n in ran(out).items() if r.startswith("train_")} == {TRAINING[e][0]: 1 for e in RUN}
+    return override, results
+
+
+def copy_without_training(results: Path, dest: Path) -> Path:
+    """The reference's results folder without any training output (data, model, prompts, warm starts only)."""
+    def skip(folder, names):
+        here = Path(folder)
+        return [n for n in names if n == "logs" or (here.parent == results and n in ("checkpoints",
+                                                                                    "train_metrics.parquet"))]
+    shutil.copytree(results, dest, symlinks=True, ignore=skip)
+    assert not list(dest.glob("*/checkpoints")) and not list(dest.glob("*/train_metrics.parquet"))
+    return dest
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started (transitively) by ``pid``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_everything(proc: subprocess.Popen) -> None:
+    """SIGKILL Snakemake's process group and every process it started, at once (a machine or job allocation
+    dying): torchrun starts its workers in sessions of their own, which a signal to the group alone misses."""
+    pids = descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def kill_after_first_checkpoint(workdir: Path, args: list[str], marker: Path, log: Path) -> None:
+    """Start ``snakemake ARGS`` in its own process group; SIGKILL it all as soon as ``marker`` exists."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(SNAKEMAKE + args, cwd=workdir, env=env(), stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.monotonic() + 600
+        try:
+            while not marker.exists():
+                assert proc.poll() is None, f"Snakemake ended before {marker} appeared:\n{tail(log.read_text())}"
+                assert time.monotonic() < deadline, f"no {marker} after 600 s:\n{tail(log.read_text())}"
+                time.sleep(0.02)
+        finally:
+            kill_everything(proc)
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def max_abs_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """Rows without the timings (step_seconds), NaN written as "nan" (FOMAML's subjects a step did not sample)."""
+    return [{k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items() if k != "step_seconds"}
+            for r in rows]
+
+
+def killed_and_resumed(reference, tmp_path: Path, exp: str, show_lock_error: bool = False) -> None:
+    override, ref_results = reference
+    rule, first, progress, resuming, base = TRAINING[exp]
+    workdir = mirror_workflow(tmp_path / "killed")
+    results = copy_without_training(ref_results, workdir / "results")
+    args = ["--cores", "1", *common_args(results, [override]), "--", str(target(results, exp))]
+    ck = results / exp / "checkpoints"
+
+    t0 = time.monotonic()
+    kill_after_first_checkpoint(workdir, args, ck / first / checkpoints.MARKER, tmp_path / "killed.log")
+    killed_at = time.monotonic() - t0
+    # killed after the first checkpoint, before the next one and before the end
+    assert [p.name for _, p in checkpoints.numbered(ck)] == [first]
+    assert not (ck / "final").exists() and not target(results, exp).exists()
+    locks = lock_files(workdir)
+    assert locks, "a killed Snakemake leaves its lock"
+
+    if show_lock_error:  # without the unlock the same command refuses to start
+        out = snakemake(args, cwd=workdir)
+        assert out.returncode != 0 and "cannot be locked" in out.stdout + out.stderr, tail(out.stdout + out.stderr)
+        assert not (ck / "final").exists()
+    unlocked = subprocess.run([sys.executable, "-m", "rlmeta", "unlock", "--directory", str(workdir)],
+                              capture_output=True, text=True, env=env())
+    assert unlocked.returncode == 0, unlocked.stderr
+    assert f"removed {len(locks)} stale lock file(s)" in unlocked.stderr and lock_files(workdir) == []
+
+    t1 = time.monotonic()
+    out = snakemake(args, cwd=workdir)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, tail(text)
+    assert "cannot be locked" not in text and ran(out).get(rule) == 1 and not UPSTREAM & set(ran(out)), ran(out)
+    print(f"{exp}: killed {killed_at:.0f}s after the start, rerun {time.monotonic() - t1:.0f}s")
+    # the rerun resumed from the checkpoint (its log is the rerun's alone) and trained only the steps after it
+    log = (results / "logs" / exp / "train.log").read_text()
+    assert resuming.format(ck=ck) in log, tail(log)
+    n = STEPS[exp]
+    done = int(re.search(r"\d+", first).group())
+    assert [int(s) for s in re.findall(progress, log, re.M)] == list(range(done + 1, n + 1)), tail(log)
+
+    # every step's row, equal to the uninterrupted run's but for the timings; the same final weights
+    straight = pq.read_table(target(ref_results, exp))
+    resumed = pq.read_table(target(results, exp))
+    assert resumed.schema == straight.schema
+    rows = resumed.to_pylist()
+    assert [r["step"] for r in rows] == list(range(1, n + 1))
+    assert comparable(rows) == comparable(straight.to_pylist())
+    a, b = weights(ref_results / exp / "checkpoints" / "final"), weights(ck / "final")
+    diff = max_abs_difference(a, b)
+    print(f"{exp}: final weights' max abs difference {diff}")
+    assert diff == 0.0  # bit for bit
+    (base_dir,) = ref_results.glob(base)
+    start = weights(base_dir)
+    assert any(not torch.equal(start[k], a[k]) for k in start.keys() & a.keys()), "training changed no weight"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_MLX, reason="mlx is not installed")
+def test_mlx_training_killed_after_a_checkpoint_resumes_to_the_same_run(reference, tmp_path):
+    killed_and_resumed(reference, tmp_path, "headlines_gspo", show_lock_error=True)
+
+
+@pytest.mark.slow
+def test_trl_training_killed_after_a_checkpoint_resumes_to_the_same_run(reference, tmp_path):
+    killed_and_resumed(reference, tmp_path, "gsm8k_gspo")
+
+
+@pytest.mark.slow
+def test_fomaml_training_killed_after_a_checkpoint_resumes_to_the_same_run(reference, tmp_path):
+    killed_and_resumed(reference, tmp_path, "math_fomaml")
+
+
+# -- rlmeta unlock ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_snakemake(tmp_path):
+    """Start a process whose command line is ``python <dir>/snakemake`` (it sleeps) in a given folder; the
+    processes are stopped (by their id) after the test."""
+    script = tmp_path / "bin" / "snakemake"
+    script.parent.mkdir()
+    script.write_text("import time\ntime.sleep(120)\n")
+    started = []
+
+    def start(cwd: Path) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, str(script)], cwd=cwd)
+        started.append(proc)
+        deadline = time.monotonic() + 10  # until it runs the script (before its exec it is a copy of pytest)
+        while str(script).encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+def locked(workdir: Path) -> list[Path]:
+    locks = workdir / ".snakemake" / "locks"
+    locks.mkdir(parents=True)
+    files = [locks / "0.input.lock", locks / "0.output.lock"]
+    for f in files:
+        f.write_text(str(workdir / "results" / "x") + "\n")
+    return files
+
+
+@pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="the check reads /proc (Linux)")
+def test_unlock_leaves_the_lock_of_a_running_snakemake_alone(tmp_path, fake_snakemake):
+    workdir, elsewhere = tmp_path / "wf", tmp_path / "other"
+    workdir.mkdir()
+    elsewhere.mkdir()
+    assert unlock_if_stale(workdir) == "no lock"
+    files = locked(workdir)
+    live = fake_snakemake(workdir)
+    result = subprocess.run([sys.executable, "-m", "rlmeta", "unlock", "--directory", str(workdir)],
+                            capture_output=True, text=True, env=env())
+    assert result.returncode == 0
+    assert result.stderr.strip() == (f"rlmeta unlock: in use by running Snakemake or rlmeta process(es) "
+                                     f"{live.pid}: left alone")
+    assert all(f.exists() for f in files)
+    live.kill()
+    live.wait()
+    other = fake_snakemake(elsewhere)  # a Snakemake in another folder does not hold this one's lock
+    assert other.poll() is None
+    result = subprocess.run([sys.executable, "-m", "rlmeta", "unlock", "--directory", str(workdir)],
+                            capture_output=True, text=True, env=env())
+    assert result.returncode == 0
+    assert result.stderr.strip() == (f"rlmeta unlock: removed 2 stale lock file(s) (no Snakemake or rlmeta process "
+                                     f"was using {workdir.resolve()})")
+    assert not any(f.exists() for f in files) and lock_files(workdir) == []
+    assert unlock_if_stale(workdir) == "no lock"
+
+
+@pytest.mark.parametrize("cmdline,counts", [
+    (["/x/.venv/bin/python", "/x/.venv/bin/snakemake", "--cores", "2"], True),
+    (["python", "-m", "snakemake", "-n"], True),
+    (["/x/.venv/bin/python", "-m", "rlmeta", "train-mlx", "--model", "m"], True),
+    # a torchrun worker outlives a SIGKILLed Snakemake (it runs in a session of its own)
+    (["/x/.venv/bin/python", "-u", "-m", "rlmeta", "train-fomaml", "--model", "m"], True),
+    (["/x/.venv/bin/python", "/x/.venv/bin/torchrun", "--standalone", "-m", "rlmeta", "train-fomaml"], True),
+    (["/x/.venv/bin/python", "/x/.venv/bin/rlmeta", "unlock"], False),
+    (["python", "-m", "pytest", "tests/"], False),
+])
+def test_unlock_counts_snakemake_and_the_steps_it_started(cmdline, counts):
+    from rlmeta.locks import _is_workflow_process
+
+    assert _is_workflow_process(cmdline) is counts
+
+
+def test_a_torchrun_worker_ends_with_its_launcher(tmp_path):
+    """exit_with_launcher: a worker whose parent dies (SIGKILL) exits within about a second."""
+    pid_file = tmp_path / "worker.pid"
+    worker = (f"import os, time, pathlib; os.environ['TORCHELASTIC_RUN_ID'] = 'x'\n"
+              f"from rlmeta.meta.distributed import exit_with_launcher\n"
+              f"assert exit_with_launcher(poll_s=0.1)\n"
+              f"pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\n"
+              f"time.sleep(60)\n")
+    # the launcher: starts the worker in a session of its own (as torchrun does), then waits
+    launcher = (f"import subprocess, sys, time\n"
+                f"subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True)\n"
+                f"time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", launcher], env=env())
+    deadline = time.monotonic() + 60
+    while not pid_file.exists():
+        assert time.monotonic() < deadline, "the worker did not start"
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and b"zombie" not in _state(pid):
+        assert time.monotonic() < deadline, "the orphaned worker is still running"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/status").read_bytes().lower()
+    except OSError:
+        return b"zombie"
