@@ -279,16 +279,70 @@ def meta_base_path(wildcards):
     return model_path(exp_of(wildcards).model, "torch")
 
 
+# -- training runs: one per seed, each in <exp>/seed<N>/ ------------------------------------------
+
+RUN_FILES = {
+    "checkpoint": "checkpoints/final",
+    "metrics": "train_metrics.parquet",
+    "curve": "eval_curve.parquet",
+    "rollouts": "rollouts",
+}
+"""What a training run writes, relative to its folder results/<exp>/seed<N>/."""
+
+
+def run_outputs():
+    """The outputs of a training job (exp and seed wildcards)."""
+    d = f"{R}/{{exp}}/seed{{seed}}"
+    return dict(
+        model=directory(f"{d}/{RUN_FILES['checkpoint']}"),
+        metrics=f"{d}/{RUN_FILES['metrics']}",
+        curve=f"{d}/{RUN_FILES['curve']}",
+        rollouts=directory(f"{d}/{RUN_FILES['rollouts']}"),
+    )
+
+
+def seeds_of(name):
+    """An RL experiment's training seeds."""
+    return EXPERIMENTS[name].run_seeds(SEED)
+
+
+def run_file(name, seed, kind):
+    """A file of one training run: its checkpoint, metrics, eval curve or rollouts, or its held-out
+    responses/rewards (kept with the base policy's in <exp>/responses/, <exp>/rewards/)."""
+    if kind in ("responses", "rewards"):
+        return f"{R}/{name}/{kind}/seed{seed}.parquet"
+    return f"{R}/{name}/seed{seed}/{RUN_FILES[kind]}"
+
+
+def run_tables(*kinds):
+    """Input function: those files of every training run of the experiment."""
+
+    def files(wildcards):
+        return [run_file(wildcards.exp, s, k) for s in seeds_of(wildcards.exp) for k in kinds]
+
+    return files
+
+
+def run_args(*kinds):
+    """Params function: `--run seed<N> FILE...` per training run, the files in the order of ``kinds``."""
+
+    def args(wildcards):
+        runs = [[f"seed{s}", *(run_file(wildcards.exp, s, k) for k in kinds)] for s in seeds_of(wildcards.exp)]
+        return " ".join("--run " + " ".join(shlex.quote(x) for x in run) for run in runs)
+
+    return args
+
+
 def policy_input(wildcards):
     if wildcards.policy == "base":
         return base_policy_input(wildcards)
-    return [f"{R}/{wildcards.exp}/checkpoints/final"]
+    return [run_file(wildcards.exp, wildcards.policy.removeprefix("seed"), "checkpoint")]
 
 
 def policy_path(wildcards):
     if wildcards.policy == "base":
         return base_policy(wildcards.exp)
-    return f"{R}/{wildcards.exp}/checkpoints/final"
+    return run_file(wildcards.exp, wildcards.policy.removeprefix("seed"), "checkpoint")
 
 
 def backend_of(wildcards):
@@ -415,9 +469,12 @@ def provenance_benchmarks(wildcards):
     if e.warmstart.steps > 0:
         jobs.append(f"{R}/benchmarks/warmstart/{warmstart_key(name)}.tsv")
     train = "train_mlx" if e.backend == "mlx" else "train_trl"
-    jobs += [f"{R}/benchmarks/make_prompts/{name}.tsv", f"{R}/benchmarks/{train}/{name}.tsv"]
+    seeds = seeds_of(name)
+    jobs += [f"{R}/benchmarks/make_prompts/{name}.tsv"] + [f"{R}/benchmarks/{train}/{name}/seed{s}.tsv" for s in seeds]
     return jobs + [
-        f"{R}/benchmarks/{rule}/{name}/{pol}.tsv" for rule in ("generate", "score") for pol in ("base", "trained")
+        f"{R}/benchmarks/{rule}/{name}/{pol}.tsv"
+        for rule in ("generate", "score")
+        for pol in ["base", *(f"seed{s}" for s in seeds)]
     ]
 
 
@@ -428,23 +485,32 @@ def provenance_data(wildcards):
     sources = local_files(ds.source) if ds.kind != "rss" else [f for url in ds.feeds.values() for f in local_files(url)]
     if e.algorithm == "fomaml":
         return sources + [f"{R}/data/{e.dataset}_tasks"]
+    pols = ["base", *(f"seed{s}" for s in seeds_of(name))]
     return sources + [
         f"{R}/{name}/prompts.parquet",
-        *[f"{R}/{name}/{kind}/{pol}.parquet" for kind in ("responses", "rewards") for pol in ("base", "trained")],
+        *[f"{R}/{name}/{kind}/{pol}.parquet" for kind in ("responses", "rewards") for pol in pols],
     ]
 
 
+def trained_models(wildcards):
+    """Role -> folder of the trained models: `trained` (FOMAML), `seed<N>` per training run (RL)."""
+    if exp_of(wildcards).algorithm == "fomaml":
+        return {"trained": f"{R}/{wildcards.exp}/checkpoints/final"}
+    return {f"seed{s}": run_file(wildcards.exp, s, "checkpoint") for s in seeds_of(wildcards.exp)}
+
+
 def provenance_models(wildcards):
-    """`ROLE=PATH` of the models behind the result: the base (or initial) model and the trained one."""
+    """`--model ROLE=PATH` of the models behind the result: the base (or initial) model and the trained ones."""
     e = exp_of(wildcards)
     base = meta_base_path(wildcards) if e.algorithm == "fomaml" else base_policy(wildcards.exp)
-    return f"--model base={shlex.quote(base)} --model trained={R}/{wildcards.exp}/checkpoints/final"
+    roles = {"base": base, **trained_models(wildcards)}
+    return " ".join(f"--model {shlex.quote(f'{k}={v}')}" for k, v in roles.items())
 
 
 def provenance_model_inputs(wildcards):
     e = exp_of(wildcards)
     base = meta_base_input(wildcards) if e.algorithm == "fomaml" else base_policy_input(wildcards)
-    return base + [f"{R}/{wildcards.exp}/checkpoints/final"]
+    return base + list(trained_models(wildcards).values())
 
 
 # -- targets -----------------------------------------------------------------------------------
@@ -459,6 +525,17 @@ def final_targets():
 
 def summary_inputs(kind):
     return [f"{R}/{e}/{kind}" for e in CHOSEN]
+
+
+def summary_metrics():
+    """Every chosen experiment's train_metrics: one per training run (RL), one per FOMAML experiment."""
+    out = []
+    for e in CHOSEN:
+        if EXPERIMENTS[e].algorithm == "fomaml":
+            out.append(f"{R}/{e}/train_metrics.parquet")
+        else:
+            out += [run_file(e, s, "metrics") for s in seeds_of(e)]
+    return out
 
 
 def reported_json():

@@ -2,14 +2,13 @@
 
 
 rule evaluate:
-    """Paired comparison (bootstrap 95% intervals over prompts) of rewards, accuracies, formats and lengths."""
+    """Paired comparison (bootstrap 95% intervals over prompts) of rewards, accuracies, pass@k, maj@k, formats
+    and lengths, per training seed and across seeds."""
     input:
         prompts=f"{R}/{{exp}}/prompts.parquet",
         responses_base=f"{R}/{{exp}}/responses/base.parquet",
-        responses_trained=f"{R}/{{exp}}/responses/trained.parquet",
         rewards_base=f"{R}/{{exp}}/rewards/base.parquet",
-        rewards_trained=f"{R}/{{exp}}/rewards/trained.parquet",
-        checkpoint=f"{R}/{{exp}}/checkpoints/final",
+        runs=run_tables("responses", "rewards", "checkpoint"),
         provenance=f"{R}/{{exp}}/provenance.json",
     output:
         f"{R}/{{exp}}/eval/summary.json",
@@ -30,10 +29,10 @@ rule evaluate:
         seed=SEED,
         base=base_policy_path,
         config=experiment_json,
+        runs=run_args("responses", "rewards", "checkpoint"),
     shell:
         "rlmeta evaluate --experiment {wildcards.exp} --config {params.config:q} --prompts {input.prompts}"
-        " --responses-base {input.responses_base} --responses-trained {input.responses_trained}"
-        " --rewards-base {input.rewards_base} --rewards-trained {input.rewards_trained}"
-        " --checkpoint {input.checkpoint} --base-checkpoint {params.base:q} --seed {params.seed}"
+        " --responses-base {input.responses_base} --rewards-base {input.rewards_base} {params.runs}"
+        " --base-checkpoint {params.base:q} --seed {params.seed}"
         " --provenance {input.provenance}"
         " --out {output} > {log} 2>&1"

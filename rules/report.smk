@@ -9,12 +9,10 @@ rule report:
     """Report of an RL experiment: training curves, reward distributions, paired differences, samples."""
     input:
         summary=f"{R}/{{exp}}/eval/summary.json",
-        metrics=f"{R}/{{exp}}/train_metrics.parquet",
         prompts=f"{R}/{{exp}}/prompts.parquet",
         responses_base=f"{R}/{{exp}}/responses/base.parquet",
-        responses_trained=f"{R}/{{exp}}/responses/trained.parquet",
         rewards_base=f"{R}/{{exp}}/rewards/base.parquet",
-        rewards_trained=f"{R}/{{exp}}/rewards/trained.parquet",
+        runs=run_tables("metrics", "curve", "rollouts", "responses", "rewards"),
     output:
         md=f"{R}/{{exp}}/report/report.md",
         html=report(
@@ -41,6 +39,18 @@ rule report:
             category="{exp}",
             subcategory="evaluation",
         ),
+        seeds=report(
+            f"{R}/{{exp}}/report/seeds.png",
+            caption="../report/captions/seeds.rst",
+            category="{exp}",
+            subcategory="evaluation",
+        ),
+        curve=report(
+            f"{R}/{{exp}}/report/eval_curve.png",
+            caption="../report/captions/eval_curve.rst",
+            category="{exp}",
+            subcategory="training",
+        ),
     log:
         f"{R}/logs/{{exp}}/report.log",
     benchmark:
@@ -57,12 +67,11 @@ rule report:
         code=code_of("report"),
         config=experiment_json,
         out_dir=out_dir_of,
+        runs=run_args("metrics", "curve", "rollouts", "responses", "rewards"),
     shell:
         "rlmeta report --experiment {wildcards.exp} --config {params.config:q} --summary {input.summary}"
-        " --metrics {input.metrics} --prompts {input.prompts}"
-        " --responses-base {input.responses_base} --responses-trained {input.responses_trained}"
-        " --rewards-base {input.rewards_base} --rewards-trained {input.rewards_trained}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        " --prompts {input.prompts} --responses-base {input.responses_base} --rewards-base {input.rewards_base}"
+        " {params.runs} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule report_fomaml:
@@ -115,7 +124,7 @@ rule summary:
     """One row per experiment with its headline numbers: results/summary.parquet and summary.html."""
     input:
         summaries=summary_inputs("eval/summary.json"),
-        metrics=summary_inputs("train_metrics.parquet"),
+        metrics=summary_metrics(),
     output:
         parquet=f"{R}/summary.parquet",
         html=report(f"{R}/summary.html", caption="../report/captions/summary.rst", category="summary"),

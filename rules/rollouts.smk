@@ -2,7 +2,8 @@
 
 
 rule generate:
-    """Sample completions of the base or trained policy on the eval prompts (same seeds for both)."""
+    """Sample completions of the base policy, or of one training seed's policy (policy=seed<N>), on the eval
+    prompts (the same sampling seeds for all)."""
     input:
         model=policy_input,
         prompts=f"{R}/{{exp}}/prompts.parquet",
@@ -14,7 +15,7 @@ rule generate:
     benchmark:
         f"{R}/benchmarks/generate/{{exp}}/{{policy}}.tsv"
     wildcard_constraints:
-        policy="base|trained",
+        policy=r"base|seed\d+",
     conda:
         env_for
     threads: 1

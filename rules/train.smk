@@ -1,4 +1,5 @@
-# RL training: GSPO / GRPO on MLX (our trainer) and on torch (TRL GRPOTrainer + PEFT).
+# RL training: GSPO / GRPO on MLX (our trainer) and on torch (TRL GRPOTrainer + PEFT), one job per training
+# seed, each in its own folder <exp>/seed<N>/ (see run_outputs in common.smk).
 
 
 rule train_mlx:
@@ -8,14 +9,14 @@ rule train_mlx:
         prompts=f"{R}/{{exp}}/prompts.parquet",
         guard=mlx_guard,
     output:
-        model=directory(f"{R}/{{exp}}/checkpoints/final"),
-        metrics=f"{R}/{{exp}}/train_metrics.parquet",
+        **run_outputs(),
     log:
-        f"{R}/logs/{{exp}}/train.log",
+        f"{R}/logs/{{exp}}/train_seed{{seed}}.log",
     benchmark:
-        f"{R}/benchmarks/train_mlx/{{exp}}.tsv"
+        f"{R}/benchmarks/train_mlx/{{exp}}/seed{{seed}}.tsv"
     wildcard_constraints:
         exp=exps_where(backend="mlx"),
+        seed=r"\d+",
     conda:
         "../envs/mlx.yaml"
     threads: 1
@@ -25,15 +26,14 @@ rule train_mlx:
         gpu=0,
     params:
         code=code_with_scorers("train-mlx", metrics=False),
-        seed=SEED,
         model=base_policy_path,
         job=rl_job_json,
         out_dir=out_dir_of,
         wandb=wandb_json,
     shell:
         "rlmeta train-mlx --model {params.model:q} --prompts {input.prompts} --job {params.job:q}"
-        " --out {params.out_dir} --metrics {output.metrics} --seed {params.seed} --wandb {params.wandb:q}"
-        " > {log} 2>&1"
+        " --out {params.out_dir} --metrics {output.metrics} --eval-curve {output.curve} --rollouts {output.rollouts}"
+        " --seed {wildcards.seed} --wandb {params.wandb:q} > {log} 2>&1"
 
 
 rule train_trl:
@@ -42,14 +42,14 @@ rule train_trl:
         model=base_policy_input,
         prompts=f"{R}/{{exp}}/prompts.parquet",
     output:
-        model=directory(f"{R}/{{exp}}/checkpoints/final"),
-        metrics=f"{R}/{{exp}}/train_metrics.parquet",
+        **run_outputs(),
     log:
-        f"{R}/logs/{{exp}}/train.log",
+        f"{R}/logs/{{exp}}/train_seed{{seed}}.log",
     benchmark:
-        f"{R}/benchmarks/train_trl/{{exp}}.tsv"
+        f"{R}/benchmarks/train_trl/{{exp}}/seed{{seed}}.tsv"
     wildcard_constraints:
         exp=exps_where(backend="torch", algorithm=("grpo", "gspo")),
+        seed=r"\d+",
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -59,12 +59,11 @@ rule train_trl:
         gpu=1,
     params:
         code=code_with_scorers("train-trl", metrics=False),
-        seed=SEED,
         model=base_policy_path,
         job=rl_job_json,
         out_dir=out_dir_of,
         wandb=wandb_json,
     shell:
         "rlmeta train-trl --model {params.model:q} --prompts {input.prompts} --job {params.job:q}"
-        " --out {params.out_dir} --metrics {output.metrics} --seed {params.seed} --wandb {params.wandb:q}"
-        " > {log} 2>&1"
+        " --out {params.out_dir} --metrics {output.metrics} --eval-curve {output.curve} --rollouts {output.rollouts}"
+        " --seed {wildcards.seed} --wandb {params.wandb:q} > {log} 2>&1"

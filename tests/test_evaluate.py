@@ -16,7 +16,7 @@ from rlmeta.provenance import config_hash
 from rlmeta.scoring import score_responses
 from rlmeta.settings import Experiment
 from rlmeta.tables import PROMPTS, RESPONSES, rewards_schema
-from rlmeta.testing.fixtures import prompt_rows, response_rows, write_rl_fixture
+from rlmeta.testing.fixtures import evaluate_args, prompt_rows, response_rows, write_rl_fixture
 
 
 def scored_tables(template: str, prompts: list[dict], comps: dict[str, dict], params: dict | None = None):
@@ -89,11 +89,9 @@ def test_accuracy_comes_from_the_rewards_table():
     assert s["reward"]["diff_mean"] == 0.0  # the reward column is untouched
 
 
-def _cli_args(d: Path, config: str, out: Path) -> list[str]:
-    tables = [x for pol in ("base", "trained") for x in (f"--responses-{pol}", str(d / f"responses/{pol}.parquet"),
-                                                         f"--rewards-{pol}", str(d / f"rewards/{pol}.parquet"))]
-    return ["evaluate", "--experiment", d.name, "--config", config, "--prompts", str(d / "prompts.parquet"), *tables,
-            "--checkpoint", str(d / "checkpoints/final"), "--seed", "5", "--out", str(out)]
+def _cli_args(d: Path, config: str, out: Path, labels=("seed1234",)) -> list[str]:
+    return ["evaluate", "--experiment", d.name, "--config", config, *evaluate_args(d, labels), "--seed", "5",
+            "--out", str(out)]
 
 
 def test_cli_writes_summary_with_provenance(tmp_path):
@@ -105,7 +103,8 @@ def test_cli_writes_summary_with_provenance(tmp_path):
     assert main(_cli_args(d, json.dumps(cfg.model_dump(mode="json")), out)) == 0
     s = json.loads(out.read_text())
     assert s["experiment"] == "h" and s["template"] == "inner_scientist" and s["primary_accuracy"] is None
-    assert s["checkpoint"]["sha256"] == hashlib.sha256(b"fake weights h").hexdigest()
+    assert s["checkpoint"]["sha256"] == hashlib.sha256(b"fake weights h/seed1234").hexdigest()
+    assert s["checkpoints"] == {"seed1234": s["checkpoint"]}
     assert "base_checkpoint" not in s
     assert s["config_hash"] == config_hash(cfg.model_dump(mode="json")) == hashlib.sha256(
         json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -149,3 +148,102 @@ def test_cli_rejects_a_bad_config(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown key 'eval.bootstrapp'" in err and "did you mean 'bootstrap'" in err
     assert not (tmp_path / "summary.json").exists()
+
+
+# -- pass@k, maj@k, several seeds -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("c", range(5))
+@pytest.mark.parametrize("k", range(1, 5))
+def test_pass_at_k_is_the_closed_form(c, k):
+    """n = 4: pass@k = 1 - C(4-c, k) / C(4, k) (Chen et al. 2021, eq. 1)."""
+    from math import comb
+
+    from rlmeta.evaluation.sampling import pass_at_k
+
+    assert pass_at_k(4, c, k) == pytest.approx(1 - comb(4 - c, k) / comb(4, k), abs=1e-12)
+
+
+def test_pass_at_k_rejects_k_above_n():
+    from rlmeta.evaluation.sampling import pass_at_k
+
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        pass_at_k(2, 1, 3)
+
+
+def test_majority_vote_ties_go_to_the_first_answer_seen():
+    from rlmeta.evaluation.sampling import majority_correct
+
+    assert majority_correct(["7", "8", "8", "7"], [1, 0, 0, 1], k=4) == 1.0  # 2-2 tie: "7" came first
+    assert majority_correct(["8", "7", "7", "8"], [0, 1, 1, 0], k=4) == 0.0
+    assert majority_correct(["8", "7", "7", "8"], [0, 1, 1, 0], k=3) == 1.0  # first 3: "7" twice
+    assert majority_correct([None, None, "3"], [0, 0, 1], k=3) == 1.0  # no answer: no vote
+    assert majority_correct([None, None], [0, 0], k=2) == 0.0
+
+
+def test_across_runs_on_known_numbers():
+    from scipy import stats
+
+    from rlmeta.evaluation.stats import across_runs
+
+    x = [0.10, 0.20, 0.30, 0.40, 1.00]
+    a = across_runs(dict(zip("abcde", x)), resamples=500, seed=0)
+    assert a["n_seeds"] == 5 and a["mean"] == pytest.approx(0.4)
+    sem = stats.sem(x)
+    half = stats.t.ppf(0.975, 4) * sem
+    assert a["ci95"] == pytest.approx([0.4 - half, 0.4 + half])
+    assert a["iqm"] == pytest.approx(0.3)  # trims 0.10 and 1.00 (25% each side of 5 -> 1 each)
+    assert a["iqm_ci95"][0] <= a["iqm"] <= a["iqm_ci95"][1]
+    one = across_runs({"s": 0.5})
+    assert one["ci95"] is None and one["iqm_ci95"] is None and one["mean"] == 0.5
+
+
+def test_gsm8k_pass_and_majority_at_k_from_answers():
+    """4 samples per prompt: pass@k from the correct count, maj@k from the extracted answers."""
+    prompts = prompt_rows("g", "xml_cot", [("q0", "42"), ("q1", "7")])
+    xml = "<reasoning>\nr\n</reasoning>\n<answer>\n{}\n</answer>".format
+    base = {("p000", 0): xml(41), ("p000", 1): xml(42), ("p000", 2): xml(41), ("p000", 3): xml(40),
+            ("p001", 0): xml(1), ("p001", 1): xml(2), ("p001", 2): xml(3), ("p001", 3): xml(4)}
+    trained = {("p000", i): xml(42) for i in range(4)} | {("p001", 0): xml(7), ("p001", 1): xml(5),
+                                                        ("p001", 2): xml(5), ("p001", 3): xml(7)}
+    tables = scored_tables("xml_cot", prompts, {"base": base, "seed1": trained})
+    s = evaluate(*tables, template="xml_cot", resamples=200, seed=0)
+    p = s["pass_at_k"]["gsm8k_xml"]
+    # base: prompt 0 has c=1 of 4, prompt 1 c=0; trained: c=4 and c=2
+    assert p["1"]["base"] == pytest.approx((1 / 4 + 0) / 2)
+    assert p["2"]["base"] == pytest.approx((1 - 3 / 6 + 0) / 2)
+    assert p["2"]["trained"] == pytest.approx((1 + 1 - 1 / 6) / 2)
+    assert p["4"]["trained"] == pytest.approx(1.0)
+    m = s["maj_at_k"]["gsm8k_xml"]
+    assert m["4"]["base"] == 0.0  # majority 41 on prompt 0, a 1-1-1-1 tie (1) on prompt 1
+    assert m["4"]["trained"] == pytest.approx(1.0)  # 7-5-5-7 tie: 7 came first
+    assert m["3"]["trained"] == pytest.approx(0.5)  # first 3 on prompt 1: 7, 5, 5 -> 5
+
+
+def test_several_seeds_are_compared_per_seed_and_across_seeds():
+    prompts = prompt_rows("g", "xml_cot", [(f"q{i}", str(i)) for i in range(6)])
+    xml = "<reasoning>\nr\n</reasoning>\n<answer>\n{}\n</answer>".format
+    base = {(f"p{i:03d}", 0): xml(99) for i in range(6)}
+    runs = {f"seed{s}": {(f"p{i:03d}", 0): xml(i if i < good else 99) for i in range(6)}
+            for s, good in ((1, 2), (2, 4), (3, 6))}
+    tables = scored_tables("xml_cot", prompts, {"base": base, **runs})
+    s = evaluate(*tables, template="xml_cot", resamples=200, seed=0)
+    assert list(s["runs"]) == ["seed1", "seed2", "seed3"]
+    per = {k: s["runs"][k]["accuracy"]["gsm8k_xml"]["diff_mean"] for k in s["runs"]}
+    assert per == pytest.approx({"seed1": 2 / 6, "seed2": 4 / 6, "seed3": 1.0})
+    a = s["across_seeds"]["accuracy/gsm8k_xml"]
+    assert a["n_seeds"] == 3 and a["mean"] == pytest.approx(2 / 3)
+    assert a["per_seed"] == pytest.approx(per)
+    assert a["ci95"][0] < 2 / 3 < a["ci95"][1]
+    # the top-level comparison is base against the mean of the seeds per prompt
+    assert s["accuracy"]["gsm8k_xml"]["trained"] == pytest.approx(2 / 3)
+
+
+def test_cli_with_three_seeds(tmp_path):
+    res = tmp_path / "results"
+    fx = write_rl_fixture(res, "g", "xml_cot", n_prompts=6, samples=2, seeds=(1, 2, 3))
+    out = tmp_path / "summary.json"
+    assert main(_cli_args(res / "g", fx["config"].model_dump_json(), out, labels=fx["runs"])) == 0
+    s = json.loads(out.read_text())
+    assert list(s["runs"]) == list(s["checkpoints"]) == ["seed1", "seed2", "seed3"]
+    assert s["across_seeds"]["reward"]["n_seeds"] == 3
+    assert set(s["pass_at_k"]["gsm8k_xml"]) == {"1", "2"}

@@ -18,17 +18,11 @@ from rlmeta.io import write_json
 from rlmeta.report.render import FOMAML_PLOTS, RL_PLOTS, build_report, fmt, fmt_ci
 from rlmeta.report.summary import SUMMARY, summary_row
 from rlmeta.settings import ROOT, Experiment
-from rlmeta.testing.fixtures import NASTY, write_fomaml_fixture, write_rl_fixture
+from rlmeta.testing.fixtures import NASTY, evaluate_args, report_args, write_fomaml_fixture, write_rl_fixture
 from rlmeta.testing.workflow import snakemake_env
 
 REPORT_SAMPLES = {"gsm": 3, "mth": 6}
 """eval.report_samples of the fixture experiments (8 prompts each): the report shows that many."""
-
-
-def rl_args(d: Path) -> list[str]:
-    return ["--prompts", str(d / "prompts.parquet")] + [
-        x for pol in ("base", "trained") for x in (f"--responses-{pol}", str(d / f"responses/{pol}.parquet"),
-                                                     f"--rewards-{pol}", str(d / f"rewards/{pol}.parquet"))]
 
 
 def assert_self_contained(page: str) -> None:
@@ -46,19 +40,20 @@ def with_eval(cfg: Experiment, **ev) -> Experiment:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """Reports of an RL (GSM8K), an RL (MATH) and a FOMAML experiment, and the summary."""
+    """Reports of an RL (GSM8K), an RL (MATH), a 3-seed RL (GSM8K) that games its reward, and a FOMAML
+    experiment, and the summary."""
     res = tmp_path_factory.mktemp("report") / "results"
     configs = {}
-    for exp, tpl in (("gsm", "xml_cot"), ("mth", "math_boxed")):
-        cfg = with_eval(write_rl_fixture(res, exp, tpl, n_prompts=8, samples=2)["config"], bootstrap=200,
-                        report_samples=REPORT_SAMPLES[exp])
+    for exp, tpl, kw in (("gsm", "xml_cot", {}), ("mth", "math_boxed", {}),
+                         ("gam", "xml_cot", {"seeds": (1, 2, 3), "gaming": True})):
+        fx = write_rl_fixture(res, exp, tpl, n_prompts=8, samples=2, **kw)
+        cfg = with_eval(fx["config"], bootstrap=200, report_samples=REPORT_SAMPLES.get(exp, 2))
         configs[exp] = cfg
         d = res / exp
-        assert main(["evaluate", "--experiment", exp, "--config", cfg.model_dump_json(), *rl_args(d),
-                     "--checkpoint", str(d / "checkpoints/final"), "--out", str(d / "eval/summary.json")]) == 0
+        assert main(["evaluate", "--experiment", exp, "--config", cfg.model_dump_json(),
+                     *evaluate_args(d, fx["runs"]), "--out", str(d / "eval/summary.json")]) == 0
         assert main(["report", "--experiment", exp, "--config", cfg.model_dump_json(), "--summary",
-                     str(d / "eval/summary.json"), "--metrics", str(d / "train_metrics.parquet"),
-                     *rl_args(d), "--out-dir", str(d / "report")]) == 0
+                     str(d / "eval/summary.json"), *report_args(d, fx["runs"]), "--out-dir", str(d / "report")]) == 0
     configs["fm"] = write_fomaml_fixture(res, "fm")["config"]
     assert main(["report", "--experiment", "fm", "--config", configs["fm"].model_dump_json(), "--summary",
                  str(res / "fm/eval/summary.json"), "--metrics", str(res / "fm/train_metrics.parquet"),
@@ -95,7 +90,7 @@ def test_sample_count_comes_from_eval_report_samples(built, exp):
     assert md.count("### Example ") == n and f"### Example {n}\n" in md
     assert f"on the first {n} held-out prompts" in md
     page = (built / exp / "report/report.html").read_text()
-    long_table = page[page.index("<table class='long'>"):]
+    long_table = page[page.index("<table class='long'>", page.index("Sample completions")):]
     assert long_table[:long_table.index("</table>")].count("<tr>") == n + 1  # header + one row per prompt
 
 
@@ -109,9 +104,9 @@ def test_build_report_takes_the_experiment(built, tmp_path):
                      train={"steps": 12}, eval={"report_samples": 0})
     summary = json.loads((d / "eval/summary.json").read_text())
     tables = {"prompts": pq.read_table(d / "prompts.parquet").to_pandas(),
-              "responses": {p: pq.read_table(d / f"responses/{p}.parquet").to_pandas() for p in ("base", "trained")},
-              "rewards": {p: pq.read_table(d / f"rewards/{p}.parquet").to_pandas() for p in ("base", "trained")}}
-    rep = build_report("gsm", cfg, summary, pd.read_parquet(d / "train_metrics.parquet"), tmp_path / "out", tables)
+              "responses": {p: pq.read_table(d / f"responses/{p}.parquet").to_pandas() for p in ("base", "seed1234")},
+              "rewards": {p: pq.read_table(d / f"rewards/{p}.parquet").to_pandas() for p in ("base", "seed1234")}}
+    rep = build_report("gsm", cfg, summary, None, tmp_path / "out", tables)
     samples = next(sec for sec in rep.sections if sec.title.startswith("Sample completions"))
     assert samples.tables[0].rows == []
     meta = dict(rep.meta)
@@ -120,6 +115,33 @@ def test_build_report_takes_the_experiment(built, tmp_path):
         "template": "xml_cot"}
     assert meta["config sha256"] == summary["config_hash"]
     assert all((tmp_path / "out" / f).is_file() for f in RL_PLOTS)
+
+
+def test_report_leads_with_accuracy_and_shows_training_evidence(built):
+    md = (built / "gsm/report/report.md").read_text()
+    first = md[md.index("**"):].split("\n")[0]
+    assert first.startswith("**Accuracy gsm8k_xml:"), first  # the task result comes first, the reward after it
+    lead = md[md.index("**"):md.index("\n\n", md.index("**"))]
+    assert lead.index("Accuracy gsm8k_xml") < lead.index("Total reward")
+    assert "pass@2 gsm8k_xml" in md and "maj@2 gsm8k_xml" in md
+    assert "## Evaluation during training" in md and "](eval_curve.png)" in md
+    assert "## Training rollouts: best and worst completion of a group" in md
+    assert "Warning." not in md
+    page = (built / "gsm/report/report.html").read_text()
+    assert "id='reward-accuracy-warning'" not in page and "id='lead'" in page
+
+
+def test_report_warns_when_reward_rises_and_accuracy_falls(built):
+    s = json.loads((built / "gam/eval/summary.json").read_text())
+    assert s["reward"]["diff_ci95"][0] > 0 > s["accuracy"]["gsm8k_xml"]["diff_ci95"][1]
+    page = (built / "gam/report/report.html").read_text()
+    assert page.index("id='reward-accuracy-warning'") < page.index("id='lead'")
+    assert "the policy learned the reward, not the task" in page
+    md = (built / "gam/report/report.md").read_text()
+    assert md.index("> **Warning.**") < md.index("**Accuracy gsm8k_xml")
+    assert "across 3 seeds" in md and "](seeds.png)" in md
+    for label in ("seed1", "seed2", "seed3"):
+        assert label in md
 
 
 def test_math_report_has_per_subject_table(built):
@@ -140,7 +162,11 @@ def test_summary_rows(built):
     t = pq.read_table(built / "summary.parquet")
     assert t.schema.equals(SUMMARY)
     rows = {r["experiment"]: r for r in t.to_pylist()}
-    assert set(rows) == {"gsm", "mth", "fm"}
+    gam = json.loads((built / "gam/eval/summary.json").read_text())
+    assert rows["gam"]["seeds"] == 3 and rows["gam"]["accuracy_diff"] < 0 < rows["gam"]["reward_diff"]
+    a = gam["across_seeds"]["accuracy/gsm8k_xml"]
+    assert (rows["gam"]["accuracy_seeds_low"], rows["gam"]["accuracy_seeds_high"]) == pytest.approx(a["ci95"])
+    assert set(rows) == {"gsm", "mth", "gam", "fm"}
     s = json.loads((built / "gsm/eval/summary.json").read_text())
     g = rows["gsm"]
     assert g["reward_diff"] == pytest.approx(s["reward"]["diff_mean"]) and g["steps"] == 12

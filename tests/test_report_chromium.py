@@ -18,7 +18,7 @@ import pytest
 from rlmeta.cli import main
 from rlmeta.report.render import fmt
 from rlmeta.settings import Experiment
-from rlmeta.testing.fixtures import NASTY, write_fomaml_fixture, write_rl_fixture
+from rlmeta.testing.fixtures import NASTY, evaluate_args, report_args, write_fomaml_fixture, write_rl_fixture
 
 CHECK = """<script>
 window.addEventListener('load', () => {
@@ -27,8 +27,13 @@ window.addEventListener('load', () => {
   document.title = `images ${ok}/${imgs.length}`;
   const d = document.createElement('pre');
   d.id = 'rlmeta-check';
+  const warn = document.getElementById('reward-accuracy-warning');
+  const lead = document.getElementById('lead');
   d.textContent = JSON.stringify({ok: ok, total: imgs.length, scripts: document.scripts.length,
-    bold: document.querySelectorAll('td b, td script').length, text: document.body.innerText});
+    bold: document.querySelectorAll('td b, td script').length, text: document.body.innerText,
+    warning: warn ? warn.innerText : null, warningTop: warn ? warn.getBoundingClientRect().top : null,
+    leadTop: lead ? lead.getBoundingClientRect().top : null, lead: lead ? lead.innerText : null,
+    sections: [...document.querySelectorAll('h2')].map(h => h.innerText)});
   document.body.appendChild(d);
 });
 </script></body>"""
@@ -71,16 +76,16 @@ def make_report(res: Path, exp: str, kind: str) -> tuple[Path, dict]:
         cfg = write_fomaml_fixture(res, exp)["config"]
         args = []
     else:
-        raw = write_rl_fixture(res, exp, kind, n_prompts=8, samples=2)["config"].model_dump(mode="json")
+        fx = write_rl_fixture(res, exp, "xml_cot", n_prompts=8, samples=2, gaming=kind == "gaming")
+        raw = fx["config"].model_dump(mode="json")
         cfg = Experiment.model_validate({**raw, "eval": {**raw["eval"], "bootstrap": 200}})
-        args = ["--prompts", str(d / "prompts.parquet")] + [
-            x for pol in ("base", "trained") for x in (f"--responses-{pol}", str(d / f"responses/{pol}.parquet"),
-                                                         f"--rewards-{pol}", str(d / f"rewards/{pol}.parquet"))]
-        assert main(["evaluate", "--experiment", exp, "--config", cfg.model_dump_json(), *args,
-                     "--checkpoint", str(d / "checkpoints/final"), "--out", str(d / "eval/summary.json")]) == 0
+        assert main(["evaluate", "--experiment", exp, "--config", cfg.model_dump_json(),
+                     *evaluate_args(d, fx["runs"]), "--out", str(d / "eval/summary.json")]) == 0
+        args = report_args(d, fx["runs"])
+    if kind == "fomaml":
+        args = ["--metrics", str(d / "train_metrics.parquet")]
     assert main(["report", "--experiment", exp, "--config", cfg.model_dump_json(), "--summary",
-                 str(d / "eval/summary.json"), "--metrics", str(d / "train_metrics.parquet"), *args,
-                 "--out-dir", str(d / "report")]) == 0
+                 str(d / "eval/summary.json"), *args, "--out-dir", str(d / "report")]) == 0
     return d / "report" / "report.html", json.loads((d / "eval/summary.json").read_text())
 
 
@@ -97,7 +102,7 @@ def checked_dom(exe: str, page: Path, tmp: Path) -> dict:
 
 
 @pytest.mark.chromium
-@pytest.mark.parametrize("kind", ["xml_cot", "fomaml"])
+@pytest.mark.parametrize("kind", ["xml_cot", "gaming", "fomaml"])
 def test_report_renders_in_chromium(chromium, tmp_path, kind):
     page, summary = make_report(tmp_path / "results", f"exp_{kind}", kind)
     check = checked_dom(chromium, page, tmp_path)
@@ -112,6 +117,16 @@ def test_report_renders_in_chromium(chromium, tmp_path, kind):
         for x in (fmt(r["base_mean"]), fmt(r["trained_mean"]), fmt(r["diff_mean"], signed=True)):
             assert x in text
         assert NASTY in text  # shown literally, not interpreted
+        # the task accuracy leads, the reward follows; then the evidence from training
+        assert check["lead"].startswith("Accuracy gsm8k_xml") and "Total reward" in check["lead"], check["lead"]
+        assert check["leadTop"] < 400
+        assert {"Evaluation during training", "Training rollouts: best and worst completion of a group"} <= set(
+            check["sections"]), check["sections"]
+        if kind == "gaming":  # reward up, accuracy down: a warning box above the lead
+            assert check["warning"] and "the policy learned the reward, not the task" in check["warning"]
+            assert check["warningTop"] < check["leadTop"]
+        else:
+            assert check["warning"] is None
     shot = tmp_path / f"screenshot_{kind}.png"
     out = run_chromium(chromium, page, tmp_path, f"--screenshot={shot}", "--window-size=1300,2600")
     assert out.returncode == 0 and shot.stat().st_size > 10_000, out.stderr[-2000:]

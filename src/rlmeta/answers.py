@@ -87,3 +87,23 @@ def numbers_equal(a: str | None, b: str | None) -> bool:
     Rationals, not floats: GSM8K answers reach 10^7 and a relative tolerance would accept neighbours."""
     fa, fb = to_fraction(a), to_fraction(b)
     return fa is not None and fb is not None and fa == fb
+
+
+def number_key(text: str | None) -> str | None:
+    """A numeric answer as a voting key: its exact value (``"1,000"``, ``"1000.0"`` -> ``"1000"``), else the
+    cleaned text; None for no answer."""
+    if text is None:
+        return None
+    value = to_fraction(clean_number(text))
+    return str(value) if value is not None else clean_number(text) or None
+
+
+def boxed_key(text: str) -> str | None:
+    """The last ``\\boxed{}`` of a completion as a voting key: without spaces and ``\\left``/``\\right``, and
+    ``\\dfrac``/``\\tfrac`` as ``\\frac``. (Symbolic equivalence is math-verify's job in the accuracy; votes
+    group by this text.)"""
+    box = last_boxed(text or "")
+    if box is None:
+        return None
+    key = re.sub(r"\\(?:left|right)(?![a-zA-Z])", "", re.sub(r"\\[dt]frac", r"\\frac", box))
+    return re.sub(r"\s+", "", key) or None

@@ -165,7 +165,11 @@ def add_training_arguments(p: argparse.ArgumentParser, out_help: str) -> None:
                  required=True)
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--metrics", required=True, help="train_metrics.parquet to write when training ends")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-curve", help="eval_curve.parquet to write when training ends: one row per evaluation "
+                                        "during training (train.eval_every)")
+    p.add_argument("--rollouts", help="folder to write when training ends: every training completion "
+                                      "(train.log_rollouts), one parquet file per checkpoint interval")
+    p.add_argument("--seed", type=int, default=0, help="training seed (sampling, prompt order, LoRA init)")
     add_wandb(p)
 
 

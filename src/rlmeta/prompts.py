@@ -294,6 +294,16 @@ def train_rows(path, max_prompts: int | None = None) -> list[dict]:
     return rows[:max_prompts] if max_prompts else rows
 
 
+def eval_rows(path, n: int | None = None) -> list[dict]:
+    """The first ``n`` rows of a prompts table's eval split (``prompt_id``, ``task``, ``prompt``, ``reference``),
+    in table order: the held-out prompts of the evaluations during training. Empty when there is no eval split."""
+    from rlmeta.io import read_table
+
+    table = read_table(path).select(["prompt_id", "task", "split", "prompt", "reference"])
+    rows = [r for r in table.to_pylist() if r["split"] == "eval"]
+    return rows[:n] if n else rows
+
+
 def command(p: argparse.ArgumentParser):
     """``rlmeta make-prompts``: build an experiment's prompts table from headlines or problem tables."""
     from rlmeta.cli import default_of, existing_file, help_of

@@ -309,6 +309,15 @@ class TrainSettings(Block):
     ued: UEDSettings = opt({}, "Prompt selection by learning potential (seed 001).")
     lora: LoraSettings | None = opt(None, "Train a LoRA adapter instead of every weight (null = full fine-tuning).")
     checkpoint_every: int = opt(10, "Write a resumable checkpoint every N rollout batches.", ge=1)
+    eval_every: int | None = opt(
+        10, "Evaluate on held-out prompts before training, every N rollout batches and after the last, into "
+            "eval_curve.parquet and W&B (null = off): a run that collapses is seen while it runs.", ge=1)
+    eval_prompts: int = opt(16, "Held-out prompts (the first N of the eval split) of each evaluation during "
+                                "training, one completion each.", ge=1)
+    eval_temperature: float = opt(0.0, "Sampling temperature of the evaluations during training (0 = greedy: the "
+                                       "curve moves only when the policy does).", ge=0)
+    log_rollouts: bool = opt(True, "Keep every training completion with its rewards, advantage, length and "
+                                   "truncation in rollouts/ (and a W&B table).")
     trl: TRLSettings = opt({}, "TRL-only options (backend torch).")
     guard: RLGuardSettings = opt({}, "When to stop a run that diverges.")
 
@@ -401,6 +410,8 @@ class RLJob(Block):
     train: TrainSettings = opt({}, "Training settings.")
     max_train_prompts: int | None = opt(None, "Cap on train prompts (null = all).", ge=1)
     backend: Backend = opt("torch", "Backend that trains it.")
+    template: TemplateName | None = opt(None, "The prompt template: its task metrics (accuracy, format) are measured in the "
+                                     "evaluations during training (null = rewards only).")
 
     @model_validator(mode="after")
     def _check(self) -> RLJob:
@@ -440,6 +451,10 @@ class Experiment(Block):
     train: TrainSettings | None = opt(None, "RL settings (grpo, gspo; filled with defaults there).")
     meta: MetaSettings | None = opt(None, "Meta-learning settings (fomaml; filled with defaults there).")
     eval: EvalSettings = opt({}, "Held-out evaluation.")
+    seeds: list[int] | None = opt(
+        None, "Training seeds (RL): each is its own run in <exp>/seed<N>/, all evaluated against the same base "
+              "responses; the summary gives every seed's paired difference and their mean and IQM with intervals "
+              "across seeds (Agarwal et al. 2021). null = one run with the global seed.", min_length=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -468,13 +483,24 @@ class Experiment(Block):
                 raise ValueError("algorithm fomaml runs on backend torch (torchrun, FSDP2); set backend: torch")
             if self.warmstart.steps:
                 raise ValueError("warmstart applies to RL experiments; FOMAML starts from the model itself")
+            if self.seeds is not None:
+                raise ValueError("seeds applies to RL experiments (grpo, gspo); a fomaml experiment trains with the "
+                                 "global seed: drop seeds")
         else:
             if self.backend == "mlx" and self.train.trl != TRLSettings():
                 raise ValueError("train.trl holds options of the TRL backend, which backend mlx does not use; "
                                  "drop it or set backend: torch")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} repeats a seed: each seed is one run")
+        if self.seeds is not None and any(s < 0 for s in self.seeds):
+            raise ValueError(f"seeds {self.seeds}: seeds are non-negative integers")
         rewards = self.rewards if self.rewards is not None else TEMPLATES[self.prompt].default_rewards
         check_rewards(rewards, self.reward_params)
         return self
+
+    def run_seeds(self, global_seed: int) -> list[int]:
+        """The training seeds of an RL experiment (``seeds``, else the global seed alone)."""
+        return list(self.seeds) if self.seeds is not None else [global_seed]
 
     @property
     def reward_weights(self) -> dict[str, float]:
@@ -488,7 +514,8 @@ class Experiment(Block):
         if self.train is None:
             raise ValueError("rl_job() of a fomaml experiment")
         return RLJob(algorithm=self.algorithm, rewards=self.reward_weights, reward_params=self.reward_params,
-                     train=self.train, max_train_prompts=self.max_train_prompts, backend=self.backend)
+                     train=self.train, max_train_prompts=self.max_train_prompts, backend=self.backend,
+                     template=self.prompt)
 
     def sampling(self, seed: int) -> SamplingSettings:
         """The held-out evaluation's sampling, with nulls resolved (``seed``: the global seed)."""

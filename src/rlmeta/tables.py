@@ -94,6 +94,7 @@ TRAIN_METRICS_BASE = [
     ("zero_std_frac", pa.float64()),  # fraction of groups whose rewards are all equal
     ("completion_len_mean", pa.float64()),
     ("param_norm", pa.float64()),  # L2 norm of all weights after the step (the divergence guard watches it)
+    ("entropy", pa.float64()),  # mean per-token entropy (nats) of the policy over the sampled completion tokens
 ]
 
 
@@ -102,3 +103,37 @@ def train_metrics_schema(extra: list[str]) -> pa.Schema:
     fields = [pa.field(n, t) for n, t in TRAIN_METRICS_BASE]
     fields += [pa.field(c, pa.float64()) for c in extra if c not in dict(TRAIN_METRICS_BASE)]
     return pa.schema(fields)
+
+
+def eval_curve_schema(rewards: list[str], metrics: list[str] = ()) -> pa.Schema:
+    """Schema of ``eval_curve.parquet``: one row per evaluation during training (``step`` in the units of the
+    trainer's train_metrics rows, 0 = before the first update), the weighted reward mean, one unweighted mean
+    per reward (``reward/<name>``), one mean per task metric of the template (``accuracy/...``, ``format/...``),
+    then completion length (tokens) and the fraction that hit ``max_new_tokens``."""
+    fields = [pa.field("step", pa.int64(), nullable=False), pa.field("seconds", pa.float64()),
+              pa.field("n_prompts", pa.int32(), nullable=False), pa.field("reward", pa.float64())]
+    fields += [pa.field(f"reward/{r}", pa.float64()) for r in rewards]
+    fields += [pa.field(m, pa.float64()) for m in metrics]
+    fields += [pa.field("completion_len_mean", pa.float64()), pa.field("truncated_frac", pa.float64())]
+    return pa.schema(fields)
+
+
+ROLLOUT_KEYS = [
+    pa.field("step", pa.int32(), nullable=False),  # the trainer's step when it was sampled (updates done before it)
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("group", pa.int32(), nullable=False),  # index of the prompt's group in the rollout batch
+    pa.field("sample_idx", pa.int32(), nullable=False),  # index in the group
+    pa.field("completion", pa.string(), nullable=False),
+    pa.field("reward", pa.float64(), nullable=False),  # weighted total
+]
+
+
+def rollouts_schema(rewards: list[str]) -> pa.Schema:
+    """Schema of a rollouts table (``rollouts/steps-<first>-<last>.parquet``): every training completion with
+    its rewards (``reward/<name>`` unweighted), the advantage the loss used, its length in tokens and whether
+    it hit ``max_new_tokens`` without a stop token."""
+    return pa.schema(ROLLOUT_KEYS + [pa.field(f"reward/{r}", pa.float64()) for r in rewards] + [
+        pa.field("advantage", pa.float64(), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("truncated", pa.bool_(), nullable=False),
+    ])

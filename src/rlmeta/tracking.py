@@ -257,3 +257,32 @@ def wandb_run(settings, name: str | None = None, dir: str | os.PathLike | None =
             run.finish(exit_code=1)
             raise
         run.finish()
+
+
+def _active(run) -> bool:
+    return run is not None and not getattr(run, "disabled", False)
+
+
+def log_eval(run, row: dict, step: int, step_key: str | None = None) -> None:
+    """An evaluation row (``EvalCurve``) into a W&B run as ``eval/<column>`` at ``step`` (``step_key``: log the
+    step as that metric instead of W&B's own step, as transformers' ``train/global_step``)."""
+    if not _active(run):
+        return
+    data = {f"eval/{k}": v for k, v in row.items() if k != "step" and v is not None}
+    if step_key is None:
+        run.log(data, step=int(step))
+    else:
+        run.log({**data, step_key: int(step)})
+
+
+def log_table(run, key: str, table: pa.Table, step: int, step_key: str | None = None) -> None:
+    """A pyarrow table into a W&B run as a ``wandb.Table`` under ``key`` at ``step`` (see ``log_eval``)."""
+    if not _active(run) or table.num_rows == 0:
+        return
+    import wandb
+
+    data = {key: wandb.Table(dataframe=table.to_pandas())}
+    if step_key is None:
+        run.log(data, step=int(step))
+    else:
+        run.log({**data, step_key: int(step)})

@@ -295,36 +295,42 @@ HEAD_CHUNK = 1 << 23
 """Logits elements held at once by ``host_token_logprobs`` (32 MiB of float32)."""
 
 
-def host_token_logprobs(targets: np.ndarray, inv_temperature: float):
+def host_token_logprobs(targets: np.ndarray, inv_temperature: float, entropy: bool = False):
     """``log_softmax(h @ w.T * inv_temperature)[i, targets[i]]`` for ``h (N, d)``, ``w (V, d)``, in
-    NumPy, ``HEAD_CHUNK`` logits at a time; the VJP recomputes the logits."""
+    NumPy, ``HEAD_CHUNK`` logits at a time; the VJP recomputes the logits.
+
+    ``entropy``: the function returns ``(logprobs, entropies)``, the second the entropy (nats) of each
+    row's distribution, ``lse - sum(p * z)``, taken from the same logits (no gradient flows through it)."""
     scale = np.float32(inv_temperature)
 
     def chunks(n, vocab):
         step = max(1, HEAD_CHUNK // max(1, vocab))
         return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
-    def logits(hn, wn, sl):
+    def logits(hn, wn, sl, with_exp=False):
         z = hn[sl] @ wn.T
         if inv_temperature != 1:
             z *= scale
         m = z.max(axis=-1, keepdims=True)
-        return z, m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True))
+        e = np.exp(z - m)
+        s = e.sum(axis=-1, keepdims=True)
+        lse = m + np.log(s)
+        return (z, lse, e, s) if with_exp else (z, lse)
 
-    @mx.custom_function
-    def token_logprobs(h, w):
+    def forward(h, w):
         hn, wn = _host(h), _host(w)
         out = np.empty(hn.shape[0], np.float32)
+        ent = np.empty(hn.shape[0], np.float32) if entropy else None
         with _blas_threads():
             for sl in chunks(hn.shape[0], wn.shape[0]):
-                z, lse = logits(hn, wn, sl)
+                z, lse, e, s = logits(hn, wn, sl, with_exp=True)
                 out[sl] = z[np.arange(z.shape[0]), targets[sl]] - lse[:, 0]
-        return mx.array(out)
+                if entropy:
+                    ent[sl] = lse[:, 0] - (e * z).sum(axis=-1) / s[:, 0]
+        return out, ent
 
-    @token_logprobs.vjp
-    def token_logprobs_vjp(primals, cotangent, output):
+    def backward(primals, g):
         hn, wn = (_host(a) for a in primals)
-        g = _host(cotangent)
         dh, dw = np.empty_like(hn), np.zeros_like(wn)
         with _blas_threads():
             for sl in chunks(hn.shape[0], wn.shape[0]):
@@ -339,12 +345,33 @@ def host_token_logprobs(targets: np.ndarray, inv_temperature: float):
                 dw += z.T @ hn[sl]
         return mx.array(dh), mx.array(dw)
 
+    if entropy:
+        @mx.custom_function
+        def token_logprobs_and_entropy(h, w):
+            out, ent = forward(h, w)
+            return mx.array(out), mx.array(ent)
+
+        @token_logprobs_and_entropy.vjp
+        def token_logprobs_and_entropy_vjp(primals, cotangents, outputs):
+            return backward(primals, _host(cotangents[0]))  # the entropy is a metric: no gradient
+
+        return token_logprobs_and_entropy
+
+    @mx.custom_function
+    def token_logprobs(h, w):
+        return mx.array(forward(h, w)[0])
+
+    @token_logprobs.vjp
+    def token_logprobs_vjp(primals, cotangent, output):
+        return backward(primals, _host(cotangent))
+
     return token_logprobs
 
 
 def packed_logprobs(model: nn.Module, plan: PackedPlan, completion_mask: mx.array,
-                    temperature: float = 1.0) -> mx.array:
-    """``sequence_logprobs`` over ``plan``'s packed tokens (see the notes above ``HOST_GEMM``)."""
+                    temperature: float = 1.0, entropy: bool = False):
+    """``sequence_logprobs`` over ``plan``'s packed tokens (see the notes above ``HOST_GEMM``); with ``entropy``,
+    ``(logprobs, entropies)``, both ``(B, T)`` and zero past each completion."""
     core = model.model
     n = len(plan.tokens)
     positions = mx.array(plan.positions)
@@ -368,6 +395,11 @@ def packed_logprobs(model: nn.Module, plan: PackedPlan, completion_mask: mx.arra
     h = core.norm(h[plan.n_prefix:])
     head = model.lm_head.weight if hasattr(model, "lm_head") else core.embed_tokens.weight
     inv_t = 1.0 / temperature if temperature not in (0, 1) else 1.0
+    gather = mx.array(plan.gather)
+    pad = mx.zeros((1,), mx.float32)
+    if entropy:
+        lp, ent = host_token_logprobs(plan.targets, inv_t, entropy=True)(h, head)
+        ent = mx.stop_gradient(mx.concatenate([ent, pad])[gather] * completion_mask)
+        return mx.concatenate([lp, pad])[gather] * completion_mask, ent
     lp = host_token_logprobs(plan.targets, inv_t)(h, head)
-    lp = mx.concatenate([lp, mx.zeros((1,), mx.float32)])
-    return lp[mx.array(plan.gather)] * completion_mask
+    return mx.concatenate([lp, pad])[gather] * completion_mask

@@ -55,12 +55,14 @@ def pad_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequ
 
 
 def sequence_logprobs(model: nn.Module, input_ids: mx.array, prompt_lengths: mx.array,
-                      completion_mask: mx.array, temperature: float = 1.0) -> mx.array:
+                      completion_mask: mx.array, temperature: float = 1.0, entropy: bool = False):
     """Differentiable log-probs ``(B, T)`` of the completion tokens of right-padded rows.
 
     Row ``i``'s completion starts at column ``prompt_lengths[i]``; entry ``(i, j)`` is
     ``log_softmax(logits / temperature)`` of token ``input_ids[i, prompt_lengths[i] + j]``,
-    zero where ``completion_mask`` is 0 (see ``pad_batch``).
+    zero where ``completion_mask`` is 0 (see ``pad_batch``). ``entropy``: return ``(logprobs, entropies)``,
+    the second the entropy (nats, no gradient) of ``softmax(logits / temperature)`` at each of those
+    positions, from the same forward pass.
 
     On a CPU device, float32 Qwen2/Qwen3 models take ``packed_logprobs`` (the same values to
     float32 rounding, ~25x faster on a GRPO batch); other models and devices run the padded batch
@@ -68,7 +70,7 @@ def sequence_logprobs(model: nn.Module, input_ids: mx.array, prompt_lengths: mx.
     """
     plan = mlx_packed.PackedPlan.of(model, input_ids, prompt_lengths, completion_mask) if mlx_packed.HOST_GEMM else None
     if plan is not None:
-        return mlx_packed.packed_logprobs(model, plan, completion_mask, temperature)
+        return mlx_packed.packed_logprobs(model, plan, completion_mask, temperature, entropy=entropy)
     b, width = input_ids.shape
     t = completion_mask.shape[1]
     cols = mx.minimum(prompt_lengths[:, None] + mx.arange(t)[None, :], width - 1)  # (B, T) targets
@@ -79,7 +81,12 @@ def sequence_logprobs(model: nn.Module, input_ids: mx.array, prompt_lengths: mx.
         logits = logits * (1.0 / temperature)
     targets = mx.take_along_axis(input_ids, cols, axis=1)
     chosen = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
-    return (chosen - mx.logsumexp(logits, axis=-1)) * completion_mask
+    lp = (chosen - mx.logsumexp(logits, axis=-1)) * completion_mask
+    if entropy:
+        from rlmeta.rl.objectives_mlx import token_entropy
+
+        return lp, mx.stop_gradient(token_entropy(logits)) * completion_mask
+    return lp
 
 
 class MLXPolicy(BasePolicy):

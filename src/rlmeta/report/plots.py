@@ -228,3 +228,45 @@ def experiments_forest(rows: list[dict], path: str | Path) -> Path:
             "difference in mean reward per prompt")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def seeds_plot(summary: dict, path: str | Path, title: str = "") -> Path:
+    """Per training seed: the paired difference (trained - base) of each headline quantity with that seed's
+    bootstrap interval over prompts, then the mean over seeds (t-interval) and the IQM (bootstrap over seeds)."""
+    from rlmeta.evaluation.evaluate import headline_quantities, lookup
+
+    quantities = headline_quantities(summary)
+    runs, across = summary.get("runs", {}), summary.get("across_seeds", {})
+    fig, axes = plt.subplots(1, len(quantities), figsize=(5.2 * len(quantities), max(3.2, 0.5 * len(runs) + 2.4)),
+                             squeeze=False)
+    for ax, q in zip(axes[0], quantities):
+        rows = []
+        for label, block in runs.items():
+            c = lookup(block, q)
+            if c is not None and c.get("diff_ci95") and None not in c["diff_ci95"]:
+                rows.append((label, c["diff_mean"], *c["diff_ci95"], "o", COLORS["trained"]))
+        a = across.get(q)
+        if a is not None:
+            for name, mid, ci, marker in (("mean over seeds", a["mean"], a.get("ci95"), "s"),
+                                          ("IQM over seeds", a["iqm"], a.get("iqm_ci95"), "D")):
+                lo, hi = ci if ci else (mid, mid)
+                rows.append((f"{name} (n={a['n_seeds']})" + ("" if ci else ", no interval"), mid, lo, hi, marker,
+                             "black"))
+        if not rows:
+            _empty(ax, q, "not measured")
+            continue
+        ys = np.arange(len(rows))[::-1]
+        for y, (_, mid, lo, hi, marker, color) in zip(ys, rows):
+            ax.errorbar(mid, y, xerr=[[mid - lo], [hi - mid]], fmt=marker, color=color, capsize=4, ms=7)
+            ax.annotate(f"{mid:+.3f} [{lo:+.3f}, {hi:+.3f}]", (hi, y), xytext=(6, 0), textcoords="offset points",
+                        va="center", fontsize=8)
+        ax.axvline(0, color="black", lw=1, ls="--")
+        ax.set_yticks(ys, [r[0] for r in rows])
+        lo, hi = min(r[2] for r in rows), max(r[3] for r in rows)
+        pad = max(hi - lo, 1e-3)
+        ax.set_xlim(min(lo, 0) - 0.1 * pad, max(hi, 0) + 0.8 * pad)
+        ax.set(title=q.replace("accuracy/", "accuracy: "), xlabel="trained − base")
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(title or "Per training seed: trained − base", fontsize=14)
+    fig.tight_layout()
+    return _save(fig, path)

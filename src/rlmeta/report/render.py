@@ -23,7 +23,7 @@ from rlmeta.settings import Experiment
 
 log = logging.getLogger(__name__)
 
-RL_PLOTS = ("training_curves.png", "reward_distributions.png", "paired_differences.png")
+RL_PLOTS = ("training_curves.png", "reward_distributions.png", "paired_differences.png", "seeds.png", "eval_curve.png")
 FOMAML_PLOTS = ("meta_training.png", "adaptation.png")
 """The figure files each kind of experiment writes next to report.md (the rule's outputs)."""
 MAX_CHARS = 1500
@@ -32,11 +32,13 @@ MAX_CHARS = 1500
 
 @dataclass
 class Table:
-    """A table; ``long`` marks long free text (completions), shown as blocks in Markdown."""
+    """A table; ``long`` marks long free text (completions), shown in Markdown as one block per row, each
+    headed ``<item> <n>``."""
 
     columns: list[str]
     rows: list[list]
     long: bool = False
+    item: str = "Example"
 
 
 @dataclass
@@ -53,6 +55,17 @@ class Report:
     key_numbers: list[tuple[str, str]]
     sections: list[Section]
     meta: list[tuple[str, str]] = field(default_factory=list)
+    lead: list[str] = field(default_factory=list)  # the first lines: the task result, then the reward
+    warnings: list[str] = field(default_factory=list)  # shown in a box above everything else
+
+
+@dataclass
+class Run:
+    """One training run's tables (DataFrames; None where not given)."""
+
+    metrics: pd.DataFrame | None = None
+    curve: pd.DataFrame | None = None
+    rollouts: pd.DataFrame | None = None
 
 
 def fmt(x, digits: int = 3, signed: bool = False) -> str:
@@ -86,7 +99,8 @@ def _cut(text: str | None) -> str:
 
 def sample_table(prompts: pd.DataFrame, responses: dict[str, pd.DataFrame], rewards: dict[str, pd.DataFrame],
                  n: int = 6) -> Table:
-    """Base and trained completion (first sample) with its reward on the first ``n`` shared prompts."""
+    """Base and trained completion (first sample) with its reward on the first ``n`` shared prompts
+    (``responses``/``rewards``: ``base`` and ``trained``, the run shown)."""
     keyed = {p: responses[p].merge(rewards[p][["prompt_id", "sample_idx", "reward"]], on=["prompt_id", "sample_idx"])
              for p in responses}
     shared = set(keyed["base"]["prompt_id"]) & set(keyed["trained"]["prompt_id"])
@@ -106,46 +120,148 @@ def sample_table(prompts: pd.DataFrame, responses: dict[str, pd.DataFrame], rewa
     return Table(["prompt"] + ["reference"] * has_ref + ["base completion", "trained completion"], rows, long=True)
 
 
-def _rl_report(exp: str, cfg: Experiment, s: dict, metrics: pd.DataFrame | None, out: Path, tables: dict | None,
+def describe(c: dict | None, digits: int = 3) -> str:
+    """'base 0.016 → trained 0.008, difference −0.008 (95% CI [−0.023, +0.008])' of a comparison."""
+    if c is None:
+        return "n/a"
+    base, trained = c.get("base", c.get("base_mean")), c.get("trained", c.get("trained_mean"))
+    return (f"base {fmt(base, digits)} → trained {fmt(trained, digits)}, difference "
+            f"{fmt(c.get('diff_mean'), digits, signed=True)} (95% CI {fmt_ci(c.get('diff_ci95'))})")
+
+
+def quantity_label(q: str) -> str:
+    """'accuracy/gsm8k_xml' -> 'accuracy gsm8k_xml', 'pass@4/gsm8k_xml' -> 'pass@4 gsm8k_xml'."""
+    return q.replace("/", " ", 1) if "/" in q else "total reward" if q == "reward" else q
+
+
+def lead_lines(s: dict) -> list[str]:
+    """The report's first lines: the primary accuracy (with pass@k and maj@k) and then the reward, each with
+    its paired interval over prompts and, with several seeds, the spread across seeds."""
+    from rlmeta.evaluation.evaluate import headline_quantities, lookup
+
+    n_prompts = s["reward"].get("n_prompts")
+    lines = []
+    for q in headline_quantities(s):
+        label = quantity_label(q)
+        line = f"{label[:1].upper()}{label[1:]}: {describe(lookup(s, q))}"
+        a = s.get("across_seeds", {}).get(q)
+        if a is not None and a["n_seeds"] > 1:
+            line += (f"; across {a['n_seeds']} seeds: mean {fmt(a['mean'], signed=True)} (95% t-interval "
+                     f"{fmt_ci(a['ci95'])}), IQM {fmt(a['iqm'], signed=True)} ({fmt_ci(a['iqm_ci95'])})")
+        lines.append(line)
+    runs = len(s.get("runs", {})) or 1
+    lines.append(f"Paired bootstrap over {n_prompts} held-out prompts"
+                 + (f"; trained = the mean of {runs} training seeds per prompt." if runs > 1 else "."))
+    return lines
+
+
+def seeds_section(s: dict, out: Path, exp: str) -> Section:
+    """Every seed's paired difference of the headline quantities, and their mean and IQM across seeds."""
+    from rlmeta.evaluation.evaluate import headline_quantities, lookup
+
+    quantities = headline_quantities(s)
+    rows = []
+    for label, block in s.get("runs", {}).items():
+        rows.append([label] + [f"{fmt((lookup(block, q) or {}).get('diff_mean'), signed=True)} "
+                               f"{fmt_ci((lookup(block, q) or {}).get('diff_ci95'))}" for q in quantities])
+    across = s.get("across_seeds", {})
+    for name, mid, ci in (("mean (t-interval)", "mean", "ci95"), ("IQM (bootstrap over seeds)", "iqm", "iqm_ci95")):
+        rows.append([name] + [f"{fmt(across[q][mid], signed=True)} {fmt_ci(across[q][ci])}" if q in across else "n/a"
+                              for q in quantities])
+    plots.seeds_plot(s, out / RL_PLOTS[3], f"{exp}: trained − base per training seed")
+    n = len(s.get("runs", {}))
+    text = [f"{n} training seed(s), each evaluated against the same base responses. A row per seed: its paired "
+            "difference over prompts (trained − base) with a 95% bootstrap interval over prompts. Across seeds: the "
+            "mean with a t-interval and the interquartile mean with a percentile bootstrap over seeds (Agarwal et "
+            "al. 2021; with fewer than 4 seeds the IQM equals the mean)."]
+    if n < 2:
+        text.append("With one seed nothing is known about the spread across training runs: set `seeds` in the "
+                    "experiment for an interval across seeds.")
+    return Section("Training seeds", text, tables=[Table(["run"] + [quantity_label(q) for q in quantities], rows)],
+                   images=[(RL_PLOTS[3], "per-seed differences")])
+
+
+def training_sections(exp: str, runs: dict[str, Run], out: Path, prompts: pd.DataFrame | None) -> list[Section]:
+    """Training curves (first run), evaluation during training (every run) and a rollout excerpt (first run)."""
+    from rlmeta.report.training import eval_curve_figure, rollout_excerpt
+
+    sections = []
+    first_label, first = next(iter(runs.items()))
+    if first.metrics is not None and len(first.metrics):
+        plots.training_curves(first.metrics, out / RL_PLOTS[0], f"{exp}: training curves ({first_label})")
+        sections.append(Section("Training curves", [
+            f"{first_label}: {len(first.metrics)} steps recorded, {fmt(float(first.metrics['step_seconds'].sum()), 1)} "
+            "s of training in all. The shaded band is ± one standard deviation of the rollout rewards at each step."
+            + (f" The other {len(runs) - 1} seed(s) have their own train_metrics.parquet." if len(runs) > 1 else "")],
+            images=[(RL_PLOTS[0], "training curves")]))
+    else:
+        plots.training_curves(pd.DataFrame({"step": []}), out / RL_PLOTS[0], f"{exp}: no training metrics")
+    curves = {label: r.curve for label, r in runs.items() if r.curve is not None}
+    eval_curve_figure(curves, out / RL_PLOTS[4], f"{exp}: held-out evaluation during training")
+    if any(len(c) for c in curves.values()):
+        sections.append(Section("Evaluation during training", [
+            "The policy on held-out prompts before training, every train.eval_every steps and after the last step "
+            "(eval_curve.parquet of each seed): a run that collapses shows here while it trains."],
+            images=[(RL_PLOTS[4], "evaluation during training")]))
+    if first.rollouts is not None and len(first.rollouts) and prompts is not None:
+        excerpt = rollout_excerpt(first.rollouts, prompts)
+        if excerpt:
+            cols = list(excerpt[0])
+            sections.append(Section("Training rollouts: best and worst completion of a group", [
+                f"From {first_label}'s rollouts/ (every training completion with its rewards and advantage): at a few "
+                "steps, the group with the widest reward spread, its best and its worst completion."],
+                tables=[Table(cols, [[_cut(str(r[c])) for c in cols] for r in excerpt], long=True,
+                             item="Rollout group")]))
+    return sections
+
+
+def _rl_report(exp: str, cfg: Experiment, s: dict, runs: dict[str, Run], out: Path, tables: dict | None,
                n_samples: int) -> Report:
+    from rlmeta.evaluation.evaluate import reward_gaming
+
     r = s["reward"]
     key = [
         ("Reward, base (mean per prompt)", fmt(r["base_mean"])),
         ("Reward, trained (mean per prompt)", fmt(r["trained_mean"])),
         ("Difference trained − base", f"{fmt(r['diff_mean'], signed=True)} (95% CI {fmt_ci(r['diff_ci95'])})"),
         ("Prompts × completions per policy", f"{r['n_prompts']} prompts, {r.get('n_samples')} completions"),
+        ("Training seeds", ", ".join(s.get("runs", {})) or "one"),
     ]
     for name, a in s.get("accuracy", {}).items():
         key.append((f"Accuracy {name}: base → trained", f"{fmt(a['base'])} → {fmt(a['trained'])}"))
     length = s["length"]
     key.append(("Completion length (tokens): base → trained",
                 f"{fmt(length['base'], 1)} → {fmt(length['trained'], 1)}"))
-    sections = []
-    if metrics is not None and len(metrics):
-        plots.training_curves(metrics, out / RL_PLOTS[0], f"{exp}: training curves")
-        sections.append(Section("Training curves", [
-            f"{len(metrics)} steps recorded, {fmt(float(metrics['step_seconds'].sum()), 1)} s of training in all. "
-            "The shaded band is ± one standard deviation of the rollout rewards at each step."],
-            images=[(RL_PLOTS[0], "training curves")]))
+    sections = training_sections(exp, runs, out, None if tables is None else tables["prompts"])
     comp = {"total reward": r, **s.get("components", {})}
     sec = Section("Base versus trained on the held-out prompts", [
         "Each prompt's completions are averaged per policy; the difference is trained − base per prompt, and "
         f"the 95% interval comes from {s['bootstrap']['resamples']} paired bootstrap resamples of the prompts "
-        f"(seed {s['bootstrap']['seed']}). Components are unweighted; the total is the weighted sum."],
+        f"(seed {s['bootstrap']['seed']}). Components are unweighted; the total is the weighted sum."
+        + (" With several training seeds, trained is every seed's completions pooled per prompt."
+           if len(s.get("runs", {})) > 1 else "")],
         tables=[_comparison_table(comp, "reward", weights=True)],
         images=[(RL_PLOTS[2], "paired differences")])
     plots.paired_differences(s, out / RL_PLOTS[2], f"{exp}: trained − base with 95% bootstrap intervals")
     if tables is not None:
-        frames = {p: tables["rewards"][p] for p in ("base", "trained")}
-        plots.reward_distributions(frames, list(s.get("components", {})), out / RL_PLOTS[1],
-                                   f"{exp}: reward distributions")
+        trained = pd.concat([df for label, df in tables["rewards"].items() if label != "base"])
+        plots.reward_distributions({"base": tables["rewards"]["base"], "trained": trained},
+                                   list(s.get("components", {})), out / RL_PLOTS[1], f"{exp}: reward distributions")
         sec.images.insert(0, (RL_PLOTS[1], "reward distributions"))
     sections.append(sec)
+    sections.append(seeds_section(s, out, exp))
     metrics_sec = Section("Task metrics", [
         "Accuracy uses the reference answer; format rates are shares of completions. "
-        "'stopped' is the share that ended with a stop token rather than the length limit."])
+        "'stopped' is the share that ended with a stop token rather than the length limit. pass@k is the unbiased "
+        "estimator of Chen et al. 2021 (at least one of k samples correct), maj@k the majority answer of the first "
+        "k samples (ties: the answer seen first), mean@k the plain accuracy."])
     if s.get("accuracy"):
-        metrics_sec.tables.append(_comparison_table(s["accuracy"], "accuracy", "base", "trained"))
+        metrics_sec.tables.append(_comparison_table(s["accuracy"], "accuracy (mean@k)", "base", "trained"))
+    for kind, label in (("pass_at_k", "pass@k"), ("maj_at_k", "maj@k")):
+        entries = {f"{label.replace('k', k)} {name}": c for name, byk in s.get(kind, {}).items()
+                   for k, c in sorted(byk.items(), key=lambda kv: int(kv[0]))}
+        if entries:
+            metrics_sec.tables.append(_comparison_table(entries, label, "base", "trained"))
     metrics_sec.tables.append(_comparison_table(s.get("format", {}), "format", "base", "trained"))
     metrics_sec.tables.append(_comparison_table({"completion length (tokens)": s["length"]}, "length", "base",
                                                 "trained"))
@@ -156,11 +272,15 @@ def _rl_report(exp: str, cfg: Experiment, s: dict, metrics: pd.DataFrame | None,
         sections.append(Section("Per subject", ["Mean over the completions of each MATH subject."], tables=[Table(
             ["subject", "prompts", "reward base", "reward trained", "accuracy base", "accuracy trained"], rows)]))
     if tables is not None:
+        label = next(p for p in tables["responses"] if p != "base")
+        shown = {k: {"base": v["base"], "trained": v[label]} for k, v in tables.items() if k != "prompts"}
         sections.append(Section("Sample completions on the same prompts", [
-            f"The first sample of each policy on the first {n_samples} held-out prompts (texts are cut at "
-            f"{MAX_CHARS} characters)."],
-            tables=[sample_table(tables["prompts"], tables["responses"], tables["rewards"], n_samples)]))
-    return Report(f"{exp}: {cfg.algorithm.upper()} report", key, sections)
+            f"The first sample of the base policy and of {label} on the first {n_samples} held-out prompts (texts are "
+            f"cut at {MAX_CHARS} characters)."],
+            tables=[sample_table(tables["prompts"], shown["responses"], shown["rewards"], n_samples)]))
+    warning = reward_gaming(s)
+    return Report(f"{exp}: {cfg.algorithm.upper()} report", key, sections, lead=lead_lines(s),
+                  warnings=[warning] if warning else [])
 
 
 def _fomaml_report(exp: str, cfg: Experiment, s: dict, metrics: pd.DataFrame | None, out: Path) -> Report:
@@ -191,17 +311,19 @@ def _fomaml_report(exp: str, cfg: Experiment, s: dict, metrics: pd.DataFrame | N
 
 
 def build_report(exp: str, cfg: Experiment, summary: dict, metrics: pd.DataFrame | None, out_dir: str | Path,
-                 tables: dict | None = None) -> Report:
+                 tables: dict | None = None, runs: dict[str, Run] | None = None) -> Report:
     """Draw the figures into ``out_dir`` and return the report of one experiment.
 
-    ``tables`` (RL only): prompts, responses {base, trained} and rewards {base, trained} DataFrames.
+    ``metrics``: FOMAML's train_metrics; RL: ``runs`` (label -> its tables; a bare ``metrics`` is taken as the
+    one run) and ``tables``: prompts, responses {base, <label>...} and rewards {base, <label>...} DataFrames.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.algorithm == "fomaml":
         rep = _fomaml_report(exp, cfg, summary, metrics, out)
     else:
-        rep = _rl_report(exp, cfg, summary, metrics, out, tables, cfg.eval.report_samples)
+        runs = runs or {next(iter(summary.get("runs", {"trained": None}))): Run(metrics=metrics)}
+        rep = _rl_report(exp, cfg, summary, runs, out, tables, cfg.eval.report_samples)
     ck = summary.get("checkpoint") or {}
     rep.meta = [(k, str(v)) for k, v in [
         ("experiment", exp), ("algorithm", cfg.algorithm), ("backend", cfg.backend),
@@ -253,7 +375,10 @@ def _md_cell(x) -> str:
 
 def to_markdown(rep: Report) -> str:
     """Markdown with relative image links (the PNGs sit next to report.md)."""
-    out = [f"# {rep.title}", "", "## Key numbers", ""]
+    out = [f"# {rep.title}", ""]
+    out += [f"> **Warning.** {w}\n" for w in rep.warnings]
+    out += [f"**{line}**" if i == 0 else line for i, line in enumerate(rep.lead)] + ([""] if rep.lead else [])
+    out += ["## Key numbers", ""]
     out += [f"- **{k}**: {v}" for k, v in rep.key_numbers] + [""]
     for sec in rep.sections:
         out += [f"## {sec.title}", ""] + [t + "\n" for t in sec.text]
@@ -262,7 +387,7 @@ def to_markdown(rep: Report) -> str:
         for tb in sec.tables:
             if tb.long:
                 for i, row in enumerate(tb.rows, 1):
-                    out += [f"### Example {i}", ""]
+                    out += [f"### {tb.item} {i}", ""]
                     for col, val in zip(tb.columns, row):
                         out += [f"**{col}**", "", _fence(str(val)), ""]
             else:
@@ -281,7 +406,8 @@ vertical-align:top;text-align:left}th{background:#eef2f6}td.num{text-align:right
 pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:.88em}
 table.long{width:100%;table-layout:fixed}table.long col.narrow{width:11%}table.long col.mid{width:20%}
 img{max-width:100%;border:1px solid #ddd;margin:.5em 0}.meta{color:#555;font-size:.85em}
-.warn{background:#fff4e5;border:1px solid #f0a030;border-radius:6px;padding:.6em 1.2em}"""
+.warn{background:#fff4e5;border:1px solid #f0a030;border-radius:6px;padding:.6em 1.2em;margin:.8em 0}
+.lead p{margin:.25em 0}.lead p.headline{font-size:1.25em;font-weight:600}.lead p.sub{color:#333}"""
 
 
 def _img(path: Path, alt: str) -> str:
@@ -293,8 +419,14 @@ def to_html(rep: Report, image_dir: str | Path) -> str:
     """Self-contained HTML: images from ``image_dir`` inlined as data URIs; all text escaped."""
     e = html.escape
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(rep.title)}</title>"
-             f"<style>{CSS}</style></head><body><h1>{e(rep.title)}</h1>",
-             "<section class='key' id='key-numbers'><h2>Key numbers</h2><dl>"]
+             f"<style>{CSS}</style></head><body><h1>{e(rep.title)}</h1>"]
+    parts += [f"<div class='warn' id='reward-accuracy-warning' role='alert'><strong>Warning.</strong> {e(w)}</div>"
+              for w in rep.warnings]
+    if rep.lead:
+        parts.append("<section class='lead' id='lead'>" + "".join(
+            f"<p class='{'headline' if i == 0 else 'sub'}'>{e(line)}</p>" for i, line in enumerate(rep.lead))
+            + "</section>")
+    parts.append("<section class='key' id='key-numbers'><h2>Key numbers</h2><dl>")
     parts += [f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in rep.key_numbers]
     parts.append("</dl></section>")
     for sec in rep.sections:
@@ -327,6 +459,12 @@ def _read(path) -> pd.DataFrame:
     return read_table(path).to_pandas()
 
 
+def _read_folder(path) -> pd.DataFrame | None:
+    """Every parquet file of a folder (rollouts/), in name order, as one DataFrame; None when it has none."""
+    files = sorted(Path(path).glob("*.parquet"))
+    return pd.concat([_read(f) for f in files], ignore_index=True) if files else None
+
+
 def command(p: argparse.ArgumentParser):
     """``rlmeta report``: report.md, report.html and the figures of one experiment into --out-dir."""
     from rlmeta.cli import existing_file, settings_type
@@ -336,25 +474,35 @@ def command(p: argparse.ArgumentParser):
     p.add_argument("--config", required=True, type=settings_type(Experiment, "config"),
                    help="the experiment's config block (JSON or a file)")
     p.add_argument("--summary", required=True, type=existing_file, help="eval/summary.json")
-    p.add_argument("--metrics", type=existing_file, help="train_metrics.parquet (training curves)")
+    p.add_argument("--metrics", type=existing_file, help="FOMAML: train_metrics.parquet (meta-training curves)")
     p.add_argument("--prompts", type=existing_file, help="prompts.parquet (RL: sample completions)")
-    for pol in ("base", "trained"):
-        p.add_argument(f"--responses-{pol}", type=existing_file, help=f"responses/{pol}.parquet (RL)")
-        p.add_argument(f"--rewards-{pol}", type=existing_file, help=f"rewards/{pol}.parquet (RL)")
+    p.add_argument("--responses-base", type=existing_file, help="responses/base.parquet (RL)")
+    p.add_argument("--rewards-base", type=existing_file, help="rewards/base.parquet (RL)")
+    p.add_argument("--run", nargs=6, action="append", default=[],
+                   metavar=("LABEL", "METRICS", "CURVE", "ROLLOUTS", "RESPONSES", "REWARDS"),
+                   help="RL: a training run: its label (seed<N>), train_metrics.parquet, eval_curve.parquet, "
+                        "rollouts folder, and held-out responses and rewards parquet; repeat per seed")
     p.add_argument("--out-dir", required=True, help="folder for report.md, report.html and the PNGs")
 
     def run(a):
+        from rlmeta.errors import UserError
         from rlmeta.io import write_text
 
         t0 = time.perf_counter()
         summary = json.loads(Path(a.summary).read_text())
         metrics = _read(a.metrics) if a.metrics else None
+        for label, *paths in a.run:
+            for path in paths:
+                if not Path(path).exists():
+                    raise UserError(f"--run {label}: {path}: no such file or folder")
+        runs = {label: Run(metrics=_read(m), curve=_read(c), rollouts=_read_folder(r))
+                for label, m, c, r, _, _ in a.run} or None
         tables = None
-        if a.prompts and a.responses_base and a.responses_trained and a.rewards_base and a.rewards_trained:
+        if a.prompts and a.responses_base and a.rewards_base and a.run:
             tables = {"prompts": _read(a.prompts),
-                      "responses": {"base": _read(a.responses_base), "trained": _read(a.responses_trained)},
-                      "rewards": {"base": _read(a.rewards_base), "trained": _read(a.rewards_trained)}}
-        rep = build_report(a.experiment, a.config, summary, metrics, a.out_dir, tables)
+                      "responses": {"base": _read(a.responses_base), **{x[0]: _read(x[4]) for x in a.run}},
+                      "rewards": {"base": _read(a.rewards_base), **{x[0]: _read(x[5]) for x in a.run}}}
+        rep = build_report(a.experiment, a.config, summary, metrics, a.out_dir, tables, runs)
         out = Path(a.out_dir)
         write_text(out / "report.md", to_markdown(rep))
         write_text(out / "report.html", to_html(rep, out))

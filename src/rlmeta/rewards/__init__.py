@@ -32,6 +32,9 @@ class RewardSpec:
     description: str
     range: tuple[float, float] = (0.0, 1.0)
     batched: bool = False
+    answer: Callable[[str], str | None] | None = None
+    """For an accuracy: the completion's final answer, normalised so that equal answers compare equal
+    (majority voting, maj@k, groups completions by it); None where the scorer has no single answer."""
 
     @property
     def params(self) -> dict[str, inspect.Parameter]:
@@ -78,13 +81,15 @@ class RewardSpec:
 REGISTRY: dict[str, RewardSpec] = {}
 
 
-def register(name: str, description: str, *, batched: bool = False, range: tuple[float, float] = (0.0, 1.0)):
-    """Decorator: add a reward function to ``REGISTRY`` under ``name`` (its parameters are checked now)."""
+def register(name: str, description: str, *, batched: bool = False, range: tuple[float, float] = (0.0, 1.0),
+             answer: Callable[[str], str | None] | None = None):
+    """Decorator: add a reward function to ``REGISTRY`` under ``name`` (its parameters are checked now);
+    ``answer`` extracts the final answer an accuracy scores (``RewardSpec.answer``)."""
     def wrap(fn: Callable) -> Callable:
         if name in REGISTRY and REGISTRY[name].fn is not fn:
             raise ValueError(f"reward '{name}' is registered twice ({REGISTRY[name].fn.__module__} and "
                              f"{fn.__module__})")
-        spec = RewardSpec(name, fn, description, range, batched)
+        spec = RewardSpec(name, fn, description, range, batched, answer)
         spec.params  # noqa: B018 - raises on **kwargs or parameters without defaults
         REGISTRY[name] = spec
         return fn

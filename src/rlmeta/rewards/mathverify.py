@@ -19,7 +19,7 @@ import time
 from collections import deque
 from multiprocessing.connection import wait
 
-from rlmeta.answers import last_boxed
+from rlmeta.answers import boxed_key, last_boxed
 from rlmeta.rewards import register
 
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # its own timeout/parse warnings
@@ -58,7 +58,8 @@ def verify_one(completion: str, reference=None, timeout_s: float = 5.0) -> float
         return 0.0
 
 
-@register("math_correct", "math-verify equivalence of the last \\boxed{} with the reference", batched=True)
+@register("math_correct", "math-verify equivalence of the last \\boxed{} with the reference", batched=True,
+          answer=boxed_key)
 def math_correct(completions, references, prompts=None, timeout_s: float = 5.0, workers: int = 2) -> list[float]:
     """Batched: 1.0 per completion whose last ``\\boxed{}`` math-verify finds equal to its reference.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from rlmeta.answers import last_number, numbers_equal, strict_gsm8k, to_float, xml_answer
+from rlmeta.answers import last_number, number_key, numbers_equal, strict_gsm8k, to_float, xml_answer
 from rlmeta.rewards import register
 
 _STRICT = re.compile(r"<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n?", re.DOTALL)
@@ -63,17 +63,24 @@ def _accuracy(pred: str | None, reference) -> float:
     return 1.0 if reference is not None and numbers_equal(pred, str(reference)) else 0.0
 
 
-@register("gsm8k_strict", "accuracy: the number after '####' equals the reference (lm-evaluation-harness strict-match)")
+@register("gsm8k_strict", "accuracy: the number after '####' equals the reference (lm-evaluation-harness strict-match)",
+          answer=lambda c: number_key(strict_gsm8k(c or "")))
 def gsm8k_strict(completion: str, reference=None, prompt=None) -> float:
     return _accuracy(strict_gsm8k(completion or ""), reference)
 
 
-@register("gsm8k_flexible", "accuracy: the last number equals the reference (lm-evaluation-harness flexible-extract)")
+@register("gsm8k_flexible", "accuracy: the last number equals the reference (lm-evaluation-harness flexible-extract)",
+          answer=lambda c: number_key(last_number(c or "")))
 def gsm8k_flexible(completion: str, reference=None, prompt=None) -> float:
     return _accuracy(last_number(completion or ""), reference)
 
 
-@register("gsm8k_xml", "accuracy: the last number inside <answer>...</answer> equals the reference")
+@register("gsm8k_xml", "accuracy: the last number inside <answer>...</answer> equals the reference",
+          answer=lambda c: number_key(_xml_number(c)))
 def gsm8k_xml(completion: str, reference=None, prompt=None) -> float:
+    return _accuracy(_xml_number(completion), reference)
+
+
+def _xml_number(completion: str | None) -> str | None:
     ans = xml_answer(completion or "")
-    return _accuracy(None if ans is None else last_number(ans), reference)
+    return None if ans is None else last_number(ans)

@@ -3,8 +3,9 @@
 A checkpoint ``<out>/<step>/`` is a portable model folder (``rlmeta.checkpoints.save_mlx``:
 transformers and ``mlx_lm.load`` open it as-is) plus ``optimizer.safetensors`` (the flattened AdamW
 state), ``adapter/`` (LoRA runs: the unmerged adapters training resumes from),
-``trainer_state.json`` (step, counters, numpy/sampler/UED state, the run's spec) and the metrics
-rows so far. No pickle. The folder is built aside and renamed in, its marker written last.
+``trainer_state.json`` (step, counters, numpy/sampler/UED state, the run's spec), the metrics
+rows so far, the evaluation rows so far and the rollouts since the previous checkpoint
+(``rlmeta.rl.evidence``). No pickle. The folder is built aside and renamed in, its marker written last.
 
 MLX has no setter for its global PRNG key, so the trainer reseeds ``mx.random`` from
 ``(seed, step)`` before every rollout and update: the key at a step boundary is a function of
@@ -68,8 +69,9 @@ def rng_key() -> list[int]:
     return [int(v) for v in np.array(mx.random.state[0]).ravel()]
 
 
-def save_checkpoint(path: str | Path, policy, optimizer, state: dict, metrics) -> Path:
-    """Write a complete checkpoint folder atomically (see the module docstring); ``metrics``: a MetricsTable."""
+def save_checkpoint(path: str | Path, policy, optimizer, state: dict, metrics, more=None) -> Path:
+    """Write a complete checkpoint folder atomically (see the module docstring); ``metrics``: a MetricsTable;
+    ``more(folder)``: writes further files into the folder being built (the evaluation rows, the rollouts)."""
     from rlmeta.io import write_json
     from rlmeta.policy.lora import mlx_merged_weights, save_adapter
     from rlmeta.tracking import METRICS_FILE
@@ -80,6 +82,8 @@ def save_checkpoint(path: str | Path, policy, optimizer, state: dict, metrics) -
         mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
         write_json(tmp / STATE_FILE, {**state, "mx_random_key": rng_key()})
         metrics.write(tmp / METRICS_FILE)
+        if more is not None:
+            more(tmp)
 
     return checkpoints.save_mlx(mlx_merged_weights(policy.model), policy.config, policy.tokenizer, path,
                                 policy.source, extra=extra, step=state["step"])

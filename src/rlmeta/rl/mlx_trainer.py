@@ -11,7 +11,9 @@ The learning rate follows ``rlmeta.schedules.mlx_schedule`` over optimizer updat
 
 Checkpoints (``mlx_state``) land in ``<out>/<step>/`` every ``checkpoint_every`` steps; a rerun
 resumes from the latest complete one and ends where an uninterrupted run would, with every step's
-metrics row. The final merged model goes to ``<out>/final``; ``train_metrics.parquet`` is written
+metrics row, every evaluation row and every rollout (``rlmeta.rl.evidence``: held-out evaluations before the
+first step, every ``eval_every`` steps and after the last; each training completion with its rewards and
+advantage). The final merged model goes to ``<out>/final``; ``train_metrics.parquet`` is written
 when training ends. Metrics use the TRL trainer's train_metrics columns, one row per step.
 """
 from __future__ import annotations
@@ -36,13 +38,14 @@ from rlmeta.policy.mlx_policy import pad_batch, sequence_logprobs
 from rlmeta.prompts import train_rows
 from rlmeta.provenance import write_training_record
 from rlmeta.rl import mlx_state
+from rlmeta.rl.evidence import CHUNKS_DIR, EvalCurve, RolloutLog, eval_line, rollout_records
 from rlmeta.rl.objectives import group_advantages
 from rlmeta.rl.objectives_mlx import policy_loss
 from rlmeta.rl.ued import UEDSampler
 from rlmeta.schedules import mlx_schedule
 from rlmeta.scoring import score
 from rlmeta.settings import RLJob, WandbSettings
-from rlmeta.tracking import DivergenceGuard, MetricsTable, wandb_run
+from rlmeta.tracking import DivergenceGuard, MetricsTable, log_eval, wandb_run
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,8 @@ log = logging.getLogger(__name__)
 class MLXTrainer:
     """Policy, reference, optimizer, prompt sampler and step counter of one MLX GRPO/GSPO run."""
 
-    def __init__(self, model_dir: str | Path, prompts_path: str | Path, job: RLJob, seed: int = 0):
+    def __init__(self, model_dir: str | Path, prompts_path: str | Path, job: RLJob, seed: int = 0,
+                 out_dir: str | Path | None = None):
         self.job, self.t, self.seed = job, job.train, seed
         self.level = "sequence" if job.algorithm == "gspo" else "token"
         self.eps_low, self.eps_high = job.epsilons
@@ -81,6 +85,9 @@ class MLXTrainer:
         self.guard = DivergenceGuard(self.t.guard, job.reward_floor, "train.guard", checkpoints.weights_finite)
         self.step, self.tokens = 0, 0
         self._metrics: dict = {}
+        self.curve = EvalCurve(prompts_path, job, seed, self.t.steps)
+        chunks = Path(out_dir) / CHUNKS_DIR if out_dir is not None else None
+        self.rollouts = RolloutLog(list(job.rewards), chunks, enabled=self.t.log_rollouts)
 
     # -- rollout ---------------------------------------------------------------------------
     def rollout(self) -> dict:
@@ -105,6 +112,9 @@ class MLXTrainer:
         if self.ref is not None:
             batch["ref"] = self.reference_logprobs(ids, plen, mask)
         lens = np.array([len(x.token_ids) for x in gens])
+        self.rollouts.add(rollout_records(
+            self.step, [r["prompt_id"] for r in rows], [x.prompt_index for x in gens], [x.sample_idx for x in gens],
+            [x.text for x in gens], s.total, s.components, adv, lens, [x.finish_reason == "length" for x in gens]))
         spread = s.total.reshape(-1, g).std(axis=1)
         stats = {"reward_mean": float(s.total.mean()),
                  "reward_std": float(s.total.std(ddof=1)) if s.total.size > 1 else 0.0,
@@ -122,11 +132,12 @@ class MLXTrainer:
 
     # -- update ----------------------------------------------------------------------------
     def _loss(self, model, ids, plen, mask, old, ref, adv, num_items):
-        logp = sequence_logprobs(model, ids, plen, mask, self.t.temperature)
+        # the entropies come from the same forward pass (no gradient): a metric, a collapse shows in it first
+        logp, entropy = sequence_logprobs(model, ids, plen, mask, self.t.temperature, entropy=True)
         loss, self._metrics = policy_loss(
             logp, old, ref, adv, mask, level=self.level, eps_low=self.eps_low, eps_high=self.eps_high,
             beta=self.t.beta, loss_type=self.t.loss_type, max_completion_length=self.t.max_new_tokens,
-            num_items=num_items)
+            num_items=num_items, entropy=entropy)
         return loss
 
     def _chunks(self, batch: dict) -> list[slice]:
@@ -164,7 +175,7 @@ class MLXTrainer:
             loss_total += loss.item() * w
             mw = rows_w if self.level == "sequence" else tok_w
             for k, v in self._metrics.items():
-                metrics[k] = metrics.get(k, 0.0) + v * (tok_w if k == "kl" else mw)
+                metrics[k] = metrics.get(k, 0.0) + v * (tok_w if k in ("kl", "entropy") else mw)
         return grads, loss_total, metrics
 
     def apply(self, grads: dict) -> dict:
@@ -202,7 +213,7 @@ class MLXTrainer:
         mean = lambda k: float(np.mean([u[k] for u in updates]))
         row = {"step": self.step, "loss": mean("loss"), "kl": mean("kl") if self.ref is not None else None,
                "clip_ratio": mean("clip_ratio"), "grad_norm": mean("grad_norm"), "lr": updates[-1]["lr"],
-               "tokens": self.tokens, **ro["stats"], "param_norm": self.param_norm(),
+               "tokens": self.tokens, **ro["stats"], "param_norm": self.param_norm(), "entropy": mean("entropy"),
                "step_seconds": time.perf_counter() - t0}
         return {**row, "updates": updates, "indices": ro["indices"]}
 
@@ -213,7 +224,7 @@ class MLXTrainer:
                 "next_rollout_seed": derive_seed(self.seed, "rollout", self.step)}
 
     def save(self, path: str | Path, metrics: MetricsTable) -> Path:
-        return mlx_state.save_checkpoint(path, self.policy, self.optimizer, self.state(), metrics)
+        return mlx_state.save_checkpoint(path, self.policy, self.optimizer, self.state(), metrics, more=self.curve.save)
 
     def load(self, ckpt: str | Path) -> None:
         """Resume from a checkpoint written by ``save``."""
@@ -223,6 +234,8 @@ class MLXTrainer:
         self.sampler.load_state_dict(state["sampler"])
         self.guard.restore(state.get("guard", {}))
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.curve.restore(ckpt, self.step)
+        self.rollouts.restore(self.step)
 
     def resumable(self, ckpt: Path) -> bool:
         """True when ``ckpt`` was written by a run of this spec (and the same sampler)."""
@@ -238,17 +251,29 @@ def progress(row: dict, steps: int) -> str:
             f"{row['step_seconds']:.2f}s/step")
 
 
+def evaluate_if_due(trainer: MLXTrainer, run) -> None:
+    """The evaluation during training at this step, when one is due: a row, a W&B log and a stderr line."""
+    if trainer.curve.due(trainer.step):
+        row = trainer.curve.evaluate(trainer.policy, trainer.step)
+        log_eval(run, row, trainer.step)
+        print(eval_line(row), file=sys.stderr, flush=True)
+
+
 def train_mlx(model_dir: str | Path, prompts_path: str | Path, job: RLJob, out_dir: str | Path,
               metrics_path: str | Path, wandb: WandbSettings | None = None, seed: int = 0,
-              stop_after: int | None = None) -> Path:
+              stop_after: int | None = None, curve_path: str | Path | None = None,
+              rollouts_path: str | Path | None = None) -> Path:
     """Train and return ``<out_dir>/final``; resumes from the latest complete ``<out_dir>/<step>/``.
+
+    ``curve_path``: the eval_curve parquet, ``rollouts_path``: the rollouts folder, both written when training
+    ends (not written when None).
 
     ``stop_after``: return after this many steps of this call without the final save, as a
     killed run would (tests); returns the last checkpoint (or None).
     """
     out_dir = Path(out_dir)
     wandb = wandb or WandbSettings()
-    trainer = MLXTrainer(model_dir, prompts_path, job, seed)
+    trainer = MLXTrainer(model_dir, prompts_path, job, seed, out_dir)
     metrics = MetricsTable([f"reward/{n}" for n in job.rewards])
     ckpt = checkpoints.latest(out_dir, readable=lambda p: mlx_state.read_state(p) is not None)
     if ckpt is not None and not trainer.resumable(ckpt):
@@ -258,11 +283,14 @@ def train_mlx(model_dir: str | Path, prompts_path: str | Path, job: RLJob, out_d
         trainer.load(ckpt)
         metrics.restore(ckpt, trainer.step)
         log.info("resuming %s at step %d", ckpt, trainer.step)
+    else:
+        trainer.rollouts.restore(0)  # chunks of an earlier run of another spec (or none)
     steps, every = trainer.t.steps, trainer.t.checkpoint_every
     config = {**trainer.spec, "out_dir": str(out_dir), "backend": "mlx"}
     done = 0
     trainer.guard.begin(trainer.param_norm())  # the weights' norm before the first update (unless resumed)
     with wandb_run(wandb, checkpoints.run_name(out_dir), out_dir, config) as run:
+        evaluate_if_due(trainer, run)  # the starting policy (step 0), unless resumed
         while trainer.step < steps:
             if stop_after is not None and done >= stop_after:
                 return ckpt
@@ -273,12 +301,19 @@ def train_mlx(model_dir: str | Path, prompts_path: str | Path, job: RLJob, out_d
             run.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=row["step"])
             print(progress(row, steps), file=sys.stderr, flush=True)
             trainer.guard.check(row["step"], row, row["param_norm"])  # raises on NaN/inf or divergence
+            evaluate_if_due(trainer, run)
             if trainer.step % every == 0:
                 path = out_dir / str(trainer.step)
                 trainer.guard.record_checkpoint(trainer.step, path)  # part of the state the checkpoint saves
+                trainer.rollouts.checkpoint(run, trainer.step)  # before the checkpoint: a resume drops later rows
                 ckpt = trainer.save(path, metrics)
+        trainer.rollouts.log_pending(run, trainer.step)
     final = trainer.policy.save(out_dir / "final", extra=lambda tmp: write_training_record(tmp, seed, trainer.spec))
     metrics.write(metrics_path)
+    if curve_path is not None:
+        trainer.curve.write(curve_path)
+    if rollouts_path is not None:
+        trainer.rollouts.write(rollouts_path)
     log.info("saved %s", final)
     return final
 
@@ -288,4 +323,5 @@ def command(p: argparse.ArgumentParser):
     from rlmeta.cli import add_training_arguments
 
     add_training_arguments(p, "folder for <step>/ checkpoints and final/")
-    return lambda a: train_mlx(a.model, a.prompts, a.job, a.out, a.metrics, a.wandb, a.seed)
+    return lambda a: train_mlx(a.model, a.prompts, a.job, a.out, a.metrics, a.wandb, a.seed,
+                               curve_path=a.eval_curve, rollouts_path=a.rollouts)

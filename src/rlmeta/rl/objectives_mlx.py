@@ -23,6 +23,13 @@ def group_advantages(rewards: mx.array, group_size: int, scale: str = "group", e
     return adv.reshape(rewards.shape)
 
 
+def token_entropy(logits: mx.array) -> mx.array:
+    """Entropy (nats) of ``softmax(logits)`` along the last axis: ``logsumexp(z) - sum(softmax(z) * z)``."""
+    logits = logits.astype(mx.float32)
+    lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+    return (lse - (mx.exp(logits - lse) * logits).sum(axis=-1, keepdims=True)).squeeze(-1)
+
+
 def _aggregate(per_token, mask, loss_type, max_completion_length, num_items):
     n, t = mask.shape
     if loss_type == "grpo":
@@ -36,8 +43,11 @@ def _aggregate(per_token, mask, loss_type, max_completion_length, num_items):
 
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, level="token", eps_low=None, eps_high=None,
-                beta=0.0, loss_type="dapo", max_completion_length=None, num_items=None, kl_correction=True):
-    """(loss array, metrics of floats); see ``objectives.policy_loss``."""
+                beta=0.0, loss_type="dapo", max_completion_length=None, num_items=None, kl_correction=True,
+                entropy=None):
+    """(loss array, metrics of floats); see ``objectives.policy_loss``. ``entropy``: per-token entropies
+    ``(B, T)`` of the policy (``token_entropy`` of the forward's logits); their token mean over ``mask`` is
+    the ``entropy`` metric (absent when not given). It does not enter the loss."""
     check_args(level=level, loss_type=loss_type)
     eps_low, eps_high = resolve_epsilons(level, eps_low, eps_high)
     if beta != 0.0 and ref_logp is None:
@@ -76,4 +86,6 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, level="token", ep
     metrics = {"ratio": mean(ratio), "clip_ratio": mean(mx.maximum(low, high)),
                "clip_ratio/low": mean(low), "clip_ratio/high": mean(high),
                "kl": math.nan if kl is None else mean(kl)}
+    if entropy is not None:
+        metrics["entropy"] = mean(entropy.astype(mask.dtype))
     return loss, metrics

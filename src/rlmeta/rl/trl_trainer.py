@@ -3,9 +3,12 @@
 ``grpo_config_kwargs`` maps an ``RLJob`` onto ``trl.GRPOConfig``; ``reward_functions`` turns its
 rewards into TRL reward functions over the one scoring path (``rlmeta.rewards.RewardSpec.score``);
 ``TrainMetricsCallback`` collects TRL's logs as the project's ``train_metrics`` rows;
-``Trainer`` (a ``GRPOTrainer``) writes each checkpoint aside and renames it in with its marker and
-the metrics so far, and draws prompts by learning potential when UED is on (PLR, the same
-``UEDSampler`` as the MLX trainer); ``train_trl`` runs it all and saves ``<out_dir>/final``.
+``Trainer`` (a ``GRPOTrainer``) writes each checkpoint aside and renames it in with its marker, the
+metrics and evaluation rows so far, keeps every training completion (``rlmeta.rl.evidence.RolloutLog``),
+and draws prompts by learning potential when UED is on (PLR, the same ``UEDSampler`` as the MLX
+trainer); ``EvalCallback`` evaluates the policy on held-out prompts during training
+(``rlmeta.rl.evidence.EvalCurve``, the MLX trainer's evaluation); ``train_trl`` runs it all and saves
+``<out_dir>/final``.
 One TRL optimizer step is one row of train_metrics; a rollout batch gives ``updates_per_batch`` of them.
 """
 from __future__ import annotations
@@ -26,9 +29,10 @@ from trl import GRPOTrainer
 
 from rlmeta import checkpoints
 from rlmeta.io import write_json
+from rlmeta.rl.evidence import CHUNKS_DIR, EvalCurve, RolloutLog, eval_line, rollout_records
 from rlmeta.schedules import transformers_name
 from rlmeta.settings import LoraSettings, RLJob, WandbSettings
-from rlmeta.tracking import METRICS_FILE, DivergenceGuard, MetricsTable, wandb_run
+from rlmeta.tracking import METRICS_FILE, DivergenceGuard, MetricsTable, log_eval, wandb_run
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,7 @@ METRIC_KEYS = {
     "loss": "loss", "reward": "reward_mean", "reward_std": "reward_std", "kl": "kl",
     "clip_ratio/region_mean": "clip_ratio", "grad_norm": "grad_norm", "learning_rate": "lr",
     "num_tokens": "tokens", "frac_reward_zero_std": "zero_std_frac", "completions/mean_length": "completion_len_mean",
+    "entropy": "entropy",
 }
 GENERATION_KEYS = ("reward", "reward_std", "num_tokens", "frac_reward_zero_std", "completions/mean_length")
 
@@ -150,14 +155,15 @@ def reward_functions(job: RLJob) -> list:
 
 
 def train_dataset(prompts_path: str | os.PathLike, max_prompts: int | None = None):
-    """``datasets.Dataset`` of the train split: ``prompt`` (chat messages), ``reference``, ``prompt_index``."""
+    """``datasets.Dataset`` of the train split: ``prompt`` (chat messages), ``reference``, ``prompt_index``,
+    ``prompt_id``."""
     from datasets import Dataset
 
     from rlmeta.prompts import train_rows
 
     rows = train_rows(prompts_path, max_prompts)
     return Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "reference": [r["reference"] for r in rows],
-                              "prompt_index": list(range(len(rows)))})
+                              "prompt_index": list(range(len(rows))), "prompt_id": [r["prompt_id"] for r in rows]})
 
 
 class UEDRepeatSampler:
@@ -210,8 +216,12 @@ class Trainer(GRPOTrainer):
     """TRL's GRPOTrainer with whole-or-absent checkpoints (and the metrics inside them) and UED sampling."""
 
     def __init__(self, *args, metrics: MetricsTable, guard: DivergenceGuard, spec: dict,
-                 ued: UEDRepeatSampler | None = None, **kwargs):
+                 ued: UEDRepeatSampler | None = None, curve: EvalCurve | None = None,
+                 rollouts: RolloutLog | None = None, **kwargs):
         self.rlmeta_metrics, self.rlmeta_guard, self.rlmeta_spec, self.ued = metrics, guard, spec, ued
+        self.rlmeta_curve, self.rlmeta_rollouts = curve, rollouts
+        self.rlmeta_run = None  # the W&B run, when reporting to W&B (rollout tables go to it)
+        self._last_rewards = None
         self._staging: Path | None = None
         self._rng_checkpoint: str | None = None
         super().__init__(*args, **kwargs)
@@ -243,7 +253,36 @@ class Trainer(GRPOTrainer):
             totals = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
             indices = gather_object([x["prompt_index"] for x in inputs])
             self.ued.feedback(indices, totals.cpu().numpy())
+        self._last_rewards = rewards_per_func  # gathered over processes, for the rollouts table
         return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if self.rlmeta_rollouts is not None and self.rlmeta_rollouts.enabled and self.model.training:
+            self._record_rollouts(inputs, out)
+        return out
+
+    def _record_rollouts(self, inputs, out) -> None:
+        """The batch TRL just sampled and scored, as rollouts rows (every process's part, gathered)."""
+        from accelerate.utils import gather_object
+
+        ids, mask = out["completion_ids"], out["completion_mask"]
+        lengths = mask.sum(dim=1).tolist()
+        rows = [ids[i, :n].tolist() for i, n in enumerate(lengths)]
+        stops = {*self.eos_token_ids, self.processing_class.pad_token_id}
+        texts = gather_object(self.processing_class.batch_decode(rows, skip_special_tokens=True))
+        truncated = gather_object([not r or r[-1] not in stops for r in rows])
+        prompt_ids = gather_object([x["prompt_id"] for x in inputs])
+        n_tokens = gather_object(lengths)
+        adv = self.accelerator.gather(out["advantages"]).float().cpu().numpy()
+        per_func = self._last_rewards.float().cpu().numpy()
+        weights = self.reward_weights.float().cpu().numpy()
+        g = self.num_generations
+        k = range(len(texts))
+        self.rlmeta_rollouts.add(rollout_records(
+            self.state.global_step, prompt_ids, [i // g for i in k], [i % g for i in k], texts,
+            (per_func * weights).sum(axis=1), {n: per_func[:, j] for j, n in enumerate(self.reward_func_names)},
+            adv, n_tokens, truncated))
 
     def _get_output_dir(self, trial):
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
@@ -253,6 +292,8 @@ class Trainer(GRPOTrainer):
         rename it into place: a checkpoint is whole or absent."""
         out = Path(self.args.output_dir)
         name = f"checkpoint-{self.state.global_step}"
+        if self.rlmeta_rollouts is not None and self.args.should_save:  # before the checkpoint: see RolloutLog
+            self.rlmeta_rollouts.checkpoint(self.rlmeta_run, self.state.global_step, step_key="train/global_step")
         self._staging = out / f".staging-{name}"
         try:
             super()._save_checkpoint(model, trial)
@@ -264,6 +305,8 @@ class Trainer(GRPOTrainer):
             folder = staging / name
             write_json(folder / GUARD_FILE, self.rlmeta_guard.state())
             self.rlmeta_metrics.write(folder / METRICS_FILE)
+            if self.rlmeta_curve is not None:
+                self.rlmeta_curve.save(folder)
             if self.ued is not None:
                 write_json(folder / UED_FILE, self.ued.state_dict())
             checkpoints.write_marker(folder, step=self.state.global_step, spec=self.rlmeta_spec, backend="torch")
@@ -272,6 +315,33 @@ class Trainer(GRPOTrainer):
             os.replace(folder, out / name)
             shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+
+
+class EvalCallback(TrainerCallback):
+    """Evaluations during training (``EvalCurve``): before the first step (unless resumed), every
+    ``eval_every x updates_per_batch`` optimizer steps and after the last, on the model being trained (its
+    LoRA adapters active), through ``TorchPolicy``'s sampler; each row goes to stderr and W&B (``eval/...``)."""
+
+    def __init__(self, curve: EvalCurve, model_dir, trainer_ref: list):
+        self.curve, self.model_dir, self.trainer_ref = curve, model_dir, trainer_ref
+
+    def _evaluate(self, state, model):
+        if model is None or not self.curve.due(state.global_step):
+            return
+        from rlmeta.policy.torch_policy import TorchPolicy
+
+        trainer = self.trainer_ref[0]
+        policy = TorchPolicy(trainer.accelerator.unwrap_model(model), trainer.processing_class, source=self.model_dir)
+        row = self.curve.evaluate(policy, state.global_step)
+        if state.is_world_process_zero:
+            log_eval(trainer.rlmeta_run, row, state.global_step, step_key="train/global_step")
+            print(eval_line(row), file=sys.stderr, flush=True)
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self._evaluate(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        self._evaluate(state, model)
 
 
 class TrainMetricsCallback(TrainerCallback):
@@ -344,8 +414,12 @@ def _resume_checkpoint(out_dir: Path, spec: dict) -> str | None:
 
 def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, job: RLJob,
               out_dir: str | os.PathLike, metrics_path: str | os.PathLike, wandb: WandbSettings | None = None,
-              seed: int = 0, *, callbacks: list | None = None) -> Path:
+              seed: int = 0, *, callbacks: list | None = None, curve_path: str | os.PathLike | None = None,
+              rollouts_path: str | os.PathLike | None = None) -> Path:
     """Train ``model_dir`` with TRL GRPO/GSPO on the train prompts; return ``<out_dir>/final``.
+
+    ``curve_path`` (eval_curve parquet) and ``rollouts_path`` (rollouts folder) are written when training
+    ends (not when None); see ``rlmeta.rl.evidence``.
 
     Checkpoints go to ``<out_dir>/checkpoint-N`` every ``checkpoint_every`` rollout batches and a
     rerun resumes from the latest complete one trained with the same spec, with every step's metrics.
@@ -379,12 +453,18 @@ def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, job
     if resume:
         guard.restore(json.loads((Path(resume) / GUARD_FILE).read_text()))
     callback = TrainMetricsCallback(metrics, list(job.rewards), guard)
+    curve = EvalCurve(prompts_path, job, seed, args.max_steps, unit=t.updates_per_batch)
+    rollouts = RolloutLog(list(job.rewards), out_dir / CHUNKS_DIR, enabled=t.log_rollouts)
+    if resume:
+        curve.restore(resume, resume_step)
+    rollouts.restore(resume_step or 0)  # rows of the steps a resumed run samples again are dropped
+    outputs = (curve, curve_path, rollouts, rollouts_path)
     log.info("TRL %s: %s -> %s (%d optimizer steps%s)", job.algorithm, model_dir, out_dir, args.max_steps,
              f", resuming {resume}" if resume else "")
     if resume_step is not None and resume_step >= args.max_steps:
         # transformers would train one step past max_steps when resumed at the end: load instead
         model, tokenizer = _load_checkpoint(model_dir, resume)
-        return _finish(model, tokenizer, out_dir, model_dir, metrics, metrics_path, seed, spec)
+        return _finish(model, tokenizer, out_dir, model_dir, metrics, metrics_path, seed, spec, outputs)
     ued = None
     if t.ued.enabled:
         from rlmeta.policy.base import derive_seed
@@ -395,25 +475,37 @@ def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, job
                                t.updates_per_batch, len(dataset))
         if resume:
             ued.load_state_dict(json.loads((Path(resume) / UED_FILE).read_text()))
+    trainer_ref: list = []  # the callback needs the trainer, which takes the callbacks
+    evals = [EvalCallback(curve, model_dir, trainer_ref)] if curve.enabled else []
     trainer = Trainer(model=str(model_dir), reward_funcs=reward_functions(job), args=args, train_dataset=dataset,
-                      peft_config=lora_config(t.lora), callbacks=[callback, *(callbacks or [])],
-                      metrics=metrics, guard=guard, spec=spec, ued=ued)
+                      peft_config=lora_config(t.lora), callbacks=[callback, *evals, *(callbacks or [])],
+                      metrics=metrics, guard=guard, spec=spec, ued=ued, curve=curve, rollouts=rollouts)
+    trainer_ref.append(trainer)
     if report_to == "wandb":
-        with wandb_run(wandb, name, out_dir, {**spec, "out_dir": str(out_dir)}):
+        with wandb_run(wandb, name, out_dir, {**spec, "out_dir": str(out_dir)}) as run:
+            trainer.rlmeta_run = run
             trainer.train(resume_from_checkpoint=resume)
+            rollouts.log_pending(run, trainer.state.global_step, step_key="train/global_step")
     else:
         trainer.train(resume_from_checkpoint=resume)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    return _finish(model, trainer.processing_class, out_dir, model_dir, metrics, metrics_path, seed, spec)
+    if not trainer.accelerator.is_main_process:
+        return out_dir / "final"
+    return _finish(model, trainer.processing_class, out_dir, model_dir, metrics, metrics_path, seed, spec, outputs)
 
 
 def _finish(model, tokenizer, out_dir: Path, model_dir, metrics: MetricsTable, metrics_path, seed: int,
-            spec: dict) -> Path:
+            spec: dict, outputs) -> Path:
     from rlmeta.provenance import write_training_record
 
     final = checkpoints.save_torch(model, tokenizer, out_dir / "final", source=model_dir,
                                    extra=lambda tmp: write_training_record(tmp, seed, spec))
     metrics.write(metrics_path)
+    curve, curve_path, rollouts, rollouts_path = outputs
+    if curve_path is not None:
+        curve.write(curve_path)
+    if rollouts_path is not None:
+        rollouts.write(rollouts_path)
     log.info("saved %s", final)
     return final
 
@@ -437,4 +529,5 @@ def command(p: argparse.ArgumentParser):
     from rlmeta.cli import add_training_arguments
 
     add_training_arguments(p, "folder for checkpoint-N/ and final/")
-    return lambda a: train_trl(a.model, a.prompts, a.job, a.out, a.metrics, a.wandb, a.seed)
+    return lambda a: train_trl(a.model, a.prompts, a.job, a.out, a.metrics, a.wandb, a.seed,
+                               curve_path=a.eval_curve, rollouts_path=a.rollouts)

@@ -1,6 +1,6 @@
 """Synthetic experiment folders with the real table schemas, for the evaluation and report tests:
-RL experiments (prompts, responses and rewards scored with the real rewards, train_metrics, a fake
-checkpoint) and FOMAML experiments (meta-training metrics, the adaptation summary)."""
+RL experiments (prompts, responses and rewards scored with the real rewards; per training seed train_metrics,
+eval_curve, rollouts and a fake checkpoint) and FOMAML experiments (meta-training metrics, the adaptation summary)."""
 from __future__ import annotations
 
 import random
@@ -50,10 +50,11 @@ def write_policy_tables(res: Path, exp: str, template: str, prompts: list[dict],
         write_table(res / exp / "rewards" / f"{pol}.parquet", scored, rewards_schema(list(rewards), list(metrics)))
 
 
-def _completion(template: str, ref: str | None, good: bool, rng: random.Random, q: str) -> str:
+def _completion(template: str, ref: str | None, good: bool, rng: random.Random, q: str, gaming: bool = False) -> str:
+    """A synthetic completion; ``gaming``: well formatted (high format reward) with a wrong answer."""
     if template == "xml_cot":
-        ans = ref if good and rng.random() < 0.8 else str(rng.randint(1, 99))
-        if good:
+        ans = ref if good and not gaming and rng.random() < 0.8 else str(1000 + rng.randint(1, 99))
+        if good or gaming:
             return f"<reasoning>\nAdd the numbers in {q}\n</reasoning>\n<answer>\n{ans}\n</answer>"
         return rng.choice([f"I think it is {ans}.", f"#### {ans}", f"{NASTY} so {ans}",
                            f"<reasoning>{q}</reasoning> <answer>{ans}</answer> and more"])
@@ -69,8 +70,11 @@ def _completion(template: str, ref: str | None, good: bool, rng: random.Random, 
 
 
 def write_rl_fixture(res: Path, exp: str, template: str, n_prompts: int = 10, samples: int = 3, seed: int = 0,
-                     steps: int = 12) -> dict:
-    """A synthetic RL experiment: prompts, responses, rewards, train_metrics and a checkpoint."""
+                     steps: int = 12, seeds=(1234,), gaming: bool = False) -> dict:
+    """A synthetic RL experiment in the workflow's layout: prompts, responses and rewards of the base policy and
+    of each training seed (``responses/seed<N>.parquet``...), and per seed ``seed<N>/`` with train_metrics,
+    eval_curve, rollouts/ and a fake checkpoint. ``gaming`` (xml_cot): the trained completions are well formatted
+    with wrong answers (reward up, accuracy down)."""
     rng = random.Random(seed)
     if template == "xml_cot":
         pairs = [(rng.randint(1, 40), rng.randint(1, 40)) for _ in range(n_prompts)]
@@ -83,19 +87,70 @@ def write_rl_fixture(res: Path, exp: str, template: str, n_prompts: int = 10, sa
         qs = [(f"Headline number {i} about {NASTY}", None) for i in range(n_prompts)]
         tasks = [f"h{i}" for i in range(n_prompts)]
     prompts = prompt_rows(exp, template, qs, tasks)
-    comps = {pol: {(p["prompt_id"], s): _completion(template, p["reference"], rng.random() < pgood, rng, qs[i][0])
-                   for i, p in enumerate(prompts) for s in range(samples)}
-             for pol, pgood in (("base", 0.25), ("trained", 0.7))}
+    labels = [f"seed{s}" for s in seeds]
+    comps = {}
+    for pol, pgood in (("base", 0.25), *((label, 0.7) for label in labels)):
+        r = random.Random(f"{seed}/{pol}")
+        comps[pol] = {(p["prompt_id"], s): _completion(template, p["reference"], r.random() < pgood, r, qs[i][0],
+                                                       gaming=gaming and pol != "base")
+                      for i, p in enumerate(prompts) for s in range(samples)}
+        if gaming and pol == "base":  # right half the time, in a bare answer tag (little format reward)
+            comps[pol] = {(p["prompt_id"], s): f"<answer>{p['reference']}</answer>" if (i + s) % 2 else
+                          f"I think it is {1000 + i}." for i, p in enumerate(prompts) for s in range(samples)}
     rewards = TEMPLATES[template].default_rewards
     write_policy_tables(res, exp, template, prompts, comps, rewards)
-    write_rl_metrics(res / exp / "train_metrics.parquet", list(rewards), steps, seed)
-    ck = res / exp / "checkpoints" / "final"
-    ck.mkdir(parents=True, exist_ok=True)
-    (ck / "model.safetensors").write_bytes(b"fake weights " + exp.encode())
+    metrics = list(TEMPLATES[template].metrics)
+    for k, label in enumerate(labels):
+        d = res / exp / label
+        write_rl_metrics(d / "train_metrics.parquet", list(rewards), steps, seed + k)
+        write_eval_curve(d / "eval_curve.parquet", list(rewards), metrics, steps, seed + k)
+        write_rollouts(d / "rollouts", list(rewards), prompts, steps, seed + k, template)
+        ck = d / "checkpoints" / "final"
+        ck.mkdir(parents=True, exist_ok=True)
+        (ck / "model.safetensors").write_bytes(b"fake weights " + f"{exp}/{label}".encode())
     cfg = Experiment(dataset={"xml_cot": "gsm8k", "math_boxed": "math", "inner_scientist": "headlines"}[template],
                      prompt=template, model="tiny", backend="torch", algorithm="grpo", rewards=rewards,
-                     train={"steps": steps})
-    return {"config": cfg, "rewards": rewards}
+                     train={"steps": steps}, seeds=list(seeds) if len(seeds) > 1 or seeds[0] != 1234 else None)
+    return {"config": cfg, "rewards": rewards, "runs": labels}
+
+
+def write_eval_curve(path: Path, rewards: list[str], metrics: list[str], steps: int, seed: int = 0,
+                     every: int = 4) -> None:
+    """eval_curve.parquet rows at 0, every ``every`` steps and the last (the trainers' schedule)."""
+    from rlmeta.tables import eval_curve_schema
+
+    rng = random.Random(seed)
+    rows = []
+    for s in sorted({0, steps, *range(every, steps + 1, every)}):
+        row = {"step": s, "seconds": 0.5, "n_prompts": 16, "reward": 0.3 + 0.02 * s + 0.02 * rng.random(),
+               "completion_len_mean": 40.0 + s, "truncated_frac": 0.1}
+        row.update({f"reward/{r}": 0.2 + 0.01 * s for r in rewards})
+        row.update({m: min(1.0, 0.1 + 0.01 * s) for m in metrics})
+        rows.append(row)
+    write_records(path, rows, eval_curve_schema(rewards, metrics))
+
+
+def write_rollouts(folder: Path, rewards: list[str], prompts: list[dict], steps: int, seed: int, template: str,
+                   group_size: int = 4, every: int = 5) -> None:
+    """rollouts/steps-<first>-<last>.parquet, one file per ``every`` steps, two groups per step."""
+    from rlmeta.tables import rollouts_schema
+
+    rng = random.Random(seed)
+    rows = []
+    for s in range(steps):
+        for g in range(2):
+            p = prompts[(2 * s + g) % len(prompts)]
+            for k in range(group_size):
+                good = rng.random() < 0.3 + 0.05 * s
+                r = {"step": s, "prompt_id": p["prompt_id"], "group": g, "sample_idx": k,
+                     "completion": _completion(template, p["reference"], good, rng, "q"), "reward": float(good),
+                     "advantage": 0.0, "n_tokens": 10 + k, "truncated": False}
+                r.update({f"reward/{n}": float(good) for n in rewards})
+                rows.append(r)
+    for first in range(0, steps, every):
+        chunk = [r for r in rows if first <= r["step"] < first + every]
+        last = max(r["step"] for r in chunk)
+        write_records(folder / f"steps-{first:06d}-{last:06d}.parquet", chunk, rollouts_schema(rewards))
 
 
 def write_rl_metrics(path: Path, components: list[str], steps: int, seed: int = 0) -> None:
@@ -136,3 +191,22 @@ def write_fomaml_fixture(res: Path, exp: str, steps: int = 10) -> dict:
     cfg = Experiment(dataset="math", prompt="math_boxed", model="tiny", backend="torch", algorithm="fomaml",
                      meta={"outer_steps": steps})
     return {"config": cfg, "summary": summary}
+
+
+def evaluate_args(d: Path, labels) -> list[str]:
+    """``rlmeta evaluate``'s table arguments for a fixture experiment folder ``d`` and its runs."""
+    return [*_base_args(d), *(x for label in labels for x in (
+        "--run", label, str(d / f"responses/{label}.parquet"), str(d / f"rewards/{label}.parquet"),
+        str(d / label / "checkpoints/final")))]
+
+
+def report_args(d: Path, labels) -> list[str]:
+    """``rlmeta report``'s table arguments (RL) for a fixture experiment folder ``d`` and its runs."""
+    return [*_base_args(d), *(x for label in labels for x in (
+        "--run", label, str(d / label / "train_metrics.parquet"), str(d / label / "eval_curve.parquet"),
+        str(d / label / "rollouts"), str(d / f"responses/{label}.parquet"), str(d / f"rewards/{label}.parquet")))]
+
+
+def _base_args(d: Path) -> list[str]:
+    return ["--prompts", str(d / "prompts.parquet"), "--responses-base", str(d / "responses/base.parquet"),
+            "--rewards-base", str(d / "rewards/base.parquet")]
