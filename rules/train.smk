@@ -25,7 +25,7 @@ rule train_mlx:
         runtime=240,
         gpu=0,
     params:
-        code=code_with_scorers("train-mlx", metrics=False),
+        code=code_with_scorers("train-mlx"),
         model=base_policy_path,
         job=rl_job_json,
         out_dir=out_dir_of,
@@ -58,7 +58,7 @@ rule train_trl:
         runtime=480,
         gpu=1,
     params:
-        code=code_with_scorers("train-trl", metrics=False),
+        code=code_with_scorers("train-trl"),
         model=base_policy_path,
         job=rl_job_json,
         out_dir=out_dir_of,

@@ -51,15 +51,33 @@ def test_both_runs_wrote_the_same_checkpoints(two_runs):
     files = sorted(p.relative_to(first) for p in first.rglob("*.safetensors"))
     # the built model, both warm starts, every checkpoint of both trainers (MLX: model and optimizer)
     for exp in EXPERIMENTS:
-        assert Path(exp, "checkpoints", "final", "model.safetensors") in files
+        assert Path(exp, "seed1234", "checkpoints", "final", "model.safetensors") in files
     assert any(p.name == "optimizer.safetensors" for p in files)
     assert sorted(p.relative_to(second) for p in second.rglob("*.safetensors")) == files
     assert {str(f): max_abs_difference(first / f, second / f) for f in files} == {str(f): 0.0 for f in files}
 
 
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_both_runs_wrote_the_same_evidence_of_training(two_runs, exp):
+    """Evaluations during training, every rollout and the metrics rows: equal but for the timings."""
+    import pyarrow.parquet as pq
+
+    from rlmeta.rl.evidence import read_rollouts
+
+    def rows(results, name):
+        path = results / exp / "seed1234" / name
+        table = read_rollouts(path) if path.is_dir() else pq.read_table(path)
+        return [{k: v for k, v in r.items() if k not in ("seconds", "step_seconds")} for r in table.to_pylist()]
+
+    for name in ("eval_curve.parquet", "rollouts", "train_metrics.parquet"):
+        first, second = (rows(r, name) for r in two_runs)
+        assert first == second and first, name
+
+
 def numbers(summary: dict) -> dict:
     """summary.json less what names the run rather than measures it: paths and the provenance record."""
-    out = {k: v for k, v in summary.items() if k not in ("provenance", "checkpoint", "base_checkpoint")}
+    out = {k: v for k, v in summary.items()
+           if k not in ("provenance", "checkpoint", "checkpoints", "base_checkpoint")}
     out["sha256"] = (summary["base_checkpoint"]["sha256"], summary["checkpoint"]["sha256"])
     return out
 

@@ -71,8 +71,20 @@ def env() -> dict:
     return snakemake_env()
 
 
+SEED = 1234  # the default config's seed: an RL experiment's one training run is results/<exp>/seed1234/
+
+
+def run_dir(results: Path, exp: str) -> Path:
+    """Where an experiment's training writes: its seed's folder (RL), the experiment's folder (FOMAML)."""
+    return results / exp if TRAINING[exp][0] == "train_fomaml" else results / exp / f"seed{SEED}"
+
+
 def target(results: Path, exp: str) -> Path:
-    return results / exp / "train_metrics.parquet"
+    return run_dir(results, exp) / "train_metrics.parquet"
+
+
+def train_log(results: Path, exp: str) -> Path:
+    return results / "logs" / exp / ("train.log" if TRAINING[exp][0] == "train_fomaml" else f"train_seed{SEED}.log")
 
 
 def ran(out: subprocess.CompletedProcess) -> dict[str, int]:
@@ -108,10 +120,11 @@ def copy_without_training(results: Path, dest: Path) -> Path:
     """The reference's results folder without any training output (data, model, prompts, warm starts only)."""
     def skip(folder, names):
         here = Path(folder)
-        return [n for n in names if n == "logs" or (here.parent == results and n in ("checkpoints",
-                                                                                    "train_metrics.parquet"))]
+        return [n for n in names if n == "logs" or (here.parent == results and (
+            n in ("checkpoints", "train_metrics.parquet") or re.fullmatch(r"seed\d+", n)))]
     shutil.copytree(results, dest, symlinks=True, ignore=skip)
     assert not list(dest.glob("*/checkpoints")) and not list(dest.glob("*/train_metrics.parquet"))
+    assert not list(dest.glob("*/seed*"))
     return dest
 
 
@@ -170,9 +183,18 @@ def max_abs_difference(a: dict, b: dict) -> float:
 
 
 def comparable(rows: list[dict]) -> list[dict]:
-    """Rows without the timings (step_seconds), NaN written as "nan" (FOMAML's subjects a step did not sample)."""
-    return [{k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items() if k != "step_seconds"}
-            for r in rows]
+    """Rows without the timings (step_seconds, seconds), NaN written as "nan" (FOMAML's subjects a step did not
+    sample)."""
+    return [{k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()
+             if k not in ("step_seconds", "seconds")} for r in rows]
+
+
+def read_evidence(path: Path) -> list[dict]:
+    """The rows of eval_curve.parquet, or of every file of a rollouts folder in step order."""
+    from rlmeta.rl.evidence import read_rollouts
+
+    table = read_rollouts(path) if path.is_dir() else pq.read_table(path)
+    return [] if table is None else table.to_pylist()
 
 
 def killed_and_resumed(reference, tmp_path: Path, exp: str, show_lock_error: bool = False) -> None:
@@ -181,7 +203,7 @@ def killed_and_resumed(reference, tmp_path: Path, exp: str, show_lock_error: boo
     workdir = mirror_workflow(tmp_path / "killed")
     results = copy_without_training(ref_results, workdir / "results")
     args = ["--cores", "1", *common_args(results, [override]), "--", str(target(results, exp))]
-    ck = results / exp / "checkpoints"
+    ck = run_dir(results, exp) / "checkpoints"
 
     t0 = time.monotonic()
     kill_after_first_checkpoint(workdir, args, ck / first / checkpoints.MARKER, tmp_path / "killed.log")
@@ -208,7 +230,7 @@ def killed_and_resumed(reference, tmp_path: Path, exp: str, show_lock_error: boo
     assert "cannot be locked" not in text and ran(out).get(rule) == 1 and not UPSTREAM & set(ran(out)), ran(out)
     print(f"{exp}: killed {killed_at:.0f}s after the start, rerun {time.monotonic() - t1:.0f}s")
     # the rerun resumed from the checkpoint (its log is the rerun's alone) and trained only the steps after it
-    log = (results / "logs" / exp / "train.log").read_text()
+    log = train_log(results, exp).read_text()
     assert resuming.format(ck=ck) in log, tail(log)
     n = STEPS[exp]
     done = int(re.search(r"\d+", first).group())
@@ -221,7 +243,13 @@ def killed_and_resumed(reference, tmp_path: Path, exp: str, show_lock_error: boo
     rows = resumed.to_pylist()
     assert [r["step"] for r in rows] == list(range(1, n + 1))
     assert comparable(rows) == comparable(straight.to_pylist())
-    a, b = weights(ref_results / exp / "checkpoints" / "final"), weights(ck / "final")
+    if rule != "train_fomaml":  # the evaluations during training and every rollout, as in the uninterrupted run
+        for name in ("eval_curve.parquet", "rollouts"):
+            straight, resumed = (read_evidence(run_dir(r, exp) / name) for r in (ref_results, results))
+            assert comparable(resumed) == comparable(straight) and straight, name
+        assert sorted(p.name for p in (run_dir(results, exp) / "rollouts").iterdir()) == sorted(
+            p.name for p in (run_dir(ref_results, exp) / "rollouts").iterdir())
+    a, b = weights(run_dir(ref_results, exp) / "checkpoints" / "final"), weights(ck / "final")
     diff = max_abs_difference(a, b)
     print(f"{exp}: final weights' max abs difference {diff}")
     assert diff == 0.0  # bit for bit

@@ -159,8 +159,18 @@ def test_provenance_record_has_every_field(record):
     assert rec["models"]["trained"]["sha256"] == hashlib.sha256(b"trained weights").hexdigest()
     assert rec["jobs"] == {"train_trl/exp": {"seconds": 12.5, "max_rss_mb": 812.3}}
     # the training job's own record (where and with which seed it trained) travels with the checkpoint
-    assert rec["training"]["seed"] == 7 and rec["training"]["spec"] == {"algorithm": "gspo"}
-    assert rec["training"]["environment"]["git"] == env["git"]
+    assert set(rec["training"]) == {"trained"}
+    assert rec["training"]["trained"]["seed"] == 7 and rec["training"]["trained"]["spec"] == {"algorithm": "gspo"}
+    assert rec["training"]["trained"]["environment"]["git"] == env["git"]
+
+
+def test_benchmark_keys_name_the_rule_and_the_run(tmp_path):
+    bench = tmp_path / "results" / "benchmarks"
+    for rel in ("train_trl/gsm8k_gspo/seed7.tsv", "build_model/tiny.tsv", "summary.tsv"):
+        (bench / rel).parent.mkdir(parents=True, exist_ok=True)
+        (bench / rel).write_text("s\th:m:s\tmax_rss\n1.5\t0:00:01\t10\n")
+    keys = provenance.wall_times(sorted(bench.rglob("*.tsv")))
+    assert set(keys) == {"train_trl/gsm8k_gspo/seed7", "build_model/tiny", "summary"}
 
 
 def test_a_hub_model_has_no_hash(tmp_path):
@@ -193,11 +203,22 @@ class edited:
         self.path.write_text(self.text)
 
 
+SEEDS = {"gsm8k_grpo_lora": (1, 2, 3)}  # the default config's training seeds (else the workflow's seed, 1234)
+
+
+def seeds(exp: str) -> tuple[int, ...]:
+    return SEEDS.get(exp, (1234,))
+
+
+def trainings(rule: str, exp: str) -> set[tuple[str, str]]:
+    return {(rule, f"exp={exp}, seed={s}") for s in seeds(exp)}
+
+
 def downstream_of_training(exp: str) -> set[tuple[str, str]]:
     """A re-trained experiment's jobs after training: new responses, their scores, provenance, evaluation."""
     e = f"exp={exp}"
-    return {("generate", f"{e}, policy=trained"), ("score", f"{e}, policy=trained"), ("provenance", e),
-            ("evaluate", e), ("report", e)}
+    return {(rule, f"{e}, policy=seed{s}") for s in seeds(exp) for rule in ("generate", "score")} | {
+        ("provenance", e), ("evaluate", e), ("report", e)}
 
 
 SUMMARY = {("summary", ""), ("all", "")}
@@ -219,7 +240,7 @@ def test_editing_a_reward_module_reruns_the_experiments_that_use_it(done_copy):
         _, planned = dry_run(workdir, results)
     expected = set(SUMMARY)
     for exp in ("gsm8k_grpo_lora", "gsm8k_gspo"):
-        expected |= {("score", f"exp={exp}, policy=base"), ("train_trl", f"exp={exp}")} | downstream_of_training(exp)
+        expected |= {("score", f"exp={exp}, policy=base")} | trainings("train_trl", exp) | downstream_of_training(exp)
     assert job_keys(planned) == expected
 
 
@@ -244,7 +265,7 @@ def test_editing_a_trainer_reruns_its_experiments_only(done_copy, module, rule, 
         _, planned = dry_run(workdir, results)
     expected = set(SUMMARY)
     for exp in exps:
-        expected |= {(rule, f"exp={exp}")} | downstream_of_training(exp)
+        expected |= trainings(rule, exp) | downstream_of_training(exp)
     assert job_keys(planned) == expected
 
 
@@ -256,6 +277,6 @@ def test_status_says_which_module_changed(done_copy):
                              capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert "train_trl (exp=gsm8k_gspo): code changed: rlmeta.rl.trl_trainer" in lines
-    assert "generate (exp=gsm8k_gspo, policy=trained): inputs remade upstream" in lines
-    assert lines[-1] == "14 job(s) would run"
+    assert "train_trl (exp=gsm8k_gspo, seed=1234): code changed: rlmeta.rl.trl_trainer" in lines
+    assert "generate (exp=gsm8k_gspo, policy=seed1234): inputs remade upstream" in lines
+    assert lines[-1] == "20 job(s) would run"  # 4 trainings (3 seeds + 1), 8 generate/score, 6 after them, 2

@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -97,7 +96,6 @@ def test_sample_count_comes_from_eval_report_samples(built, exp):
 def test_build_report_takes_the_experiment(built, tmp_path):
     """build_report on an Experiment: report_samples 0 gives an empty samples table, the provenance
     lists the experiment's fields."""
-    import pandas as pd
 
     d = built / "gsm"
     cfg = Experiment(dataset="gsm8k", prompt="xml_cot", model="tiny", backend="torch", algorithm="grpo",
@@ -213,7 +211,7 @@ def test_rules_and_snakemake_report(tmp_path):
     (wf / "Snakefile").write_text(SNAKEFILE.format(src=ROOT / "src"))
     res = wf / "results"
     write_rl_fixture(res, "headlines_gspo", "inner_scientist", n_prompts=6, samples=2)
-    write_rl_fixture(res, "gsm8k_grpo_lora", "xml_cot", n_prompts=6, samples=2)
+    write_rl_fixture(res, "gsm8k_grpo_lora", "xml_cot", n_prompts=6, samples=2, seeds=(1, 2, 3))
     write_fomaml_fixture(res, "math_fomaml")
     for exp in ("headlines_gspo", "gsm8k_grpo_lora", "math_fomaml"):  # rules/provenance.smk is not included
         write_json(res / exp / "provenance.json", provenance.build(exp, {}, 1234, [], {}, []))

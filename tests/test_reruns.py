@@ -75,9 +75,9 @@ def test_reward_weight_change_reruns_scoring_training_and_downstream_only(done, 
     exp = "exp=gsm8k_gspo"
     assert job_keys(planned) == {
         ("score", f"{exp}, policy=base"),       # rewards/base.parquet's total changes
-        ("train_trl", exp),                    # the reward is part of the training spec
-        ("generate", f"{exp}, policy=trained"),
-        ("score", f"{exp}, policy=trained"),
+        ("train_trl", f"{exp}, seed=1234"),                    # the reward is part of the training spec
+        ("generate", f"{exp}, policy=seed1234"),
+        ("score", f"{exp}, policy=seed1234"),
         ("provenance", exp),                   # it hashes the new tables and times the new jobs
         ("evaluate", exp),
         ("report", exp),
@@ -87,7 +87,7 @@ def test_reward_weight_change_reruns_scoring_training_and_downstream_only(done, 
     # base responses, prompts and the warm start shared with gsm8k_grpo_lora stay as they are
     by_key = {job_key(j): j for j in planned}
     assert by_key[("score", f"{exp}, policy=base")]["reason"].startswith("Params have changed")
-    assert by_key[("train_trl", exp)]["reason"].startswith("Params have changed")
+    assert by_key[("train_trl", f"{exp}, seed=1234")]["reason"].startswith("Params have changed")
 
 
 def test_reward_weight_change_is_invisible_to_the_mtime_trigger_alone(done, tmp_path):
@@ -105,9 +105,9 @@ def test_eval_change_does_not_retrain(done, tmp_path):
     exp = "exp=gsm8k_gspo"
     assert job_keys(planned) == {
         ("generate", f"{exp}, policy=base"),
-        ("generate", f"{exp}, policy=trained"),
+        ("generate", f"{exp}, policy=seed1234"),
         ("score", f"{exp}, policy=base"),
-        ("score", f"{exp}, policy=trained"),
+        ("score", f"{exp}, policy=seed1234"),
         ("provenance", exp),
         ("evaluate", exp),
         ("report", exp),
@@ -127,10 +127,10 @@ def test_named_experiment_config_plans_only_that_experiment(done):
         ("prepare_gsm8k", "dataset=gsm8k_hub"),
         ("make_prompts", exp),
         ("generate", f"{exp}, policy=base"),
-        ("generate", f"{exp}, policy=trained"),
+        ("generate", f"{exp}, policy=seed1234"),
         ("score", f"{exp}, policy=base"),
-        ("score", f"{exp}, policy=trained"),
-        ("train_trl", exp),
+        ("score", f"{exp}, policy=seed1234"),
+        ("train_trl", f"{exp}, seed=1234"),
         ("provenance", exp),
         ("evaluate", exp),
         ("report", exp),

@@ -415,7 +415,7 @@ def test_slurm_profile_is_not_overridden_by_profiles_default(tmp_path):
         if not entry.name.startswith(".") and entry.name != "results":
             (tmp_path / entry.name).symlink_to(entry)
     out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--profile", "profiles/slurm",
-                          "--", "results/headlines_gspo/train_metrics.parquet"],
+                          "--", "results/headlines_gspo/seed1234/train_metrics.parquet"],
                          cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=300)
     text = out.stdout + out.stderr
     assert out.returncode != 0 and "uses backend mlx" in text, text[-2000:]

@@ -24,9 +24,11 @@ SWEEP = """sweeps:
 """
 POINTS = [f"lr_temp__learning_rate={lr}__temperature={t}" for lr in (0.001, 0.004) for t in (0.7, 1.0)]
 DEFAULT_EXPERIMENTS = ["headlines_gspo", "headlines_grpo_ued", "gsm8k_grpo_lora", "gsm8k_gspo", "math_fomaml"]
-PER_POINT = {("make_prompts", ""), ("generate", "policy=base"), ("generate", "policy=trained"),
-             ("score", "policy=base"), ("score", "policy=trained"), ("train_trl", ""), ("provenance", ""),
-             ("evaluate", ""), ("report", "")}
+LORA_SEEDS = (1, 2, 3)  # gsm8k_grpo_lora's seeds in the default config: its sweep points inherit them
+PER_POINT = {("make_prompts", ""), ("generate", "policy=base"), ("score", "policy=base"), ("provenance", ""),
+             ("evaluate", ""), ("report", "")} | {
+    (rule, w) for s in LORA_SEEDS for rule, w in (("generate", f"policy=seed{s}"), ("score", f"policy=seed{s}"),
+                                                   ("train_trl", f"seed={s}"))}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,15 @@ def write(base: Path, name: str, text: str) -> Path:
     path = base / name
     path.write_text(text)
     return path
+
+
+def metrics_of(results: Path, exp: str) -> list[str]:
+    """The train_metrics the summary reads: FOMAML's own, an RL experiment's of each seed (gsm8k_grpo_lora and its
+    sweep points: 1, 2, 3; the others: the workflow's seed, 1234)."""
+    if exp == "math_fomaml":
+        return [f"{results}/{exp}/train_metrics.parquet"]
+    seeds = LORA_SEEDS if exp == "gsm8k_grpo_lora" or exp in POINTS else (1234,)
+    return [f"{results}/{exp}/seed{s}/train_metrics.parquet" for s in seeds]
 
 
 def per_experiment(planned) -> dict[str, set[tuple[str, str]]]:
@@ -96,8 +107,8 @@ def test_sweep_dry_run_gives_each_point_its_own_folder(wf):
     summary = the(planned, "summary")
     for exp in DEFAULT_EXPERIMENTS + POINTS:
         assert f"{results}/{exp}/eval/summary.json" in summary["input"], exp
-        assert f"{results}/{exp}/train_metrics.parquet" in summary["input"], exp
-    assert len(summary["input"]) == 2 * len(DEFAULT_EXPERIMENTS + POINTS)
+        assert set(metrics_of(results, exp)) <= set(summary["input"]), exp
+    assert len(summary["input"]) == sum(1 + len(metrics_of(results, e)) for e in DEFAULT_EXPERIMENTS + POINTS)
     assert len(the(planned, "all")["input"]) == len(DEFAULT_EXPERIMENTS + POINTS) + 1
 
 
@@ -118,7 +129,7 @@ def test_run_experiments_restricts_all_to_chosen_points(wf):
     assert sorted(the(planned, "all")["input"]) == sorted(
         [f"{results}/{p}/report/report.html" for p in chosen] + [f"{results}/summary.html"])
     assert sorted(the(planned, "summary")["input"]) == sorted(
-        f"{results}/{p}/{f}" for p in chosen for f in ("eval/summary.json", "train_metrics.parquet"))
+        x for p in chosen for x in (f"{results}/{p}/eval/summary.json", *metrics_of(results, p)))
     # no MLX, FOMAML or other data jobs
     assert {r for r, _ in job_keys(planned)} <= {"prepare_gsm8k", "build_model", "make_prompts", "warmstart",
                                                  "generate", "score", "train_trl", "provenance", "evaluate",

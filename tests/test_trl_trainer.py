@@ -204,7 +204,8 @@ def test_train_dataset_is_the_train_split(tmp_path):
                  reference=str(i), reference_completion=None) for i in range(6)]
     write_table(tmp_path / "p.parquet", pa.Table.from_pylist(rows, schema=PROMPTS))
     ds = T.train_dataset(tmp_path / "p.parquet")
-    assert ds.column_names == ["prompt", "reference", "prompt_index"] and ds["reference"] == ["0", "2", "4"]
+    assert ds.column_names == ["prompt", "reference", "prompt_index", "prompt_id"]
+    assert ds["reference"] == ["0", "2", "4"] and ds["prompt_id"] == ["p0", "p2", "p4"]  # ids: the rollouts table's
     assert ds["prompt_index"] == [0, 1, 2]  # UED's index of each train prompt
     assert ds[1]["prompt"] == [{"role": "system", "content": "s"}, {"role": "user", "content": "q2"}]
     assert len(T.train_dataset(tmp_path / "p.parquet", max_prompts=2)) == 2

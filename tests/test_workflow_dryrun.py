@@ -78,7 +78,7 @@ def test_missing_dataset_path_is_one_clear_line(tmp_path):
 
 def test_mlx_experiment_refused_under_slurm_platform(tmp_path):
     out = run(["-n", "--cores", "1", "--config", "platform=slurm", f"results={tmp_path}/results",
-               "--", f"{tmp_path}/results/headlines_gspo/train_metrics.parquet"])
+               "--", f"{tmp_path}/results/headlines_gspo/seed1234/train_metrics.parquet"])
     assert out.returncode != 0
     assert "uses backend mlx" in out.stdout + out.stderr
 
@@ -95,3 +95,31 @@ def test_venv_snakemake_runs_a_job_without_activation(tmp_path):
     import pyarrow.parquet as pq
 
     assert pq.read_table(target).num_rows == 200
+
+
+def test_three_seeds_plan_three_trainings_on_shared_data(tmp_path):
+    """seeds: [1, 2, 3] on one experiment: three training runs, three trained generate/score jobs, and one of
+    everything they share (data, model, prompts, warm start, base responses), then one evaluation over all."""
+    from rlmeta.testing.workflow import dry_run, job_keys
+
+    cfg = tmp_path / "seeds.yaml"
+    cfg.write_text("run_experiments: [gsm8k_gspo]\nexperiments:\n  gsm8k_gspo:\n    seeds: [1, 2, 3]\n")
+    _, planned = dry_run(ROOT, tmp_path / "results", [cfg])
+    e = "exp=gsm8k_gspo"
+    per_seed = {(rule, f"{e}, {w}") for s in (1, 2, 3)
+                for rule, w in (("train_trl", f"seed={s}"), ("generate", f"policy=seed{s}"),
+                                ("score", f"policy=seed{s}"))}
+    keys = job_keys(planned)
+    assert {k for k in keys if "seed" in k[1]} == per_seed
+    shared = {k for k in keys if "seed" not in k[1]}
+    assert shared == {("prepare_gsm8k", "dataset=gsm8k"), ("build_model", "model=tiny"), ("make_prompts", e),
+                      ("warmstart", next(k[1] for k in shared if k[0] == "warmstart")),
+                      ("generate", f"{e}, policy=base"), ("score", f"{e}, policy=base"), ("provenance", e),
+                      ("evaluate", e), ("report", e), ("summary", ""), ("all", ""),
+                      ("make_prompts", "exp=gsm8k_grpo_lora")}  # the shared warm start trains on its prompts
+    ev = next(j for j in planned if j["rule"] == "evaluate")
+    for s in (1, 2, 3):
+        assert f"{tmp_path}/results/gsm8k_gspo/rewards/seed{s}.parquet" in ev["input"]
+    trains = [j for j in planned if j["rule"] == "train_trl"]
+    assert sorted(o for j in trains for o in j["output"] if o.endswith("train_metrics.parquet")) == [
+        f"{tmp_path}/results/gsm8k_gspo/seed{s}/train_metrics.parquet" for s in (1, 2, 3)]

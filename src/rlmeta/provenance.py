@@ -248,7 +248,13 @@ def wall_times(benchmark_files) -> dict[str, dict]:
         with open(f) as fh:
             rows = list(csv.DictReader(fh, delimiter="\t"))
         if rows:
-            key = f"{f.parent.name}/{f.stem}" if f.stem != f.parent.name else f.stem
+            parts = f.with_suffix("").parts
+            if "benchmarks" in parts[:-1]:  # <rule>/<name> or <rule>/<exp>/seed<N>, below results/benchmarks/
+                key = "/".join(parts[len(parts) - parts[::-1].index("benchmarks"):])
+            else:
+                key = f"{f.parent.name}/{f.stem}"
+            if key.count("/") == 1 and key.split("/")[0] == key.split("/")[1]:
+                key = f.stem
             out[key] = {"seconds": float(rows[-1]["s"]), "max_rss_mb": _num(rows[-1].get("max_rss"))}
     return out
 
@@ -261,11 +267,10 @@ def _num(v):
 
 
 def build(experiment: str, config: dict, seed: int, inputs, models: dict[str, str], benchmarks) -> dict:
-    """An experiment's provenance record (``provenance.json``)."""
-    training = {}
-    trained = models.get("trained")
-    if trained and (Path(trained) / TRAINING_FILE).is_file():
-        training = json.loads((Path(trained) / TRAINING_FILE).read_text())
+    """An experiment's provenance record (``provenance.json``); ``training``: the record each trained model
+    (every role but ``base``: ``trained``, or ``seed<N>`` per training run) carries, by role."""
+    training = {role: json.loads((Path(path) / TRAINING_FILE).read_text()) for role, path in models.items()
+                if role != "base" and (Path(path) / TRAINING_FILE).is_file()}
     return {"experiment": experiment, "seed": seed, "config_hash": config_hash(config),
             "environment": environment(), "training": training,
             "models": {k: checkpoint_info(v) for k, v in models.items()},

@@ -410,8 +410,9 @@ class RLJob(Block):
     train: TrainSettings = opt({}, "Training settings.")
     max_train_prompts: int | None = opt(None, "Cap on train prompts (null = all).", ge=1)
     backend: Backend = opt("torch", "Backend that trains it.")
-    template: TemplateName | None = opt(None, "The prompt template: its task metrics (accuracy, format) are measured in the "
-                                     "evaluations during training (null = rewards only).")
+    template: TemplateName | None = opt(
+        None, "The prompt template: its task metrics (accuracy, format) are measured in the evaluations during "
+              "training (null = rewards only).")
 
     @model_validator(mode="after")
     def _check(self) -> RLJob:
