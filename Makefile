@@ -36,6 +36,7 @@ setup: $(STAMP)
 run: setup
 	rlmeta unlock  # a killed run's stale lock, only when no Snakemake uses this folder
 	snakemake --profile profiles/default --cores $(CORES)
+	rlmeta times --results results  # where the time went, per rule
 
 # Two pytest-xdist workers, whole files per worker (module fixtures build once): ~40% less wall time on 2 cores
 # than one process, since much of a test's time is spent waiting on subprocesses (Snakemake, torchrun, SLURM).

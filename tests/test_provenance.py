@@ -16,6 +16,7 @@ from packaging.markers import Marker
 from packaging.utils import canonicalize_name
 
 from rlmeta import provenance
+from rlmeta.cli import main
 from rlmeta.settings import ROOT
 from rlmeta.testing.workflow import common_args, dry_run, job_keys, mark_done, mirror_workflow
 
@@ -171,6 +172,20 @@ def test_benchmark_keys_name_the_rule_and_the_run(tmp_path):
         (bench / rel).write_text("s\th:m:s\tmax_rss\n1.5\t0:00:01\t10\n")
     keys = provenance.wall_times(sorted(bench.rglob("*.tsv")))
     assert set(keys) == {"train_trl/gsm8k_gspo/seed7", "build_model/tiny", "summary"}
+
+
+def test_times_per_rule(tmp_path, capsys):
+    bench = tmp_path / "results" / "benchmarks"
+    for rel, sec in (("train_trl/a/seed1.tsv", 30.0), ("train_trl/a/seed2.tsv", 50.0), ("score/a/base.tsv", 5.0)):
+        (bench / rel).parent.mkdir(parents=True, exist_ok=True)
+        (bench / rel).write_text(f"s\th:m:s\tmax_rss\n{sec}\t0:00:01\t10\n")
+    rows = provenance.rule_times(bench)
+    assert [(r["rule"], r["jobs"], r["seconds"], r["longest_job"]) for r in rows] == [
+        ("train_trl", 2, 80.0, "train_trl/a/seed2"), ("score", 1, 5.0, "score/a/base")]
+    assert main(["times", "--results", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "train_trl             2      80.0  94.1%  train_trl/a/seed2 (50.0 s)" in out
+    assert main(["times", "--results", str(tmp_path / "none")]) == 2
 
 
 def test_a_hub_model_has_no_hash(tmp_path):

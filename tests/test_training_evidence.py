@@ -203,3 +203,27 @@ def test_resume_drops_rows_at_or_after_the_resumed_step(tmp_path):
     table = read_rollouts(tmp_path / "out")
     assert table.column("step").to_pylist() == [0, 1, 2, 3]
     assert isinstance(table, pa.Table)
+
+
+def test_mlx_run_logs_evaluations_and_rollout_tables_to_wandb(tiny, prompts, tmp_path):
+    """An offline W&B run gets every evaluation as eval/... at its step and one rollouts table per checkpoint
+    interval (and one for the rows after the last checkpoint)."""
+    import json
+
+    pytest.importorskip("mlx.core")
+    from rlmeta.rl.mlx_trainer import train_mlx
+    from rlmeta.testing.wandb_files import wandb_records_when_flushed
+
+    out = tmp_path / "checkpoints"
+    train_mlx(tiny, prompts, job("mlx", steps=3, checkpoint_every=2), out, tmp_path / "m.parquet",
+              WandbSettings(mode="offline", project="rlmeta-test"), seed=3, curve_path=tmp_path / "c.parquet",
+              rollouts_path=tmp_path / "rollouts")
+    (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+               for r in wandb_records_when_flushed(run_file) if r.WhichOneof("record_type") == "history"]
+    evals = {h["_step"]: h["eval/reward"] for h in history if "eval/reward" in h}
+    curve = pq.read_table(tmp_path / "c.parquet").to_pylist()
+    assert evals == {r["step"]: pytest.approx(r["reward"]) for r in curve} and sorted(evals) == [0, 2, 3]
+    tables = [(h["_step"], h["rollouts/_type"], h["rollouts/nrows"]) for h in history if "rollouts/nrows" in h]
+    # steps 0-1 at the step-2 checkpoint, then step 2's at the end (2 prompts x 4 samples a step)
+    assert tables == [(2, "table-file", 2 * 8), (3, "table-file", 8)]

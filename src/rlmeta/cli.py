@@ -41,6 +41,7 @@ STEPS: dict[str, tuple[str, str, str]] = {
                         "adapt base and meta-learned initialisations on held-out problems"),
     "evaluate": ("rlmeta.evaluation.evaluate", "command", "paired base-versus-trained comparison -> summary.json"),
     "provenance": ("rlmeta.provenance", "command", "an experiment's provenance.json (code, environment, inputs)"),
+    "times": ("rlmeta.provenance", "times_command", "wall time per rule of a finished run (its benchmark files)"),
     "report": ("rlmeta.report.render", "command", "one experiment's report (Markdown, HTML, figures)"),
     "summarize": ("rlmeta.report.summary", "command", "the summary across experiments"),
     "inspect": ("rlmeta.inspect", "command", "sample a checkpoint on your own prompts and show the rewards"),

@@ -299,3 +299,41 @@ def command(p: argparse.ArgumentParser):
         write_json(a.out, build(a.experiment, a.config.model_dump(mode="json"), a.seed, a.inputs, models,
                                 a.benchmarks))
     return run
+
+
+def rule_times(benchmarks: str | Path) -> list[dict]:
+    """Per rule, from every benchmark file under ``benchmarks`` (``results/benchmarks/<rule>/...tsv``): jobs,
+    total and longest wall time, and the peak memory of its jobs; longest total first."""
+    root = Path(benchmarks)
+    per: dict[str, dict] = {}
+    for key, t in wall_times(sorted(root.rglob("*.tsv"))).items():
+        rule = key.split("/")[0]
+        r = per.setdefault(rule, {"rule": rule, "jobs": 0, "seconds": 0.0, "longest": 0.0, "longest_job": "",
+                                  "max_rss_mb": None})
+        r["jobs"] += 1
+        r["seconds"] += t["seconds"]
+        if t["seconds"] >= r["longest"]:
+            r["longest"], r["longest_job"] = t["seconds"], key
+        if t["max_rss_mb"] is not None:
+            r["max_rss_mb"] = max(r["max_rss_mb"] or 0.0, t["max_rss_mb"])
+    return sorted(per.values(), key=lambda r: -r["seconds"])
+
+
+def times_command(p: argparse.ArgumentParser):
+    """``rlmeta times``: where a run's time went, per rule (the end of ``make run`` prints it)."""
+    p.add_argument("--results", default="results", help="the results folder (its benchmarks/ is read)")
+
+    def run(a):
+        from rlmeta.errors import UserError
+
+        rows = rule_times(Path(a.results) / "benchmarks")
+        if not rows:
+            raise UserError(f"{a.results}/benchmarks has no benchmark files: run the workflow first")
+        total = sum(r["seconds"] for r in rows)
+        print(f"{'rule':<18} {'jobs':>4} {'seconds':>9} {'share':>6}  longest job")
+        for r in rows:
+            print(f"{r['rule']:<18} {r['jobs']:>4} {r['seconds']:>9.1f} {r['seconds'] / total:>6.1%}  "
+                  f"{r['longest_job']} ({r['longest']:.1f} s)")
+        print(f"{'all jobs':<18} {sum(r['jobs'] for r in rows):>4} {total:>9.1f}  (job seconds; jobs run side by "
+              "side, so the wall time is shorter)")
+    return run
