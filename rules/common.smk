@@ -11,13 +11,15 @@ from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # a Snakemake outside the project's venv
+from rlmeta.cli import REWARD_MODULES_ENV  # noqa: E402
 from rlmeta.errors import UserError  # noqa: E402
 from rlmeta.prompts import TEMPLATES  # noqa: E402
 from rlmeta.provenance import code_fingerprint, reward_modules, step_module  # noqa: E402
+from rlmeta.rewards import resolve_spec  # noqa: E402
 from rlmeta.settings import startup_checks, validate  # noqa: E402
 
 try:
-    CFG = validate(config)  # the one validation: typed settings (rlmeta.settings), defaults filled
+    CFG = validate(config, workflow.basedir)  # the one validation (rlmeta.settings); loads the reward modules
     startup_checks(CFG, workflow.basedir)
 except UserError as err:
     sys.exit(str(err))
@@ -31,9 +33,18 @@ MODELS = CFG.models
 SEED = CFG.seed
 CHOSEN = CFG.chosen()
 
+
+def reward_modules_export():
+    """`export RLMETA_REWARD_MODULES=...; ` for the shell prefix (files as absolute paths), or nothing."""
+    specs = [resolve_spec(s, workflow.basedir) for s in CFG.reward_modules]
+    return f"export {REWARD_MODULES_ENV}={shlex.quote(os.pathsep.join(specs))}; " if specs else ""
+
+
 # Each job runs `rlmeta <step>`, a shell function for the interpreter that runs Snakemake (so
 # .venv/bin/snakemake works without activating the venv), or inside a conda environment (which holds
-# only the dependencies) the python of that environment, with src/ on PYTHONPATH.
+# only the dependencies) the python of that environment, with src/ on PYTHONPATH. The config's
+# reward_modules reach every step as $RLMETA_REWARD_MODULES (the default of --reward-modules; why one
+# variable and not a param per rule: see rlmeta.cli).
 PY = (
     "python"
     if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
@@ -43,6 +54,7 @@ shell.prefix(
     "set -euo pipefail; "
     f"export PYTHONPATH={shlex.quote(str(Path(workflow.basedir) / 'src'))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
     f'rlmeta() {{{{ {PY} -m rlmeta "$@"; }}}}; '
+    f"{reward_modules_export()}"
 )
 
 
@@ -125,6 +137,11 @@ def dataset_subjects(wildcards):
 
 def source_files(wildcards):
     return local_files(DATASETS[wildcards.dataset].source)
+
+
+def dataset_json(wildcards):
+    """A dataset block as JSON (reasoning_gym: its tasks, sizes and seed)."""
+    return as_json(DATASETS[wildcards.dataset].model_dump(mode="json"))
 
 
 def cap_args(wildcards):
@@ -482,7 +499,12 @@ def provenance_data(wildcards):
     """The data an experiment's result was computed from (hashed into provenance.json)."""
     name, e = wildcards.exp, exp_of(wildcards)
     ds = DATASETS[e.dataset]
-    sources = local_files(ds.source) if ds.kind != "rss" else [f for url in ds.feeds.values() for f in local_files(url)]
+    if ds.kind == "reasoning_gym":  # generated: the tables themselves
+        sources = [f"{R}/data/{e.dataset}/{split}.parquet" for split in ("train", "test")]
+    elif ds.kind == "rss":
+        sources = [f for url in ds.feeds.values() for f in local_files(url)]
+    else:
+        sources = local_files(ds.source)
     if e.algorithm == "fomaml":
         return sources + [f"{R}/data/{e.dataset}_tasks"]
     pols = ["base", *(f"seed{s}" for s in seeds_of(name))]

@@ -1,4 +1,4 @@
-# Raw data -> tables: RSS snapshots and headlines, GSM8K and MATH problems, MATH task splits.
+# Raw data -> tables: RSS snapshots and headlines, GSM8K, MATH and reasoning-gym problems, MATH task splits.
 
 
 rule fetch_rss:
@@ -106,6 +106,33 @@ rule prepare_math:
         out_dir=out_dir_of,
     shell:
         "rlmeta prepare-math --source {params.source:q} --out-dir {params.out_dir} {params.caps} > {log} 2>&1"
+
+
+rule prepare_reasoning_gym:
+    """reasoning-gym generators (tasks and parameters from config) -> problems tables, seeded."""
+    output:
+        train=f"{R}/data/{{dataset}}/train.parquet",
+        test=f"{R}/data/{{dataset}}/test.parquet",
+    log:
+        f"{R}/logs/prepare/{{dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/prepare_reasoning_gym/{{dataset}}.tsv"
+    wildcard_constraints:
+        dataset=names_of_kind("reasoning_gym"),
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        code=code_of("prepare-reasoning-gym"),
+        dataset=dataset_json,
+        seed=SEED,
+        out_dir=out_dir_of,
+    shell:
+        "rlmeta prepare-reasoning-gym --dataset {params.dataset:q} --seed {params.seed}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule split_math_tasks:

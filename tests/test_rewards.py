@@ -26,7 +26,8 @@ EDGE = ["", "   \n\t ", DEGENERATE]
 
 
 BUILT_IN = {"sections", "length", "coherence", "all_sections", "xml_strict", "xml_soft", "xml_count", "integer_answer",
-            "gsm8k_correct", "gsm8k_strict", "gsm8k_flexible", "gsm8k_xml", "math_correct", "boxed_present"}
+            "gsm8k_correct", "gsm8k_strict", "gsm8k_flexible", "gsm8k_xml", "math_correct", "boxed_present",
+            "rg_correct", "rg_format"}
 INLINE = {"math_correct": {"workers": 0}}  # math-verify in this process (the worker pool is tested below)
 
 

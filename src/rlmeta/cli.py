@@ -27,6 +27,8 @@ STEPS: dict[str, tuple[str, str, str]] = {
     "build-headlines": ("rlmeta.data.rss", "build_command", "parse feed snapshots into headlines.parquet"),
     "prepare-gsm8k": ("rlmeta.data.gsm8k", "command", "GSM8K (hub or local files) -> problems tables"),
     "prepare-math": ("rlmeta.data.math_problems", "prepare_command", "MATH (hub or local files) -> problems tables"),
+    "prepare-reasoning-gym": ("rlmeta.data.reasoning_gym", "command",
+                              "reasoning-gym procedural tasks -> problems tables (seeded, byte-identical)"),
     "split-math-tasks": ("rlmeta.data.math_problems", "split_command",
                          "per-subject support/query/held-out splits (the meta-learning tasks)"),
     "build-model": ("rlmeta.models.build", "command", "build a tiny Qwen3 (tokenizer + random weights)"),
@@ -71,8 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rlmeta: unknown step '{step}'{hint}; run `rlmeta --help` for the list", file=sys.stderr)
         return 2
     module, attr, help_text = STEPS[step]
+    try:
+        load_reward_modules(rest, f"rlmeta {step}")
+    except UserError as e:
+        print(f"rlmeta {step}: error: {e}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog=f"rlmeta {step}", description=help_text[0].upper() + help_text[1:] + ".",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_reward_modules(parser)
     runner: Callable = getattr(importlib.import_module(module), attr)(parser)
     if getattr(runner, "passthrough", False):  # a step that hands unknown options on (rlmeta status)
         args, args.extra = parser.parse_known_args(rest)
@@ -85,6 +93,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rlmeta {step}: error: {e}", file=sys.stderr)
         return 2
     return status if isinstance(status, int) and not isinstance(status, bool) else 0
+
+
+# Rewards users plug in (config `reward_modules`) reach every step one way: `--reward-modules`, an option of
+# every step, whose default is $RLMETA_REWARD_MODULES. Every step, not only those that score: provenance,
+# report, summarize and evaluate validate experiment blocks, which name rewards, and launch starts another
+# step. The workflow exports the variable once, in the shell prefix of rules/common.smk, rather than passing
+# a param to each rule: no rule can forget it, child processes (torchrun, srun) inherit it, and, not being a
+# param, moving the checkout re-runs nothing (the rules' `code` params carry a hash of the files instead).
+# The modules are loaded before the step's options are parsed, because those options (--rewards, --job,
+# --config) are validated against the reward registry as they are read.
+
+REWARD_MODULES_ENV = "RLMETA_REWARD_MODULES"
+"""The default of ``--reward-modules`` (``os.pathsep``-separated), set by the workflow for every job."""
+
+
+def add_reward_modules(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reward-modules", nargs="+", action="extend", metavar="FILE_OR_MODULE",
+                   help="reward modules to load first (the config's reward_modules): Python files, importable "
+                        "modules or entry points of the group rlmeta.rewards that register rewards with "
+                        f"@rlmeta.rewards.register (default: ${REWARD_MODULES_ENV}, {os.pathsep}-separated, which "
+                        "the workflow sets)")
+
+
+def load_reward_modules(argv: Sequence[str], prog: str = "rlmeta") -> list[str]:
+    """Load the reward modules of ``--reward-modules`` in ``argv`` (else of ``$RLMETA_REWARD_MODULES``) and
+    export them (files as absolute paths) in that variable, for the processes the step starts."""
+    pre = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
+    add_reward_modules(pre)
+    specs = pre.parse_known_args(argv)[0].reward_modules or [
+        s for s in os.environ.get(REWARD_MODULES_ENV, "").split(os.pathsep) if s]
+    if not specs:
+        return []  # rlmeta.rewards is not imported for steps that do not use it
+    from rlmeta.rewards import load_modules, resolve_spec
+
+    names = load_modules(specs)
+    os.environ[REWARD_MODULES_ENV] = os.pathsep.join(resolve_spec(s) for s in specs)
+    return names
 
 
 def usage() -> str:

@@ -56,6 +56,8 @@ XML_COT_SYSTEM = """Respond in the following format:
 
 MATH_BOXED_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
+REASONING_GYM_SYSTEM = "Solve the task. Put only the final answer inside <answer>...</answer>."
+
 _TAG = re.compile(r"<[^>]+>")
 _CALC = re.compile(r"<<[^>]*>>")
 _WORD = re.compile(r"[^\W\d_][\w'-]*")
@@ -101,6 +103,26 @@ def xml_cot(row: dict) -> list[dict]:
 def math_boxed(row: dict) -> list[dict]:
     """Step-by-step solution with the final answer in ``\\boxed{}``."""
     return _messages(MATH_BOXED_SYSTEM, row["question"])
+
+
+def reasoning_gym(row: dict) -> list[dict]:
+    """A reasoning-gym task's own question; the answer goes inside ``<answer>...</answer>``."""
+    return _messages(REASONING_GYM_SYSTEM, row["question"])
+
+
+def reasoning_gym_reference(row: dict) -> str:
+    """The generator's gold answer in ``<answer>`` tags (what the warm start imitates)."""
+    return f"<answer>{row['answer']}</answer>"
+
+
+def reasoning_gym_key(row: dict) -> str:
+    """The prompts' ``reference`` of a reasoning-gym row: JSON with what the task's own ``score_answer`` needs
+    (task, question, gold answer, the entry's metadata and the task's config), read by ``rg_correct``."""
+    import json
+
+    return json.dumps({"task": row["task"], "question": row["question"], "answer": row["answer"],
+                       "metadata": json.loads(row["metadata"]), "config": json.loads(row["config"])},
+                      sort_keys=True, ensure_ascii=False)
 
 
 def _keywords(text: str) -> list[str]:
@@ -155,7 +177,7 @@ class Template:
     name: str
     messages: Callable[[dict], list[dict]]
     reference_completion: Callable[[dict], str]
-    dataset_kind: str  # rss | gsm8k | math
+    dataset_kind: str  # rss | gsm8k | math | reasoning_gym
     default_rewards: dict[str, float]
     metrics: dict[str, str]  # "accuracy/<name>" | "format/<name>" -> scorer name
     primary_accuracy: str | None = None  # the metric column the report leads with
@@ -180,6 +202,11 @@ TEMPLATES: dict[str, Template] = {
         default_rewards={"math_correct": 1.0},
         metrics={"accuracy/math_verify": "math_correct", "format/boxed_present": "boxed_present"},
         primary_accuracy="accuracy/math_verify"),
+    "reasoning_gym": Template(
+        "reasoning_gym", reasoning_gym, reasoning_gym_reference, "reasoning_gym",
+        default_rewards={"rg_correct": 1.0, "rg_format": 0.1},
+        metrics={"accuracy/rg_correct": "rg_correct", "format/rg_format": "rg_format"},
+        primary_accuracy="accuracy/rg_correct"),
 }
 
 
@@ -234,7 +261,8 @@ def build_prompts(
 
     Headlines split by a stable hash of ``headline_id`` (``eval_fraction`` to eval,
     task = headline_id); problems split by their ``split`` column through
-    ``SPLIT_MAP`` (task = "gsm8k" or the MATH subject). Duplicate items are kept
+    ``SPLIT_MAP`` (task = "gsm8k", the MATH subject or the reasoning-gym task; a reasoning-gym
+    reference is the JSON of ``reasoning_gym_key``). Duplicate items are kept
     once, eval winning. Within each split, rows come in a seeded hash order that
     does not depend on input order; ``max_train``/``max_eval`` keep the first N.
     """
@@ -259,6 +287,8 @@ def build_prompts(
             row = chosen[item][1]
             if kind == "rss":
                 task, reference = item, None
+            elif kind == "reasoning_gym":
+                task, reference = row["task"], reasoning_gym_key(row)
             else:
                 task = "gsm8k" if kind == "gsm8k" else (row.get("subject") or "math")
                 reference = row["answer"]

@@ -48,7 +48,14 @@ STACK = ("rlmeta", "torch", "transformers", "trl", "peft", "accelerate", "mlx", 
 # -- code fingerprints ---------------------------------------------------------------------------------
 
 def module_path(name: str) -> Path | None:
-    """The source file of an ``rlmeta`` module (package ``__init__.py`` or ``name.py``), or None."""
+    """The source file of an ``rlmeta`` module (package ``__init__.py`` or ``name.py``), or of a reward module
+    loaded from outside the package (``rlmeta.rewards.load_modules``: its file, so that editing it re-runs the
+    jobs that use its rewards), or None."""
+    if name.split(".")[0] != "rlmeta":
+        from rlmeta.rewards import PLUGINS
+
+        file = PLUGINS.get(name) or getattr(sys.modules.get(name), "__file__", None)
+        return Path(file) if file and Path(file).is_file() else None
     base = SRC.joinpath(*name.split("."))
     for p in (base / "__init__.py", base.with_suffix(".py")):
         if p.is_file():

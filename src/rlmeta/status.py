@@ -15,7 +15,7 @@ import sys
 _JOB_HEAD = re.compile(r"^(?:local)?(?:rule|checkpoint) (\S+):$")
 _FIELD = re.compile(r"^    (\w+): (.*)$")
 _WILDCARD = re.compile(r"(?:^|, )(\w+)=(.*?)(?=, \w+=|$)")
-_MODULE = re.compile(r"(rlmeta(?:\.\w+)*)@([0-9a-f]{8})")
+_MODULE = re.compile(r"(\w+(?:\.\w+)*)@([0-9a-f]{8})")  # rlmeta modules and reward plugins
 
 
 def planned_jobs(text: str) -> list[dict]:

@@ -33,6 +33,20 @@ PROBLEMS = pa.schema(
     ]
 )
 
+RG_PROBLEMS = pa.schema(
+    [
+        pa.field("problem_id", pa.string(), nullable=False),  # reasoning_gym/<task>/<split>/<index>
+        pa.field("source", pa.string(), nullable=False),  # reasoning_gym
+        pa.field("split", pa.string(), nullable=False),  # train | test
+        pa.field("task", pa.string(), nullable=False),  # the reasoning-gym generator (basic_arithmetic, ...)
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("answer", pa.string(), nullable=False),  # the generator's gold answer
+        pa.field("metadata", pa.string(), nullable=False),  # the entry's metadata, JSON (sorted keys)
+        pa.field("config", pa.string(), nullable=False),  # the task's config parameters, JSON (sorted keys)
+    ]
+)
+"""Problems drawn from reasoning-gym generators (``rlmeta prepare-reasoning-gym``)."""
+
 MESSAGE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
 
 PROMPTS = pa.schema(

@@ -37,7 +37,7 @@ from rlmeta.policy.base import LOGITS_BUDGET, derive_seed
 from rlmeta.policy.mlx_policy import pad_batch, sequence_logprobs
 from rlmeta.prompts import train_rows
 from rlmeta.provenance import write_training_record
-from rlmeta.rl import mlx_state
+from rlmeta.rl import dapo, mlx_state
 from rlmeta.rl.evidence import CHUNKS_DIR, EvalCurve, RolloutLog, eval_line, rollout_records
 from rlmeta.rl.objectives import group_advantages
 from rlmeta.rl.objectives_mlx import policy_loss
@@ -91,38 +91,80 @@ class MLXTrainer:
 
     # -- rollout ---------------------------------------------------------------------------
     def rollout(self) -> dict:
-        """Sample, score and pack one batch for ``update`` (also returns its reward statistics)."""
+        """Sample, score and pack one batch for ``update`` (also returns its reward statistics).
+
+        With ``train.dynamic_sampling`` (DAPO), groups whose total rewards are all equal are dropped and further
+        rollout batches are drawn (at most ``dynamic_sampling`` extra ones) until ``batch_prompts`` groups with a
+        spread are kept; the step trains on those (fewer when the budget runs out, the first batch as drawn when
+        not one group had a spread). With ``train.mask_truncated``, completions that hit ``max_new_tokens``
+        without a stop token get a zero loss mask; their rewards still enter their group's advantages (TRL)."""
         t, g = self.t, self.t.group_size
-        idx = self.sampler.sample(self.batch_prompts)
-        self.policy.model.eval()
-        gens = self.policy.generate([self.prompt_ids[i] for i in idx], n=g, temperature=t.temperature,
-                                    top_p=t.top_p, max_new_tokens=t.max_new_tokens,
-                                    seed=derive_seed(self.seed, "rollout", self.step))
-        rows = [self.prompts[idx[x.prompt_index]] for x in gens]
-        s = score([x.text for x in gens], [r["reference"] for r in rows], [r["prompt"] for r in rows],
-                  self.job.rewards, self.job.reward_params)
-        adv = group_advantages(s.total, g, t.scale_rewards)
-        self.sampler.update(idx, s.total.reshape(-1, g).tolist())
+        draws = [self._draw(0)]
+        if t.dynamic_sampling:
+            kept = dapo.DynamicBatch(self.batch_prompts)
+            kept.add(dapo.has_spread(draws[0]["total"], g))
+            while not kept.full and len(draws) <= t.dynamic_sampling:
+                draws.append(self._draw(len(draws)))
+                kept.add(dapo.has_spread(draws[-1]["total"], g))
+            chosen = kept.selection()
+        else:
+            chosen = [(0, j) for j in range(len(draws[0]["idx"]))]
+        rows_of = lambda b, j: range(j * g, (j + 1) * g)  # a batch's groups are contiguous, in prompt order
+        pick = [(b, i) for b, j in chosen for i in rows_of(b, j)]
+        gens = [draws[b]["gens"][i] for b, i in pick]
+        rows = [draws[b]["rows"][i] for b, i in pick]
+        total = np.array([draws[b]["total"][i] for b, i in pick])
+        components = {n: np.array([draws[b]["components"][n][i] for b, i in pick]) for n in self.job.rewards}
+        idx = [draws[b]["idx"][j] for b, j in chosen]
+        adv = group_advantages(total, g, t.scale_rewards)
         ids, plen, mask = pad_batch([x.prompt_ids for x in gens], [x.token_ids for x in gens], self.policy.pad_id)
+        truncated = np.array([x.finish_reason == "length" for x in gens])
+        loss_mask = mask
+        if t.mask_truncated:  # DAPO's overlong filtering: out of the loss, still in the advantages (as TRL)
+            loss_mask = mask * mx.array((~truncated).astype(np.float32))[:, None].astype(mask.dtype)
         old = np.zeros(mask.shape, np.float32)
         for i, x in enumerate(gens):
             old[i, :len(x.logprobs)] = x.logprobs
-        batch = {"ids": ids, "plen": plen, "mask": mask, "old": mx.array(old),
+        batch = {"ids": ids, "plen": plen, "mask": mask, "loss_mask": loss_mask, "old": mx.array(old),
                  "adv": mx.array(adv.astype(np.float32)), "ref": None}
         if self.ref is not None:
             batch["ref"] = self.reference_logprobs(ids, plen, mask)
         lens = np.array([len(x.token_ids) for x in gens])
         self.rollouts.add(rollout_records(
-            self.step, [r["prompt_id"] for r in rows], [x.prompt_index for x in gens], [x.sample_idx for x in gens],
-            [x.text for x in gens], s.total, s.components, adv, lens, [x.finish_reason == "length" for x in gens]))
-        spread = s.total.reshape(-1, g).std(axis=1)
-        stats = {"reward_mean": float(s.total.mean()),
-                 "reward_std": float(s.total.std(ddof=1)) if s.total.size > 1 else 0.0,
-                 "zero_std_frac": float(np.isclose(spread, 0.0, rtol=1e-5, atol=1e-8).mean()),
+            self.step, [r["prompt_id"] for r in rows], [k // g for k in range(len(gens))],
+            [x.sample_idx for x in gens], [x.text for x in gens], total, components, adv, lens, truncated))
+        stats = {"reward_mean": float(total.mean()),
+                 "reward_std": float(total.std(ddof=1)) if total.size > 1 else 0.0,
+                 "zero_std_frac": float((~dapo.has_spread(total, g)).mean()),
                  "completion_len_mean": float(lens.mean()),
-                 "new_tokens": int(lens.sum() + sum(len(x.prompt_ids) for x in gens)),
-                 **{f"reward/{n}": float(v.mean()) for n, v in s.components.items()}}
+                 "new_tokens": int(sum(len(x.token_ids) + len(x.prompt_ids) for d in draws for x in d["gens"])),
+                 **{f"reward/{n}": float(v.mean()) for n, v in components.items()}}
+        if t.overlong_buffer is not None:
+            stats[dapo.OVERLONG] = float(np.mean([draws[b]["penalty"][i] for b, i in pick]))
+        if t.dynamic_sampling:
+            stats[dapo.EXTRA_BATCHES], stats[dapo.GROUPS_KEPT] = len(draws) - 1, len(kept.kept)
         return {"batch": batch, "stats": stats, "indices": idx, "generations": gens}
+
+    def _draw(self, extra: int) -> dict:
+        """One rollout batch (``extra``: 0 = the step's batch, k = dynamic sampling's k-th extra one): prompt
+        indices, generations, rows, total rewards (the overlong penalty included), components and penalty."""
+        t, g = self.t, self.t.group_size
+        idx = self.sampler.sample(self.batch_prompts)
+        seed = derive_seed(self.seed, "rollout", self.step) if extra == 0 else \
+            derive_seed(self.seed, "rollout", self.step, "extra", extra)
+        self.policy.model.eval()
+        gens = self.policy.generate([self.prompt_ids[i] for i in idx], n=g, temperature=t.temperature,
+                                    top_p=t.top_p, max_new_tokens=t.max_new_tokens, seed=seed)
+        rows = [self.prompts[idx[x.prompt_index]] for x in gens]
+        s = score([x.text for x in gens], [r["reference"] for r in rows], [r["prompt"] for r in rows],
+                  self.job.rewards, self.job.reward_params)
+        total, penalty = s.total, None
+        if t.overlong_buffer is not None:
+            penalty = dapo.overlong_penalty([len(x.token_ids) for x in gens], t.max_new_tokens, t.overlong_buffer)
+            total = total + t.overlong_penalty * penalty
+        self.sampler.update(idx, total.reshape(-1, g).tolist())
+        return {"idx": list(idx), "gens": gens, "rows": rows, "total": total, "components": s.components,
+                "penalty": penalty}
 
     def reference_logprobs(self, ids: mx.array, plen: mx.array, mask: mx.array) -> mx.array:
         """The frozen reference's completion log-probs (the KL term's), evaluated."""
@@ -131,11 +173,12 @@ class MLXTrainer:
         return ref
 
     # -- update ----------------------------------------------------------------------------
-    def _loss(self, model, ids, plen, mask, old, ref, adv, num_items):
+    def _loss(self, model, ids, plen, mask, old, ref, adv, num_items, loss_mask=None):
         # the entropies come from the same forward pass (no gradient): a metric, a collapse shows in it first
         logp, entropy = sequence_logprobs(model, ids, plen, mask, self.t.temperature, entropy=True)
         loss, self._metrics = policy_loss(
-            logp, old, ref, adv, mask, level=self.level, eps_low=self.eps_low, eps_high=self.eps_high,
+            logp, old, ref, adv, mask if loss_mask is None else loss_mask, level=self.level, eps_low=self.eps_low,
+            eps_high=self.eps_high,
             beta=self.t.beta, loss_type=self.t.loss_type, max_completion_length=self.t.max_new_tokens,
             num_items=num_items, entropy=entropy)
         return loss
@@ -158,7 +201,7 @@ class MLXTrainer:
 
     def gradients(self, batch: dict, old_logp: bool) -> tuple[dict, float, dict]:
         """(gradients, loss, policy-loss metrics) of the batch, summed over its micro-batches."""
-        mask = batch["mask"]
+        mask = batch.get("loss_mask", batch["mask"])  # without truncated completions (train.mask_truncated)
         n, tokens = mask.shape[0], max(mask.sum().item(), 1.0)
         loss_total, grads, metrics = 0.0, None, {}
         for sl in self._chunks(batch):
@@ -167,8 +210,8 @@ class MLXTrainer:
             w = {"grpo": rows_w, "dr_grpo": rows_w, "bnpo": tok_w, "dapo": 1.0}[self.t.loss_type]
             ref = None if batch["ref"] is None else batch["ref"][sl]
             old = batch["old"][sl] if old_logp else None
-            loss, g = self.grad_fn(self.policy.model, batch["ids"][sl], batch["plen"][sl], m, old, ref,
-                                   batch["adv"][sl], tokens)
+            loss, g = self.grad_fn(self.policy.model, batch["ids"][sl], batch["plen"][sl], batch["mask"][sl], old,
+                                   ref, batch["adv"][sl], tokens, m)
             if w != 1.0:
                 g = tree_map(lambda a, w=w: a * w, g)
             grads = g if grads is None else tree_map(mx.add, grads, g)
@@ -274,7 +317,7 @@ def train_mlx(model_dir: str | Path, prompts_path: str | Path, job: RLJob, out_d
     out_dir = Path(out_dir)
     wandb = wandb or WandbSettings()
     trainer = MLXTrainer(model_dir, prompts_path, job, seed, out_dir)
-    metrics = MetricsTable([f"reward/{n}" for n in job.rewards])
+    metrics = MetricsTable(dapo.metric_columns(job))
     ckpt = checkpoints.latest(out_dir, readable=lambda p: mlx_state.read_state(p) is not None)
     if ckpt is not None and not trainer.resumable(ckpt):
         checkpoints.remove_all(out_dir, "trained with a different spec")

@@ -29,6 +29,7 @@ from trl import GRPOTrainer
 
 from rlmeta import checkpoints
 from rlmeta.io import write_json
+from rlmeta.rl import dapo
 from rlmeta.rl.evidence import CHUNKS_DIR, EvalCurve, RolloutLog, eval_line, rollout_records
 from rlmeta.schedules import transformers_name
 from rlmeta.settings import LoraSettings, RLJob, WandbSettings
@@ -104,7 +105,10 @@ def grpo_config_kwargs(job: RLJob, out_dir: str | os.PathLike, seed: int = 0, re
         beta=t.beta,
         scale_rewards=t.scale_rewards,
         loss_type=t.loss_type,
-        reward_weights=[float(w) for w in job.rewards.values()],
+        # the overlong penalty (DAPO eq. 13) is the last reward function (see reward_functions), weighted here
+        reward_weights=[float(w) for w in job.rewards.values()]
+        + ([float(t.overlong_penalty)] if t.overlong_buffer is not None else []),
+        mask_truncated_completions=t.mask_truncated,  # DAPO's overlong filtering
         use_vllm=t.trl.use_vllm,
         report_to="none" if report_to == "none" else [report_to],
         logging_steps=1,
@@ -136,7 +140,8 @@ def reward_functions(job: RLJob) -> list:
 
     Each scores the batch through the reward's own ``RewardSpec.score`` (the same path as the
     score step and the MLX trainer), reading the ``reference`` dataset column. Weights are not
-    applied here: they go to ``GRPOConfig.reward_weights``.
+    applied here: they go to ``GRPOConfig.reward_weights``. With ``train.overlong_buffer`` the last one is
+    ``overlong`` (``rlmeta.rl.dapo.overlong_penalty`` of the completion lengths, weight ``train.overlong_penalty``).
     """
     from rlmeta.rewards import REGISTRY
 
@@ -151,6 +156,8 @@ def reward_functions(job: RLJob) -> list:
 
         fn.__name__ = fn.__qualname__ = name
         funcs.append(fn)
+    if job.train.overlong_buffer is not None:  # DAPO's soft overlong punishment, on the completion_ids TRL passes
+        funcs.append(dapo.overlong_reward_function(job.train.max_new_tokens, job.train.overlong_buffer))
     return funcs
 
 
@@ -222,6 +229,7 @@ class Trainer(GRPOTrainer):
         self.rlmeta_curve, self.rlmeta_rollouts = curve, rollouts
         self.rlmeta_run = None  # the W&B run, when reporting to W&B (rollout tables go to it)
         self._last_rewards = None
+        self._last_completion_ids = None
         self._staging: Path | None = None
         self._rng_checkpoint: str | None = None
         super().__init__(*args, **kwargs)
@@ -254,6 +262,7 @@ class Trainer(GRPOTrainer):
             indices = gather_object([x["prompt_index"] for x in inputs])
             self.ued.feedback(indices, totals.cpu().numpy())
         self._last_rewards = rewards_per_func  # gathered over processes, for the rollouts table
+        self._last_completion_ids = completion_ids_list  # this process's, unpadded (the mask may hide truncated ones)
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
@@ -266,9 +275,9 @@ class Trainer(GRPOTrainer):
         """The batch TRL just sampled and scored, as rollouts rows (every process's part, gathered)."""
         from accelerate.utils import gather_object
 
-        ids, mask = out["completion_ids"], out["completion_mask"]
-        lengths = mask.sum(dim=1).tolist()
-        rows = [ids[i, :n].tolist() for i, n in enumerate(lengths)]
+        # from the unpadded ids, not completion_mask: mask_truncated_completions zeroes the truncated rows' masks
+        rows = [list(ids) for ids in self._last_completion_ids]
+        lengths = [len(r) for r in rows]
         stops = {*self.eos_token_ids, self.processing_class.pad_token_id}
         texts = gather_object(self.processing_class.batch_decode(rows, skip_special_tokens=True))
         truncated = gather_object([not r or r[-1] not in stops for r in rows])
@@ -446,13 +455,15 @@ def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, job
     resume = _resume_checkpoint(out_dir, spec)
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_step = int(re.search(r"checkpoint-(\d+)$", resume).group(1)) if resume else None
-    metrics = MetricsTable([f"reward/{n}" for n in job.rewards])
+    metrics = MetricsTable(dapo.metric_columns(job))
     if resume:
         metrics.restore(resume, resume_step)
     guard = DivergenceGuard(t.guard, job.reward_floor, "train.guard", checkpoints.weights_finite)
     if resume:
         guard.restore(json.loads((Path(resume) / GUARD_FILE).read_text()))
-    callback = TrainMetricsCallback(metrics, list(job.rewards), guard)
+    # TRL logs rewards/<name>/mean per reward function: the overlong penalty's becomes reward/overlong
+    callback = TrainMetricsCallback(metrics, list(job.rewards) + (["overlong"] if t.overlong_buffer is not None
+                                                                   else []), guard)
     curve = EvalCurve(prompts_path, job, seed, args.max_steps, unit=t.updates_per_batch)
     rollouts = RolloutLog(list(job.rewards), out_dir / CHUNKS_DIR, enabled=t.log_rollouts)
     if resume:

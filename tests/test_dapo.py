@@ -1,0 +1,257 @@
+"""DAPO's controls (Yu et al. 2025) on both trainers: the soft overlong penalty (eq. 13) against hand-computed values
+on each backend's reward path, dynamic sampling's extra draws on MLX, masking truncated completions out of the loss
+(MLX: no gradient from a masked row; TRL: its own ``mask_truncated_completions``), and one-line config errors."""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from rlmeta.io import write_records
+from rlmeta.models.build import build_tiny_model
+from rlmeta.policy.base import derive_seed
+from rlmeta.rl import dapo
+from rlmeta.rl.evidence import read_rollouts
+from rlmeta.rl.objectives import group_advantages
+from rlmeta.settings import ROOT, ConfigError, ModelBuild, RLJob, WandbSettings, parse, validate
+from rlmeta.tables import PROMPTS
+from rlmeta.testing.rewards import registered
+
+TINY = ModelBuild(tokenizer="bpe", vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                  intermediate_size=64)
+OFF = WandbSettings(mode="disabled")
+N_TRAIN = 6
+
+# L_max = 10, L_cache = 4: no penalty up to 6 tokens, then -1/4 per token, -1 at 10 and beyond
+HAND = {0: 0.0, 1: 0.0, 5: 0.0, 6: 0.0, 7: -0.25, 8: -0.5, 9: -0.75, 10: -1.0, 11: -1.0, 40: -1.0}
+
+
+def text_hash(completion, reference=None, prompt=None):
+    """0 for prompts with an even number, else a hash of the completion (differs within a group)."""
+    number = int(prompt[-1]["content"].split()[1])
+    return 0.0 if number % 2 == 0 else zlib.crc32(completion.encode()) % 97 / 97
+
+
+def constant(completion, reference=None, prompt=None):
+    return 0.5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def toy_rewards():
+    with registered("toy_hash", text_hash, "hash of odd prompts' completions"), \
+            registered("toy_const", constant, "always 0.5"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", TINY, [ROOT / "resources/gsm8k/train.jsonl"], 0)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    rows = [{"prompt_id": f"p{i}", "experiment": "toy", "item_id": f"i{i}", "task": f"t{i}",
+             "split": "train" if i < N_TRAIN else "eval", "prompt": [{"role": "user", "content": f"count {i} {i + 1}"}],
+             "reference": None, "reference_completion": None} for i in range(N_TRAIN + 2)]
+    path = tmp_path_factory.mktemp("prompts") / "prompts.parquet"
+    write_records(path, rows, PROMPTS)
+    return path
+
+
+def job(backend: str = "mlx", reward: str = "toy_hash", **train) -> RLJob:
+    t = {"steps": 2, "batch_prompts": 2, "group_size": 4, "learning_rate": 1e-2, "max_new_tokens": 10,
+         "checkpoint_every": 10, "eval_every": None, **train}
+    return RLJob.model_validate({"algorithm": "grpo", "rewards": {reward: 1.0}, "train": t, "backend": backend})
+
+
+def mlx_trainer(tiny, prompts, j: RLJob, seed: int = 3):
+    pytest.importorskip("mlx.core")
+    from rlmeta.rl.mlx_trainer import MLXTrainer
+
+    return MLXTrainer(tiny, prompts, j, seed)
+
+
+# -- the soft overlong penalty --------------------------------------------------------------------------------------
+
+def test_overlong_penalty_against_hand_values_and_trl():
+    from trl.rewards import get_soft_overlong_punishment
+
+    lengths = list(HAND)
+    assert dapo.overlong_penalty(lengths, 10, 4).tolist() == list(HAND.values())
+    ids = [[7] * n for n in lengths]
+    assert get_soft_overlong_punishment(10, 4)(ids) == pytest.approx(list(HAND.values()))
+    assert dapo.overlong_reward_function(10, 4)(completion_ids=ids, prompts=None) == list(HAND.values())
+    with pytest.raises(ValueError):
+        dapo.overlong_penalty([1], 10, 10)
+
+
+def test_trl_gets_the_penalty_as_a_weighted_reward_function():
+    from rlmeta.rl.trl_trainer import grpo_config_kwargs, reward_functions
+
+    j = job("torch", overlong_buffer=4, overlong_penalty=0.5, mask_truncated=True)
+    kw = grpo_config_kwargs(j, "/tmp/x", cuda=False)
+    assert kw["reward_weights"] == [1.0, 0.5]
+    assert kw["mask_truncated_completions"] is True
+    funcs = reward_functions(j)
+    assert [f.__name__ for f in funcs] == ["toy_hash", "overlong"]
+    lengths = list(HAND)
+    assert funcs[-1](prompts=[None] * len(lengths), completions=[""] * len(lengths),
+                     completion_ids=[[1] * n for n in lengths]) == list(HAND.values())
+    off = grpo_config_kwargs(job("torch"), "/tmp/x", cuda=False)
+    assert off["reward_weights"] == [1.0] and off["mask_truncated_completions"] is False
+    assert [f.__name__ for f in reward_functions(job("torch"))] == ["toy_hash"]
+    assert j.reward_floor == pytest.approx(0.0 - 0.5)  # the mix's floor, minus the penalty's weight
+
+
+def _check_penalised_rollouts(table, metrics, weight: float):
+    rows = table.to_pylist()
+    pen = {r["n_tokens"]: HAND[r["n_tokens"]] for r in rows}
+    for r in rows:  # the total the advantages used: the reward plus weight x the hand-computed penalty
+        assert r["reward"] == pytest.approx(r["reward/toy_hash"] + weight * HAND[r["n_tokens"]], abs=1e-6)
+    by_step: dict[int, list] = {}
+    for r in rows:
+        by_step.setdefault(r["step"], []).append(HAND[r["n_tokens"]])
+    assert [m["reward/overlong"] for m in metrics][:1] == pytest.approx([np.mean(by_step[0])], abs=1e-6)
+    return pen
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_overlong_penalty_on_each_trainers_reward_path(backend, tiny, prompts, tmp_path):
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+        from rlmeta.rl.mlx_trainer import train_mlx as train
+    else:
+        from rlmeta.rl.trl_trainer import train_trl as train
+    j = job(backend, steps=1, overlong_buffer=4, overlong_penalty=0.5, max_new_tokens=10, mask_truncated=True)
+    train(tiny, prompts, j, tmp_path / "ck", tmp_path / "m.parquet", OFF, seed=3, rollouts_path=tmp_path / "ro")
+    table, metrics = read_rollouts(tmp_path / "ro"), pq.read_table(tmp_path / "m.parquet").to_pylist()
+    pen = _check_penalised_rollouts(table, metrics, 0.5)
+    assert any(v < 0 for v in pen.values()), f"no completion in the penalty zone (lengths {sorted(pen)})"
+    for r in table.to_pylist():  # masked out of the loss, but logged with their real length and text (TRL too)
+        assert r["n_tokens"] > 0 and (not r["truncated"] or r["n_tokens"] == 10)
+    assert any(r["truncated"] for r in table.to_pylist())
+    rewards = np.array(table.column("reward").to_pylist())
+    adv = group_advantages(rewards, 4)  # the advantages were computed from the penalised totals
+    assert np.array(table.column("advantage").to_pylist()) == pytest.approx(adv, abs=1e-4)
+
+
+# -- dynamic sampling (MLX) --------------------------------------------------------------------------------------
+
+def test_equal_rewards_trigger_every_extra_draw(tiny, prompts):
+    tr = mlx_trainer(tiny, prompts, job(reward="toy_const", dynamic_sampling=2, steps=1))
+    row = tr.train_step()
+    assert row["dynamic_extra_batches"] == 2 and row["dynamic_groups_kept"] == 0
+    assert tr.sampler.pos == 6  # three batches of 2 prompts were drawn from the epoch's order
+    assert row["zero_std_frac"] == 1.0 and row["grad_norm"] == 0.0  # trained on the first batch: no signal
+    assert row["reward_mean"] == pytest.approx(0.5)
+
+
+def test_dynamic_sampling_keeps_groups_with_a_spread(tiny, prompts):
+    from rlmeta.rl.mlx_state import EpochSampler
+
+    j = job(dynamic_sampling=3, steps=3)
+    tr = mlx_trainer(tiny, prompts, j)
+    order = EpochSampler(N_TRAIN, derive_seed(3, "order"))  # the trainer's prompt order, replayed
+    for _ in range(3):
+        ro = tr.rollout()
+        # by hand: batches of 2 until 2 odd prompts (the only ones with a reward spread) are found or 3 extra drawn
+        drawn, odd = 0, []
+        while len(odd) < 2 and drawn <= 3:
+            odd += [i for i in order.sample(2) if i % 2 == 1][:2 - len(odd)]
+            drawn += 1
+        assert ro["stats"]["dynamic_extra_batches"] == drawn - 1
+        assert ro["stats"]["dynamic_groups_kept"] == len(odd)
+        assert ro["indices"] == odd
+        assert ro["stats"]["zero_std_frac"] == 0.0
+        tr.step += 1
+
+
+def test_dynamic_sampling_off_adds_no_columns_and_draws_once(tiny, prompts):
+    tr = mlx_trainer(tiny, prompts, job(reward="toy_const", steps=1))
+    ro = tr.rollout()
+    assert tr.sampler.pos == 2 and "dynamic_extra_batches" not in ro["stats"]
+    assert dapo.metric_columns(job()) == ["reward/toy_hash"]
+    assert dapo.metric_columns(job(dynamic_sampling=1, overlong_buffer=2)) == [
+        "reward/toy_hash", "reward/overlong", "dynamic_extra_batches", "dynamic_groups_kept"]
+
+
+def test_dynamic_batch_selection():
+    b = dapo.DynamicBatch(3)
+    b.add([False, True])
+    assert not b.full
+    b.add([True, True])
+    assert b.full and b.selection() == [(0, 1), (1, 0), (1, 1)]
+    empty = dapo.DynamicBatch(2)
+    empty.add([False, False])
+    empty.add([False, False])
+    assert empty.selection() == [(0, 0), (0, 1)]  # none with a spread: the first batch as drawn
+
+
+# -- masking truncated completions -----------------------------------------------------------------------------
+
+def test_truncated_completions_are_masked_but_keep_their_advantages(tiny, prompts):
+    tr = mlx_trainer(tiny, prompts, job(mask_truncated=True, max_new_tokens=3))
+    ro = tr.rollout()
+    b, gens = ro["batch"], ro["generations"]
+    truncated = np.array([g.finish_reason == "length" for g in gens])
+    assert truncated.any()
+    rows_kept = np.array(b["loss_mask"]).sum(axis=1) > 0
+    assert (rows_kept == ~truncated).all()
+    assert np.array(b["mask"]).sum(axis=1).tolist() == [len(g.token_ids) for g in gens]  # the forward's mask
+    rewards = [text_hash(g.text, None, tr.prompts[ro["indices"][g.prompt_index]]["prompt"]) for g in gens]
+    assert np.array(b["adv"]) == pytest.approx(group_advantages(rewards, 4), abs=1e-5)  # from every reward
+
+
+def test_a_masked_row_contributes_no_gradient(tiny, prompts):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    tr = mlx_trainer(tiny, prompts, job(max_new_tokens=4))
+    b = tr.rollout()["batch"]
+    n = b["mask"].shape[0]
+    masked = [1, 6]
+    keep = np.array([i not in masked for i in range(n)])
+    with_mask = dict(b, loss_mask=b["mask"] * mx.array(keep.astype(np.float32))[:, None])
+    rows = mx.array(np.flatnonzero(keep))
+    removed = {k: (v[rows] if isinstance(v, mx.array) else v) for k, v in b.items()}
+    removed["loss_mask"] = removed["mask"]
+    g1, loss1, _ = tr.gradients(with_mask, old_logp=False)
+    g2, loss2, _ = tr.gradients(removed, old_logp=False)
+    g0, _, _ = tr.gradients(b, old_logp=False)
+    flat1, flat2, flat0 = (dict(tree_flatten(g)) for g in (g1, g2, g0))
+    assert loss1 == pytest.approx(loss2, abs=1e-6)
+    total = sum(float(mx.abs(v).sum().item()) for v in flat2.values())
+    assert total > 0
+    for k in flat1:
+        np.testing.assert_allclose(np.array(flat1[k]), np.array(flat2[k]), rtol=1e-4, atol=1e-7)
+    assert any(not np.allclose(np.array(flat0[k]), np.array(flat1[k]), atol=1e-7) for k in flat0)
+
+
+# -- configuration ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("train, backend, words", [
+    ({"overlong_buffer": 128}, "mlx", ["overlong_buffer 128", "max_new_tokens 128"]),
+    ({"overlong_buffer": 0}, "mlx", ["overlong_buffer", "0", "greater than or equal to 1"]),
+    ({"overlong_penalty": 2.0}, "mlx", ["overlong_penalty", "overlong_buffer"]),
+    ({"dynamic_sampling": -1}, "mlx", ["dynamic_sampling", "-1"]),
+    ({"dynamic_sampling": 2}, "torch", ["train.dynamic_sampling is 2", "backend torch",
+                                        "set train.dynamic_sampling: 0"]),
+])
+def test_config_errors_are_one_line(train, backend, words):
+    with pytest.raises(ConfigError) as e:
+        parse(RLJob, {"rewards": {"toy_hash": 1.0}, "backend": backend, "train": train})
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_dynamic_sampling_on_a_torch_experiment_fails_at_start_up():
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    name = next(n for n, e in raw["experiments"].items() if e["backend"] == "torch" and e["algorithm"] != "fomaml")
+    raw["experiments"][name].setdefault("train", {})["dynamic_sampling"] = 1
+    with pytest.raises(ConfigError) as e:
+        validate(raw)
+    assert "\n" not in str(e.value) and f"experiments.{name}" in str(e.value) and "dynamic_sampling" in str(e.value)
