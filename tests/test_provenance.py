@@ -184,7 +184,7 @@ def test_times_per_rule(tmp_path, capsys):
         ("train_trl", 2, 80.0, "train_trl/a/seed2"), ("score", 1, 5.0, "score/a/base")]
     assert main(["times", "--results", str(tmp_path / "results")]) == 0
     out = capsys.readouterr().out
-    assert "train_trl             2      80.0  94.1%  train_trl/a/seed2 (50.0 s)" in out
+    assert "train_trl                 2      80.0  94.1%  train_trl/a/seed2 (50.0 s)" in out
     assert main(["times", "--results", str(tmp_path / "none")]) == 2
 
 

@@ -337,10 +337,10 @@ def times_command(p: argparse.ArgumentParser):
         if not rows:
             raise UserError(f"{a.results}/benchmarks has no benchmark files: run the workflow first")
         total = sum(r["seconds"] for r in rows)
-        print(f"{'rule':<18} {'jobs':>4} {'seconds':>9} {'share':>6}  longest job")
+        print(f"{'rule':<22} {'jobs':>4} {'seconds':>9} {'share':>6}  longest job")
         for r in rows:
-            print(f"{r['rule']:<18} {r['jobs']:>4} {r['seconds']:>9.1f} {r['seconds'] / total:>6.1%}  "
+            print(f"{r['rule']:<22} {r['jobs']:>4} {r['seconds']:>9.1f} {r['seconds'] / total:>6.1%}  "
                   f"{r['longest_job']} ({r['longest']:.1f} s)")
-        print(f"{'all jobs':<18} {sum(r['jobs'] for r in rows):>4} {total:>9.1f}  (job seconds; jobs run side by "
+        print(f"{'all jobs':<22} {sum(r['jobs'] for r in rows):>4} {total:>9.1f}  (job seconds; jobs run side by "
               "side, so the wall time is shorter)")
     return run
