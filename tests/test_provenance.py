@@ -18,7 +18,7 @@ from packaging.utils import canonicalize_name
 from rlmeta import provenance
 from rlmeta.cli import main
 from rlmeta.settings import ROOT
-from rlmeta.testing.workflow import common_args, dry_run, job_keys, mark_done, mirror_workflow
+from rlmeta.testing.workflow import common_args, dry_run, job_keys, mark_done, mirror_workflow, snakemake_env
 
 LOCK = ROOT / "requirements.lock"
 
@@ -289,7 +289,7 @@ def test_status_says_which_module_changed(done_copy):
     workdir, results = done_copy
     with edited(workdir, "rlmeta.rl.trl_trainer"):
         out = subprocess.run([sys.executable, "-m", "rlmeta", "status", *common_args(results)], cwd=workdir,
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=300, env=snakemake_env())
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "train_trl (exp=gsm8k_gspo, seed=1234): code changed: rlmeta.rl.trl_trainer" in lines
