@@ -9,18 +9,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from rlmeta.io import write_records
-from rlmeta.models.build import build_tiny_model
 from rlmeta.policy.base import derive_seed
 from rlmeta.rl import dapo
 from rlmeta.rl.evidence import read_rollouts
 from rlmeta.rl.objectives import group_advantages
-from rlmeta.settings import ROOT, ConfigError, ModelBuild, RLJob, WandbSettings, parse, validate
-from rlmeta.tables import PROMPTS
+from rlmeta.settings import ROOT, ConfigError, RLJob, WandbSettings, parse, validate
+from rlmeta.testing.models import build_trainer_model, write_count_prompts
 from rlmeta.testing.rewards import registered
 
-TINY = ModelBuild(tokenizer="bpe", vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                  intermediate_size=64)
 OFF = WandbSettings(mode="disabled")
 N_TRAIN = 6
 
@@ -47,17 +43,12 @@ def toy_rewards():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", TINY, [ROOT / "resources/gsm8k/train.jsonl"], 0)
+    return build_trainer_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory):
-    rows = [{"prompt_id": f"p{i}", "experiment": "toy", "item_id": f"i{i}", "task": f"t{i}",
-             "split": "train" if i < N_TRAIN else "eval", "prompt": [{"role": "user", "content": f"count {i} {i + 1}"}],
-             "reference": None, "reference_completion": None} for i in range(N_TRAIN + 2)]
-    path = tmp_path_factory.mktemp("prompts") / "prompts.parquet"
-    write_records(path, rows, PROMPTS)
-    return path
+    return write_count_prompts(tmp_path_factory.mktemp("prompts") / "prompts.parquet", N_TRAIN, 2)
 
 
 def job(backend: str = "mlx", reward: str = "toy_hash", **train) -> RLJob:

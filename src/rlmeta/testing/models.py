@@ -161,3 +161,24 @@ def tasks_model(out: Path, seed: int = 0) -> Path:
                 r = _problem(s, i, "x")
                 fh.write(json.dumps({"problem": r["question"], "solution": r["solution"]}) + "\n")
     return build_tiny_model(out, TASKS_BUILD, [corpus], seed)
+
+
+TINY_TRAINER_BUILD = ModelBuild(tokenizer="bpe", vocab_size=300, hidden_size=32, num_layers=2, num_heads=2,
+                                num_kv_heads=1, intermediate_size=64)
+"""The trainer tests' model: a BPE vocabulary of ~300 tokens and two 32-wide layers (a training step in ~0.1 s)."""
+
+
+def build_trainer_model(folder: Path) -> Path:
+    """``TINY_TRAINER_BUILD`` built into ``folder``/tiny (tokenizer trained on the bundled GSM8K sample, seed 0)."""
+    from rlmeta.models.build import build_tiny_model
+
+    return build_tiny_model(Path(folder) / "tiny", TINY_TRAINER_BUILD, [ROOT / "resources/gsm8k/train.jsonl"], 0)
+
+
+def write_count_prompts(path: Path, n_train: int, n_eval: int) -> Path:
+    """A prompts table of ``n_train`` train and ``n_eval`` eval prompts "count i i+1" (ids p0, p1, ...)."""
+    rows = [{"prompt_id": f"p{i}", "experiment": "toy", "item_id": f"i{i}", "task": f"t{i}",
+             "split": "train" if i < n_train else "eval", "prompt": [{"role": "user", "content": f"count {i} {i + 1}"}],
+             "reference": None, "reference_completion": None} for i in range(n_train + n_eval)]
+    write_table(path, pa.Table.from_pylist(rows, schema=PROMPTS))
+    return path
