@@ -28,17 +28,12 @@ from rlmeta.rl.mlx_trainer import MLXTrainer, train_mlx  # noqa: E402
 from rlmeta.schedules import mlx_schedule  # noqa: E402
 from rlmeta.settings import ROOT, ModelBuild, RLGuardSettings, RLJob, WandbSettings  # noqa: E402
 from rlmeta.tables import PROMPTS  # noqa: E402
-from rlmeta.testing.rewards import registered  # noqa: E402
+from rlmeta.testing.rewards import digit_share, registered  # noqa: E402
 from rlmeta.tracking import METRICS_FILE, DivergenceGuard, NonFiniteMetricError  # noqa: E402
 
 TINY = ModelBuild(tokenizer="bpe", vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                   intermediate_size=64)
 OFF = WandbSettings(mode="disabled")
-
-
-def digit_share(completion, reference=None, prompt=None):
-    chars = [c for c in completion if not c.isspace()]
-    return sum(c.isdigit() for c in chars) / max(1, len(chars))
 
 
 @pytest.fixture(scope="module", autouse=True)

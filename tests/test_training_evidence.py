@@ -17,15 +17,10 @@ from rlmeta.rl.objectives import group_advantages
 from rlmeta.settings import RLJob, WandbSettings
 from rlmeta.tables import rollouts_schema
 from rlmeta.testing.models import build_trainer_model, write_count_prompts
-from rlmeta.testing.rewards import registered
+from rlmeta.testing.rewards import digit_share, registered
 
 OFF = WandbSettings(mode="disabled")
 N_TRAIN, N_EVAL = 6, 3
-
-
-def digit_share(completion, reference=None, prompt=None):
-    chars = [c for c in completion if not c.isspace()]
-    return sum(c.isdigit() for c in chars) / max(1, len(chars))
 
 
 @pytest.fixture(scope="module", autouse=True)
