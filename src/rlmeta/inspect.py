@@ -126,7 +126,7 @@ def command(p: argparse.ArgumentParser):
     from rlmeta.settings import RewardMix
 
     p.add_argument("--model", required=True, type=model_ref,
-                   help="checkpoint folder (e.g. results/<exp>/checkpoints/final) or hub id")
+                   help="checkpoint folder (e.g. results/<exp>/seed<N>/checkpoints/final) or hub id")
     p.add_argument("--backend", choices=["mlx", "torch"], default="torch")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a question or headline (repeatable)")
