@@ -2,7 +2,14 @@
 so no test edits ``sys.path`` and no test imports another."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# OpenMP threads that wait by spinning hold a core even when idle: with two test workers, each starting jobs of
+# two threads on two cores, every torch process then runs many times slower (measured here: two 2-thread torch
+# training loops side by side on a loaded machine did 37 steps each in 15 s by default, 1,533 with PASSIVE).
+# Set before torch is imported in this process; every subprocess (Snakemake jobs, torchrun workers) inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 

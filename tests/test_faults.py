@@ -1,16 +1,22 @@
-"""Training that survives faults, through Snakemake: a training job SIGKILLed after its first checkpoint and
-run again with the same command ends with every step's train_metrics row and the weights of a run that was
-never interrupted; ``rlmeta unlock`` removes the killed run's stale lock (and leaves a live run's alone).
+"""Training that survives faults, and runs that repeat, through Snakemake.
 
-One module-scoped work directory runs the shared part once, for one experiment of each trainer (MLX
-``headlines_gspo``, TRL ``gsm8k_gspo`` full fine-tuning, FOMAML ``math_fomaml``), shortened by an override
-config: data, the tiny model, the warm starts, and each experiment's uninterrupted training (the reference).
-Each test copies that results folder without the training outputs into a second work directory, starts
-``snakemake <exp>/train_metrics.parquet`` in its own process group, SIGKILLs it once the first numbered
-checkpoint is complete, runs ``rlmeta unlock --directory`` and then the same command again. Snakemake's
-workflow profile (profiles/default, loaded on its own) sets ``rerun-incomplete``: the rerun deletes the
-killed job's declared outputs and runs it again, and the trainer resumes from its checkpoint, rebuilding the
-whole metrics table from the rows the checkpoint carries.
+Faults: a training job SIGKILLed after its first checkpoint and run again with the same command ends with
+every step's train_metrics row and the weights of a run that was never interrupted; ``rlmeta unlock``
+removes the killed run's stale lock (and leaves a live run's alone).
+Determinism: the same workflow run twice from scratch gives bit-identical checkpoints, equal evidence of
+training and equal summary.json numbers.
+
+One module-scoped work directory runs the reference from scratch once, for one experiment of each trainer
+(MLX ``headlines_gspo``, TRL ``gsm8k_gspo`` full fine-tuning, FOMAML ``math_fomaml``), shortened by
+tests/fixtures/reproducibility.yaml: data, the tiny model, the warm starts, each experiment's uninterrupted
+training and the RL experiments' evaluations. A second from-scratch run in another work directory is the
+determinism comparison (one module, so that both share the reference on one pytest-xdist worker).
+Each fault test copies the reference's results folder without the training outputs into a work directory of
+its own, starts ``snakemake <exp>/train_metrics.parquet`` in its own process group, SIGKILLs it once the first
+numbered checkpoint is complete, runs ``rlmeta unlock --directory`` and then the same command again.
+Snakemake's workflow profile (profiles/default, loaded on its own) sets ``rerun-incomplete``: the rerun deletes
+the killed job's declared outputs and runs it again, and the trainer resumes from its checkpoint, rebuilding
+the whole metrics table from the rows the checkpoint carries.
 """
 from __future__ import annotations
 
@@ -32,24 +38,10 @@ import torch
 
 from rlmeta import checkpoints
 from rlmeta.locks import lock_files, unlock_if_stale
+from rlmeta.settings import ROOT
 from rlmeta.testing.workflow import SNAKEMAKE, common_args, mirror_workflow, snakemake, snakemake_env
 
-OVERRIDE = """\
-run_experiments: [headlines_gspo, gsm8k_gspo, math_fomaml]
-wandb: {mode: disabled}
-experiments:
-  headlines_gspo:
-    warmstart: {steps: 4, batch_size: 8}
-    train: {steps: 6, checkpoint_every: 2, batch_prompts: 2, group_size: 4, max_new_tokens: 16}
-  gsm8k_gspo:
-    # the tiny model writes no XML after 4 warm-up steps: coherence gives its text a graded reward (a gradient)
-    rewards: {coherence: 0.5}
-    warmstart: {steps: 4, batch_size: 8}
-    train: {steps: 4, checkpoint_every: 1, batch_prompts: 2, group_size: 4, max_new_tokens: 16}
-  math_fomaml:
-    meta: {outer_steps: 6, checkpoint_every: 2, meta_batch_size: 2, support_batch: 2, query_batch: 2,
-           max_seq_len: 256, warmup_steps: 1}
-"""
+CONFIG = ROOT / "tests" / "fixtures" / "reproducibility.yaml"  # one experiment per trainer, shrunk to seconds
 # experiment: (training rule, first checkpoint folder, progress line of step N, the resume log line, base policy)
 TRAINING = {
     "headlines_gspo": ("train_mlx", "2", r"^step (\d+)/6 reward=", "resuming {ck}/2 at step 2",
@@ -64,6 +56,7 @@ UPSTREAM = {"fetch_rss", "build_headlines", "prepare_gsm8k", "prepare_math", "sp
             "make_prompts", "warmstart"}
 HAVE_MLX = importlib.util.find_spec("mlx") is not None
 RUN = [e for e, (rule, *_) in TRAINING.items() if HAVE_MLX or rule != "train_mlx"]
+RL_RUN = [e for e in RUN if TRAINING[e][0] != "train_fomaml"]
 
 
 def env() -> dict:
@@ -98,22 +91,38 @@ def tail(text: str, n: int = 4000) -> str:
     return text[-n:]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """(override config, results folder) of the shared run: data, model, warm starts and the three uninterrupted
-    trainings, in a work directory of its own."""
-    base = tmp_path_factory.mktemp("faults")
-    override = base / "override.yaml"
-    override.write_text(OVERRIDE)
-    workdir = mirror_workflow(base / "reference")
+def finished(results: Path, exp: str) -> Path:
+    """What a from-scratch run builds per experiment: an RL experiment's summary.json (data, warm start,
+    training, generation, scoring, evaluation), FOMAML's training metrics."""
+    return target(results, exp) if TRAINING[exp][0] == "train_fomaml" else results / exp / "eval" / "summary.json"
+
+
+def run_from_scratch(base: Path, name: str, experiments: list[str]) -> Path:
+    """The workflow over CONFIG for ``experiments`` into an empty results folder of its own work directory;
+    that folder."""
+    workdir = mirror_workflow(base / name)
     results = workdir / "results"
     t0 = time.monotonic()
-    out = snakemake(["--cores", "2", *common_args(results, [override]), "--",
-                     *[target(results, e) for e in RUN]], cwd=workdir, timeout=900)
+    targets = [finished(results, e) for e in experiments]
+    out = snakemake(["--cores", "2", *common_args(results, [CONFIG]), "--", *targets], cwd=workdir, timeout=900)
     assert out.returncode == 0, tail(out.stdout + out.stderr)
-    print(f"reference run: {time.monotonic() - t0:.0f}s")
-    assert {r: n for r, n in ran(out).items() if r.startswith("train_")} == {TRAINING[e][0]: 1 for e in RUN}
-    return override, results
+    print(f"{name} run from scratch: {time.monotonic() - t0:.0f}s")
+    assert {r: n for r, n in ran(out).items() if r.startswith("train_")} == {TRAINING[e][0]: 1 for e in experiments}
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(config, results folder) of the uninterrupted run: data, model, warm starts, the three trainings and the
+    RL experiments' evaluations. Also the first of the two determinism runs."""
+    return CONFIG, run_from_scratch(tmp_path_factory.mktemp("faults"), "reference", RUN)
+
+
+@pytest.fixture(scope="module")
+def second_run(tmp_path_factory):
+    """The RL experiments again, from scratch, into another results folder (FOMAML's repeat is the fault test's:
+    a resumed run equal to the reference bit for bit, over the same data and model)."""
+    return run_from_scratch(tmp_path_factory.mktemp("determinism"), "second", RL_RUN)
 
 
 def copy_without_training(results: Path, dest: Path) -> Path:
@@ -198,11 +207,11 @@ def read_evidence(path: Path) -> list[dict]:
 
 
 def killed_and_resumed(reference, tmp_path: Path, exp: str, show_lock_error: bool = False) -> None:
-    override, ref_results = reference
+    config, ref_results = reference
     rule, first, progress, resuming, base = TRAINING[exp]
     workdir = mirror_workflow(tmp_path / "killed")
     results = copy_without_training(ref_results, workdir / "results")
-    args = ["--cores", "1", *common_args(results, [override]), "--", str(target(results, exp))]
+    args = ["--cores", "1", *common_args(results, [config]), "--", str(target(results, exp))]
     ck = run_dir(results, exp) / "checkpoints"
 
     t0 = time.monotonic()
@@ -272,6 +281,63 @@ def test_trl_training_killed_after_a_checkpoint_resumes_to_the_same_run(referenc
 @pytest.mark.slow
 def test_fomaml_training_killed_after_a_checkpoint_resumes_to_the_same_run(reference, tmp_path):
     killed_and_resumed(reference, tmp_path, "math_fomaml")
+
+
+# -- determinism -----------------------------------------------------------------------------------
+# The same commit, lock and config, run twice from scratch on one machine (the reference and a second run,
+# every job of each: feeds, tokenizer and model build, warm starts, training, generation, scoring,
+# evaluation): bit-identical checkpoints and equal summary.json numbers on every trainer. What makes it so:
+# fixed seeds of every sampler (rlmeta.policy.base.derive_seed), data order from those seeds, and thread
+# counts fixed by each rule's `threads` (Snakemake exports them as OMP_NUM_THREADS). What cannot be made so
+# is listed in docs/reproducibility.md.
+
+
+
+def numbers(summary: dict) -> dict:
+    """summary.json less what names the run rather than measures it: paths and the provenance record."""
+    out = {k: v for k, v in summary.items()
+           if k not in ("provenance", "checkpoint", "checkpoints", "base_checkpoint")}
+    out["sha256"] = (summary["base_checkpoint"]["sha256"], summary["checkpoint"]["sha256"])
+    return out
+
+
+@pytest.mark.slow
+def test_two_runs_from_scratch_write_the_same_checkpoints(reference, second_run):
+    from safetensors.torch import load_file
+
+    first, second = reference[1], second_run
+    files = sorted(p.relative_to(first) for p in first.rglob("*.safetensors") if "math_fomaml" not in p.parts)
+    # the built model, both warm starts, every checkpoint of both RL trainers (MLX: model and optimizer)
+    for exp in RL_RUN:
+        assert run_dir(first, exp).relative_to(first) / "checkpoints" / "final" / "model.safetensors" in files
+    assert any(p.name == "optimizer.safetensors" for p in files)
+    assert sorted(p.relative_to(second) for p in second.rglob("*.safetensors")) == files
+    diffs = {str(f): max_abs_difference(load_file(first / f), load_file(second / f)) for f in files}
+    assert diffs == {str(f): 0.0 for f in files}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exp", RL_RUN)
+def test_two_runs_from_scratch_write_the_same_evidence_of_training(reference, second_run, exp):
+    """Evaluations during training, every rollout and the metrics rows: equal but for the timings."""
+    for name in ("train_metrics.parquet", "eval_curve.parquet", "rollouts"):
+        first, second = (comparable(read_evidence(run_dir(r, exp) / name)) for r in (reference[1], second_run))
+        assert first == second and first, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exp", RL_RUN)
+def test_two_runs_from_scratch_give_equal_summary_numbers(reference, second_run, exp):
+    import json
+
+    first, second = (json.loads((r / exp / "eval" / "summary.json").read_text()) for r in (reference[1], second_run))
+    assert numbers(first) == numbers(second)
+    # the comparison is over real numbers: rewards, their intervals, task accuracy
+    assert isinstance(first["reward"]["trained_mean"], float) and first["reward"]["n_prompts"] == 4
+    if first["primary_accuracy"]:  # GSM8K; the headline template has none
+        assert first["primary_accuracy"].removeprefix("accuracy/") in first["accuracy"]
+    # and over trained weights: training moved them (a zero update would make the test vacuous)
+    assert first["checkpoint"]["sha256"] != first["base_checkpoint"]["sha256"]
 
 
 # -- rlmeta unlock ---------------------------------------------------------------------------------

@@ -63,20 +63,45 @@ def module_path(name: str) -> Path | None:
     return None
 
 
-@functools.cache
-def _imports(name: str) -> tuple[str, ...]:
-    """``rlmeta`` modules that module ``name`` imports anywhere (module level or inside functions)."""
-    path = module_path(name)
-    if path is None:
-        return ()
+IMPORTS_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlmeta" / "imports"
+"""Where the import names found in a source file are kept, by the file's sha256: parsing every module on each
+Snakefile evaluation costs about a second, which every ``snakemake`` call (a dry run too) would pay."""
+
+
+def _import_names(path: Path) -> list[str]:
+    """Every ``rlmeta...`` name that ``path`` imports (module level or inside functions), from a cache keyed
+    by the file's content, else by parsing it. Names, not modules: which ones are modules is decided by the
+    caller against the files of today (``from rlmeta.a import b`` imports module ``rlmeta.a.b`` if it exists)."""
+    cached = IMPORTS_CACHE / f"{_file_hash(path)}.json"
+    try:
+        return json.loads(cached.read_text())
+    except (OSError, ValueError):
+        pass
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("rlmeta")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rlmeta") and not node.level:
             found.add(node.module)
-            found |= {f"{node.module}.{a.name}" for a in node.names if module_path(f"{node.module}.{a.name}")}
-    return tuple(sorted(m for m in found if module_path(m) is not None))
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    names = sorted(found)
+    try:  # written whole (a parallel Snakemake may read it): a temporary file, then a rename
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(names))
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only home: parse again next time
+    return names
+
+
+@functools.cache
+def _imports(name: str) -> tuple[str, ...]:
+    """``rlmeta`` modules that module ``name`` imports anywhere (module level or inside functions)."""
+    path = module_path(name)
+    if path is None:
+        return ()
+    return tuple(sorted(m for m in _import_names(path) if module_path(m) is not None))
 
 
 def module_graph(roots) -> list[str]:
@@ -178,8 +203,8 @@ def packages() -> dict[str, str]:
 
 def threads() -> dict:
     """Thread settings: the environment variables that set them and what torch uses, when torch is loaded."""
-    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                          "RLMETA_TORCH_THREADS", "CUBLAS_WORKSPACE_CONFIG")}
+    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
+                                          "OPENBLAS_NUM_THREADS", "RLMETA_TORCH_THREADS", "CUBLAS_WORKSPACE_CONFIG")}
     record = {"env": env, "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
               else os.cpu_count()}
     if "torch" in sys.modules:
