@@ -85,6 +85,24 @@ def test_fingerprint_names_every_module_with_its_source_hash():
     assert entries["rlmeta.scoring"] == hashlib.sha256(path.read_bytes()).hexdigest()[:8]
 
 
+def test_import_lists_come_from_a_cache_keyed_by_content(tmp_path, monkeypatch):
+    """A module's import names are parsed once per content: a second read is the cached list, a damaged
+    cache entry is parsed again, and an edit (new content, new key) is never served an old list."""
+    monkeypatch.setattr(provenance, "IMPORTS_CACHE", tmp_path / "cache")
+    src = tmp_path / "mod.py"
+    src.write_text("import rlmeta.rollout\ndef f():\n    from rlmeta.rewards import REGISTRY\n")
+    names = ["rlmeta.rewards", "rlmeta.rewards.REGISTRY", "rlmeta.rollout"]
+    assert provenance._import_names(src) == names
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert json.loads(entry.read_text()) == names
+    entry.write_text("not json")
+    assert provenance._import_names(src) == names and json.loads(entry.read_text()) == names
+    provenance._file_hash.cache_clear()
+    src.write_text("import rlmeta.scoring\n")
+    assert provenance._import_names(src) == ["rlmeta.scoring"]
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
 # -- provenance records --------------------------------------------------------------------------------
 
 def git(repo: Path, *args: str) -> str:
