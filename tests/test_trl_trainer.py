@@ -165,6 +165,38 @@ def test_config_cuda_bf16_and_report_to(tmp_path):
     assert k["report_to"] == ["tensorboard"] and k["use_cpu"] and not k["bf16"]
 
 
+def test_extra_reaches_grpo_config_and_owned_fields_are_exactly_those_the_workflow_sets(tmp_path):
+    """train.trl.extra: any other GRPOConfig field, typed; the refused names are exactly the ones
+    grpo_config_kwargs sets (so a new one there cannot be silently overridden by extra)."""
+    from rlmeta.rl.trl_fields import OWNED
+
+    exp = {"algorithm": "grpo", "rewards": {"xml_strict": 1.0}}
+    assert set(OWNED) == set(T.grpo_config_kwargs(RLJob.model_validate(exp), tmp_path, cuda=False))
+    extra = {"top_entropy_quantile": "0.2", "num_generations_eval": 2,
+             "chat_template_kwargs": {"enable_thinking": False}}
+    job = RLJob.model_validate({**exp, "train": {"trl": {"report_to": "none", "extra": extra}}})
+    assert job.train.trl.extra["top_entropy_quantile"] == 0.2  # coerced to the field's type
+    c = T.grpo_config(job, tmp_path)
+    assert (c.top_entropy_quantile, c.num_generations_eval, c.chat_template_kwargs) == (
+        0.2, 2, {"enable_thinking": False})
+    assert json.loads(job.model_dump_json())["train"]["trl"]["extra"]["num_generations_eval"] == 2  # recorded
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"learning_rate": 1e-3}, "'learning_rate' is set by train.learning_rate: set it there, not in train.trl.extra"),
+    ({"num_generations": 4}, "'num_generations' is set by train.group_size"),
+    ({"top_entropy_quantil": 0.2}, r"'top_entropy_quantil' is not a field of trl.GRPOConfig \(trl [\d.]+\) "
+                                   r"\(nearest: top_entropy_quantile"),
+    ({"top_entropy_quantile": "high"}, "'top_entropy_quantile': 'high' is not a float"),
+])
+def test_bad_extra_is_one_line_naming_the_field(extra, message):
+    from rlmeta.settings import ConfigError, parse
+
+    with pytest.raises(ConfigError, match=message) as e:
+        parse(RLJob, {"algorithm": "grpo", "rewards": {"xml_strict": 1.0}, "train": {"trl": {"extra": extra}}})
+    assert "\n" not in str(e.value) and "train.trl.extra" in str(e.value)
+
+
 def test_lora_config():
     assert T.lora_config(None) is None
     lc = T.lora_config(LoraSettings(r=4, alpha=8, dropout=0.1, target_modules=["q_proj"]))

@@ -282,6 +282,18 @@ class TRLSettings(Block):
         False, "Deterministic torch kernels (transformers' enable_full_determinism: torch.use_deterministic_"
                "algorithms, CUBLAS_WORKSPACE_CONFIG=:16:8, deterministic cuDNN and flash-attention): GPU runs that "
                "repeat bit for bit, at some speed; CPU runs repeat without it. See docs/reproducibility.md.")
+    extra: dict[str, Any] = opt(
+        {}, "Any other trl.GRPOConfig field, by name (e.g. {top_entropy_quantile: 0.2, num_generations_eval: 2}): "
+            "checked against the installed TRL's fields and their types at start-up, recorded with the run. "
+            "Fields the workflow sets from its own settings are refused with the setting to use instead "
+            "(rlmeta.rl.trl_fields.OWNED). See docs/training.md.")
+
+    @field_validator("extra")
+    @classmethod
+    def _extra(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from rlmeta.rl.trl_fields import check_extra
+
+        return check_extra(v)
 
 
 class GuardSettings(Block):

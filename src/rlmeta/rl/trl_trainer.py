@@ -116,6 +116,7 @@ def grpo_config_kwargs(job: RLJob, out_dir: str | os.PathLike, seed: int = 0, re
         save_strategy="steps",
         save_steps=t.checkpoint_every * mu,
         ignore_data_skip=t.ued.enabled,  # the UED sampler resumes from its saved state, not by replaying draws
+        **t.trl.extra,  # any other GRPOConfig field (rlmeta.rl.trl_fields: never one of those above)
     )
 
 
