@@ -62,8 +62,9 @@ def load_prompts_file(path: str | Path, max_prompts: int | None = None) -> list:
 
 def inspect_model(model, backend: str, prompts: list[tuple[list[dict], str | None]], rewards: dict[str, float],
                   params: dict | None = None, samples: int = 1, temperature: float = 0.7, top_p: float = 1.0,
-                  max_new_tokens: int = 128, seed: int = 0) -> list[dict]:
-    """Generate ``samples`` completions per (messages, reference) and score each.
+                  max_new_tokens: int = 128, seed: int = 0, **shaping) -> list[dict]:
+    """Generate ``samples`` completions per (messages, reference) and score each (``shaping``: top_k, min_p,
+    repetition_penalty, as ``Policy.generate``).
 
     ``model``: a checkpoint path / hub id (loaded on ``backend``) or an already loaded Policy.
     Rows: prompt_index, sample_idx, question, reference, completion, n_tokens, finish_reason,
@@ -76,7 +77,7 @@ def inspect_model(model, backend: str, prompts: list[tuple[list[dict], str | Non
         path, model = model, load_policy(model, backend)
         log.info("loaded %s on %s in %.1fs", path, backend, time.perf_counter() - t0)
     gens = model.generate([m for m, _ in prompts], n=samples, temperature=temperature, top_p=top_p,
-                          max_new_tokens=max_new_tokens, seed=seed)
+                          max_new_tokens=max_new_tokens, seed=seed, **shaping)
     s = score([g.text for g in gens], [prompts[g.prompt_index][1] for g in gens],
               [prompts[g.prompt_index][0] for g in gens], rewards, params)
     rows = []
@@ -139,6 +140,9 @@ def command(p: argparse.ArgumentParser):
     p.add_argument("--samples", type=int, default=1, help="completions per prompt (default 1)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (default 0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL repetition penalty (default 1: off)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object per completion instead of the table")
@@ -148,7 +152,8 @@ def command(p: argparse.ArgumentParser):
         items = a.prompt if a.prompt else load_prompts_file(a.prompts_file, a.max_prompts)
         prompts = render(items, a.template, a.reference)
         rows = inspect_model(a.model, a.backend, prompts, mix.rewards, mix.reward_params, a.samples, a.temperature,
-                             a.top_p, a.max_new_tokens, a.seed)
+                             a.top_p, a.max_new_tokens, a.seed, top_k=a.top_k, min_p=a.min_p,
+                             repetition_penalty=a.repetition_penalty)
         if a.json:
             print("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
         else:

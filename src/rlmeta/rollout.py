@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from rlmeta.io import read_table, write_table
 from rlmeta.policy.base import derive_seed
-from rlmeta.settings import SamplingSettings
+from rlmeta.settings import SamplingSettings, shaping_of
 from rlmeta.tables import PROMPTS, RESPONSES
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def generate_responses(policy, prompts_table: pa.Table, sampling: SamplingSettin
             chunk = rows[start:start + sampling.batch_size]
             s = batch_seed(sampling.seed, b)
             gens = policy.generate([r["prompt"] for r in chunk], sampling.samples, temperature=sampling.temperature,
-                                   top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens, seed=s)
+                                   **shaping_of(sampling), max_new_tokens=sampling.max_new_tokens, seed=s)
             for g in sorted(gens, key=lambda g: (g.prompt_index, g.sample_idx)):
                 records.append({
                     "prompt_id": chunk[g.prompt_index]["prompt_id"], "sample_idx": g.sample_idx,

@@ -296,6 +296,16 @@ class TRLSettings(Block):
         return check_extra(v)
 
 
+SHAPING = ("top_p", "top_k", "min_p", "repetition_penalty")
+"""What shapes a draw besides the temperature (``rlmeta.policy.base.Shaping``): fields of TrainSettings,
+EvalSettings (null = training's) and SamplingSettings."""
+
+
+def shaping_of(settings) -> dict[str, Any]:
+    """``generate`` keyword arguments of TrainSettings or SamplingSettings: top_p, top_k, min_p, repetition_penalty."""
+    return {k: getattr(settings, k) for k in SHAPING}
+
+
 class GuardSettings(Block):
     """The divergence guard: stop a run that has gone wrong, naming the last checkpoint written before it
     did (whose weights were finite). A NaN or infinite loss, gradient norm or weight always stops at once."""
@@ -330,6 +340,13 @@ class TrainSettings(Block):
     max_grad_norm: float | None = opt(1.0, "Gradient-norm clipping (null = off; the norm is still logged).", gt=0)
     temperature: float = opt(1.0, "Sampling temperature of the rollouts (and of the log-probs trained on).", gt=0)
     top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of tokens with this much mass.", gt=0, le=1)
+    top_k: int = opt(0, "Sample among the k most likely tokens only (0 = off; Qwen3's card suggests 20).", ge=0)
+    min_p: float = opt(0.0, "Drop tokens below min_p x the most likely token's probability (Nguyen et al. 2024; "
+                            "0 = off).", ge=0, le=1)
+    repetition_penalty: float = opt(
+        1.0, "CTRL's repetition penalty (Keskar et al. 2019) on tokens already in the prompt or completion "
+             "(1 = off, above 1 discourages repeats). Shapes the draw only: trained log-probs stay the model's.",
+        gt=0)
     max_new_tokens: int = opt(128, "Longest completion, in tokens.", ge=1)
     updates_per_batch: int = opt(1, "Optimizer updates per rollout batch (TRL's num_iterations, PPO's epochs): "
                                     "above 1 the importance ratio and its clipping matter.", ge=1)
@@ -435,6 +452,10 @@ class EvalSettings(Block):
     max_prompts: int | None = opt(64, "Evaluate the first N eval prompts (null = all).", ge=1)
     temperature: float = opt(0.8, "Sampling temperature (0 = greedy).", ge=0)
     top_p: float | None = opt(None, "Nucleus sampling mass (null = train.top_p).", gt=0, le=1)
+    top_k: int | None = opt(None, "Top-k sampling (null = train.top_k; 0 = off).", ge=0)
+    min_p: float | None = opt(None, "Min-p sampling (null = train.min_p; 0 = off).", ge=0, le=1)
+    repetition_penalty: float | None = opt(None, "Repetition penalty (null = train.repetition_penalty; 1 = off).",
+                                           gt=0)
     max_new_tokens: int | None = opt(None, "Longest completion (null = train.max_new_tokens; 128 for FOMAML).", ge=1)
     seed: int | None = opt(None, "Sampling seed (null = the global seed + 1, so evaluation never replays a "
                                  "training draw).")
@@ -451,6 +472,9 @@ class SamplingSettings(Block):
     temperature: float = opt(EvalSettings.model_fields["temperature"].default, "Sampling temperature (0 = greedy).",
                              ge=0)
     top_p: float = opt(1.0, "Nucleus sampling mass.", gt=0, le=1)
+    top_k: int = opt(0, "Top-k sampling (0 = off).", ge=0)
+    min_p: float = opt(0.0, "Min-p sampling (0 = off).", ge=0, le=1)
+    repetition_penalty: float = opt(1.0, "Repetition penalty (1 = off).", gt=0)
     max_new_tokens: int = opt(128, "Longest completion, in tokens.", ge=1)
     seed: int = opt(0, "Seed of the first batch; batch b uses derive_seed('rollout', seed, b).")
     batch_size: int = opt(8, "Prompts per generation batch (x samples completions).", ge=1)
@@ -602,9 +626,15 @@ class Experiment(Block):
         """The held-out evaluation's sampling, with nulls resolved (``seed``: the global seed)."""
         ev, t = self.eval, self.train
         default_tokens = 128 if t is None else t.max_new_tokens
+
+        def shaping(key: str):  # eval's value, else training's, else off
+            if getattr(ev, key) is not None:
+                return getattr(ev, key)
+            return getattr(t, key) if t is not None else SamplingSettings.model_fields[key].default
+
         return SamplingSettings(
             split=ev.split, samples=ev.samples, max_prompts=ev.max_prompts, temperature=ev.temperature,
-            top_p=ev.top_p if ev.top_p is not None else (1.0 if t is None else t.top_p),
+            **{k: shaping(k) for k in SHAPING},
             max_new_tokens=ev.max_new_tokens or default_tokens, seed=seed + 1 if ev.seed is None else ev.seed)
 
 

@@ -134,10 +134,25 @@ def checkpoint_eos(path: str | Path) -> list[int]:
     return ids
 
 
+@dataclass(frozen=True)
+class Shaping:
+    """How a draw is shaped, in transformers' ``generate`` order: the repetition penalty on the raw logits
+    (Keskar et al. 2019, CTRL: a logit of a token already in the prompt or the completion is divided by the
+    penalty when positive, multiplied when negative), then the temperature, top-k, top-p (renormalised after
+    top-k) and min-p (Nguyen et al. 2024: drop tokens below ``min_p`` x the top token's probability). The
+    recorded log-probs stay the model's at the temperature, untouched by any of these, as TRL computes them
+    for the policy ratio. 0 / 1.0 / 0.0 / 1.0 switch each off."""
+
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+
 class BasePolicy(ABC):
     """The shared shell of ``MLXPolicy`` and ``TorchPolicy``.
 
-    Subclasses set ``backend`` and implement ``_sample(ids, n, temperature, top_p, max_new_tokens, seed)``
+    Subclasses set ``backend`` and implement ``_sample(ids, n, temperature, shaping, max_new_tokens, seed)``
     -> (token lists, log-prob lists) in output-row order, ``_logprob_rows(prompt_ids, completion_ids,
     temperature)`` -> (B, T) array, and ``save``.
     """
@@ -158,13 +173,16 @@ class BasePolicy(ABC):
         return encode_prompts(self.tokenizer, messages_batch)
 
     def generate(self, prompts: Prompts, n: int = 1, *, temperature: float = 1.0, top_p: float = 1.0,
-                 max_new_tokens: int = 128, seed: int = 0) -> list[Generation]:
-        """``n`` completions per prompt in one batch, prompt-major then sample order; deterministic for a seed."""
+                 top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, max_new_tokens: int = 128,
+                 seed: int = 0) -> list[Generation]:
+        """``n`` completions per prompt in one batch, prompt-major then sample order; deterministic for a seed.
+        ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``: see ``Shaping``."""
         ids = as_token_ids(self.tokenizer, prompts)
         if not ids or n < 1:
             return []
+        shaping = Shaping(top_p, top_k, min_p, repetition_penalty)
         with eval_mode(self.model):
-            tokens, logps = self._sample(ids, n, temperature, top_p, max_new_tokens, seed)
+            tokens, logps = self._sample(ids, n, temperature, shaping, max_new_tokens, seed)
         return [finish(self.tokenizer, k // n, k % n, ids[k // n], tokens[k], logps[k], self.stop_ids)
                 for k in range(len(tokens))]
 
@@ -182,7 +200,7 @@ class BasePolicy(ABC):
         return out
 
     @abstractmethod
-    def _sample(self, ids: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
+    def _sample(self, ids: list[list[int]], n: int, temperature: float, shaping: Shaping, max_new_tokens: int,
                 seed: int) -> tuple[list[list[int]], list[list[float]]]:
         """Sampled token ids and their log-probs, one list per output row (prompt-major, then sample)."""
 

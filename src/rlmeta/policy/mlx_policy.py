@@ -15,25 +15,46 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
-from mlx_lm.sample_utils import apply_top_p
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from rlmeta import checkpoints
 from rlmeta.policy import mlx_packed
-from rlmeta.policy.base import BasePolicy, read_config
+from rlmeta.policy.base import BasePolicy, Shaping, read_config
 from rlmeta.policy.mlx_compat import lm_head, use_transformers_rope
 
+UNSHAPED = Shaping()
 
-def sample(logprobs: mx.array, top_p: float = 1.0, greedy: bool = False) -> mx.array:
-    """Draw one token per row from (temperature-scaled) log-probs, top-p truncated.
 
-    Temperature comes first, then top-p, as in transformers (``mlx_lm``'s ``make_sampler``
+def shape(logprobs: mx.array, shaping: Shaping) -> mx.array:
+    """Top-k, top-p and min-p (``Shaping``) applied to (temperature-scaled) log-probs, with mlx-lm's own
+    filters; renormalised after top-k so that top-p measures the mass of what is left, as transformers does."""
+    if 0 < shaping.top_k < logprobs.shape[-1]:
+        logprobs = apply_top_k(logprobs, shaping.top_k)
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+    if shaping.top_p < 1.0:
+        logprobs = apply_top_p(logprobs, shaping.top_p)
+    if shaping.min_p > 0.0:
+        logprobs = apply_min_p(logprobs, shaping.min_p)
+    return logprobs
+
+
+def penalize(logits: mx.array, seen: mx.array, penalty: float) -> mx.array:
+    """CTRL's repetition penalty on raw logits, per row: ``seen`` (B, V) marks the tokens of each row's prompt
+    and completion so far (mlx-lm's ``make_repetition_penalty`` takes one sequence and its last 20 tokens;
+    transformers, which TRL uses, takes every token of each row: this is transformers' rule, batched)."""
+    return mx.where(seen, mx.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def sample(logprobs: mx.array, shaping: Shaping = UNSHAPED, greedy: bool = False) -> mx.array:
+    """Draw one token per row from (temperature-scaled) log-probs, shaped by top-k / top-p / min-p.
+
+    Temperature comes first, then the filters, as in transformers (``mlx_lm``'s ``make_sampler``
     applies top-p to the unscaled distribution). Inverse-CDF sampling: one uniform per row,
     far cheaper on CPU than ``mx.random.categorical``'s one Gumbel draw per vocabulary entry.
     """
     if greedy:
         return mx.argmax(logprobs, axis=-1)
-    if top_p < 1.0:
-        logprobs = apply_top_p(logprobs, top_p)
+    logprobs = shape(logprobs, shaping)
     cdf = mx.cumsum(mx.exp(logprobs), axis=-1)
     u = mx.random.uniform(shape=(logprobs.shape[0], 1)) * cdf[:, -1:]
     return mx.minimum((cdf <= u).sum(axis=-1), logprobs.shape[-1] - 1)
@@ -111,7 +132,7 @@ class MLXPolicy(BasePolicy):
         model.eval()
         return cls(model, tokenizer, config, source=path)
 
-    def _sample(self, ids, n, temperature, top_p, max_new_tokens, seed):
+    def _sample(self, ids, n, temperature, shaping, max_new_tokens, seed):
         """Each prompt is prefilled once (left-padded, ``BatchKVCache``) and its cache repeated ``n``
         times; rows leave the batch when they emit a stop token."""
         mx.random.seed(seed)
@@ -126,14 +147,27 @@ class MLXPolicy(BasePolicy):
         tokens: list[list[int]] = [[] for _ in rows]
         logps: list[list[float]] = [[] for _ in rows]
         stops = set(self.stop_ids)
+        penalty = shaping.repetition_penalty
+        if penalty != 1.0:  # (B, V): the tokens of each row's prompt, then of its completion as it grows
+            seen = np.zeros((len(rows), logits.shape[-1]), dtype=bool)
+            for j, r in enumerate(rows):
+                seen[j, ids[r // n]] = True
         for step in range(max_new_tokens):
-            scaled = logits.astype(mx.float32) * inv_t
-            lp = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
-            nxt = sample(lp, top_p, greedy=temperature == 0)
+            raw = logits.astype(mx.float32)
+            scaled = raw * inv_t
+            lp = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)  # recorded: the model's own log-probs
+            draw = lp
+            if penalty != 1.0:
+                draw = penalize(raw, mx.array(seen), penalty) * inv_t
+                draw = draw - mx.logsumexp(draw, axis=-1, keepdims=True)
+            nxt = sample(draw, shaping, greedy=temperature == 0)
             chosen = mx.take_along_axis(lp, nxt[:, None], axis=-1)[:, 0]
-            for r, tok, v in zip(rows, nxt.tolist(), chosen.tolist()):
+            drawn = nxt.tolist()
+            for r, tok, v in zip(rows, drawn, chosen.tolist()):
                 tokens[r].append(tok)
                 logps[r].append(v)
+            if penalty != 1.0:
+                seen[np.arange(len(rows)), drawn] = True
             keep = [i for i, r in enumerate(rows) if tokens[r][-1] not in stops]
             if not keep or step == max_new_tokens - 1:
                 break
@@ -142,6 +176,8 @@ class MLXPolicy(BasePolicy):
                 for c in cache:
                     c.filter(idx)
                 nxt, rows = nxt[idx], [rows[i] for i in keep]
+                if penalty != 1.0:
+                    seen = seen[keep]
             logits = lm_head(self.model, self.model.model(nxt[:, None], cache=cache))[:, -1]
         return tokens, logps
 

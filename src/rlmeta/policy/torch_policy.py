@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from rlmeta import checkpoints
-from rlmeta.policy.base import BasePolicy
+from rlmeta.policy.base import BasePolicy, Shaping
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,16 +71,35 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return torch.where(completion_mask > 0, lp, torch.zeros_like(lp))
 
 
-def sample(logits: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """One token per row from (temperature-scaled) logits, top-p truncated (inverse-CDF draw:
-    one uniform per row, far cheaper on CPU than ``torch.multinomial``)."""
-    if top_p < 1.0:
+def shape(logits: torch.Tensor, shaping: Shaping) -> torch.Tensor:
+    """Top-k, top-p and min-p (``Shaping``) applied to (temperature-scaled) logits, in transformers' order;
+    top-k and min-p are transformers' own warpers, top-p a sort and a cumulative sum (the same rule as
+    ``TopPLogitsWarper``, without its float32 round trip)."""
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper
+
+    if 0 < shaping.top_k < logits.shape[-1]:
+        logits = TopKLogitsWarper(shaping.top_k)(None, logits)
+    if shaping.top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        drop = probs.cumsum(-1) - probs >= shaping.top_p  # mass before this token already reaches top_p
         drop[..., 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    cdf = logits.softmax(-1).cumsum(-1)
+    if shaping.min_p > 0.0:
+        logits = MinPLogitsWarper(shaping.min_p)(None, logits)
+    return logits
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty, transformers' ``RepetitionPenaltyLogitsProcessor`` rule over a (B, V) mask of
+    the tokens each row has seen (its prompt and completion so far) instead of a padded (B, L) id matrix."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def sample(logits: torch.Tensor, shaping: Shaping, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from (temperature-scaled) logits, shaped by top-k / top-p / min-p (inverse-CDF
+    draw: one uniform per row, far cheaper on CPU than ``torch.multinomial``)."""
+    cdf = shape(logits, shaping).softmax(-1).cumsum(-1)
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
 
@@ -113,7 +132,7 @@ class TorchPolicy(BasePolicy):
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def _sample(self, ids, n, temperature, top_p, max_new_tokens, seed):
+    def _sample(self, ids, n, temperature, shaping, max_new_tokens, seed):
         from transformers import DynamicCache
 
         dev = self.device
@@ -131,13 +150,22 @@ class TorchPolicy(BasePolicy):
         logits = out.logits[:, -1].float().repeat_interleave(n, 0)
         cache.batch_repeat_interleave(n)
         attn, positions = attn.repeat_interleave(n, 0), positions.repeat_interleave(n, 0)
+        penalty = shaping.repetition_penalty
+        if penalty != 1.0:  # (B, V): the tokens of each row's prompt, then of its completion as it grows
+            seen = torch.zeros(len(alive), logits.shape[-1], dtype=torch.bool, device=dev)
+            for j in range(len(alive)):
+                seen[j, torch.tensor(ids[j // n], device=dev)] = True
         for step in range(max_new_tokens):
             scaled = logits / temperature if temperature > 0 else logits
-            nxt = sample(scaled, top_p, gen) if temperature > 0 else scaled.argmax(-1)
+            draw = scaled if penalty == 1.0 else penalize(logits, seen, penalty) / (temperature or 1.0)
+            nxt = sample(draw, shaping, gen) if temperature > 0 else draw.argmax(-1)
+            # recorded: the model's own log-probs at the temperature (no penalty, no filter)
             lp = scaled.gather(-1, nxt[:, None])[:, 0] - scaled.logsumexp(-1)
             for r, tok, v in zip(alive.tolist(), nxt.tolist(), lp.tolist()):
                 tokens[r].append(tok)
                 logps[r].append(v)
+            if penalty != 1.0:
+                seen[torch.arange(len(alive), device=dev), nxt] = True
             keep = ~torch.isin(nxt, stops)
             if not keep.any() or step == max_new_tokens - 1:
                 break
@@ -145,6 +173,8 @@ class TorchPolicy(BasePolicy):
                 idx = keep.nonzero()[:, 0]
                 cache.batch_select_indices(idx)
                 alive, nxt, attn, positions = alive[idx], nxt[idx], attn[idx], positions[idx]
+                if penalty != 1.0:
+                    seen = seen[idx]
             attn = torch.cat([attn, attn.new_ones(len(alive), 1)], dim=1)
             positions = positions[:, -1:] + 1
             logits = self.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=positions,

@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from rlmeta.io import atomic_dir, write_table
+from rlmeta.settings import shaping_of
 from rlmeta.tables import eval_curve_schema, rollouts_schema
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class EvalCurve:
             log.warning("%s has no eval split: no evaluation during training (eval_curve has no rows)", prompts_path)
             self.every = None
         self.temperature, self.max_new_tokens = t.eval_temperature, t.max_new_tokens
-        self.top_p = t.top_p if t.eval_temperature > 0 else 1.0
+        self.shaping = shaping_of(t) if t.eval_temperature > 0 else {}  # greedy: argmax (a penalty stays off too)
         self.batch = max(1, t.batch_prompts * t.group_size)  # prompts per generate call: a rollout batch's size
         self.seed = derive_seed(seed, "eval_during_training")
         self.rows: list[dict[str, Any]] = []
@@ -110,7 +111,7 @@ class EvalCurve:
             self._ids = policy.encode_prompts([r["prompt"] for r in self.prompts])
         gens = []
         for k in range(0, len(self._ids), self.batch):
-            part = policy.generate(self._ids[k:k + self.batch], n=1, temperature=self.temperature, top_p=self.top_p,
+            part = policy.generate(self._ids[k:k + self.batch], n=1, temperature=self.temperature, **self.shaping,
                                    max_new_tokens=self.max_new_tokens, seed=derive_seed(self.seed, k // self.batch))
             gens += part
         s = score([g.text for g in gens], [r["reference"] for r in self.prompts], [r["prompt"] for r in self.prompts],

@@ -44,7 +44,7 @@ from rlmeta.rl.objectives_mlx import policy_loss
 from rlmeta.rl.ued import UEDSampler
 from rlmeta.schedules import mlx_schedule
 from rlmeta.scoring import score
-from rlmeta.settings import RLJob, WandbSettings
+from rlmeta.settings import RLJob, WandbSettings, shaping_of
 from rlmeta.tracking import DivergenceGuard, MetricsTable, log_eval, wandb_run
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class MLXTrainer:
             derive_seed(self.seed, "rollout", self.step, "extra", extra)
         self.policy.model.eval()
         gens = self.policy.generate([self.prompt_ids[i] for i in idx], n=g, temperature=t.temperature,
-                                    top_p=t.top_p, max_new_tokens=t.max_new_tokens, seed=seed)
+                                    **shaping_of(t), max_new_tokens=t.max_new_tokens, seed=seed)
         rows = [self.prompts[idx[x.prompt_index]] for x in gens]
         s = score([x.text for x in gens], [r["reference"] for r in rows], [r["prompt"] for r in rows],
                   self.job.rewards, self.job.reward_params)

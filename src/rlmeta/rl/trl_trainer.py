@@ -98,6 +98,9 @@ def grpo_config_kwargs(job: RLJob, out_dir: str | os.PathLike, seed: int = 0, re
         max_grad_norm=math.inf if t.max_grad_norm is None else t.max_grad_norm,  # inf: log, never clip
         temperature=t.temperature,
         top_p=t.top_p,
+        top_k=t.top_k,
+        min_p=t.min_p or None,  # TRL: None = off
+        repetition_penalty=t.repetition_penalty,
         max_completion_length=t.max_new_tokens,
         importance_sampling_level="sequence" if job.algorithm == "gspo" else "token",
         epsilon=eps_low,
