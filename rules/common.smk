@@ -44,7 +44,9 @@ def reward_modules_export():
 # .venv/bin/snakemake works without activating the venv), or inside a conda environment (which holds
 # only the dependencies) the python of that environment, with src/ on PYTHONPATH. The config's
 # reward_modules reach every step as $RLMETA_REWARD_MODULES (the default of --reward-modules; why one
-# variable and not a param per rule: see rlmeta.cli).
+# variable and not a param per rule: see rlmeta.cli). OpenMP threads wait passively unless the user sets
+# OMP_WAIT_POLICY: jobs run side by side on shared cores, and threads that spin while they wait (libgomp's
+# default) make a torch job that shares its cores many times slower (figures in docs/benchmarks.md).
 PY = (
     "python"
     if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
@@ -54,6 +56,7 @@ shell.prefix(
     "set -euo pipefail; "
     f"export PYTHONPATH={shlex.quote(str(Path(workflow.basedir) / 'src'))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
     f'rlmeta() {{{{ {PY} -m rlmeta "$@"; }}}}; '
+    "export OMP_WAIT_POLICY=${{OMP_WAIT_POLICY:-PASSIVE}}; "
     f"{reward_modules_export()}"
 )
 
@@ -427,6 +430,60 @@ def meta_gpus(wildcards):
     return exp_of(wildcards).meta.nproc if CFG.platform == "slurm" else 0
 
 
+META_METHODS = "fomaml|reptile|multitask"
+"""The meta.method values (the baselines' wildcard)."""
+
+
+def meta_train_subjects(wildcards):
+    """The subjects a meta-learning experiment trains on: its dataset's, less meta.test_subjects."""
+    e = exp_of(wildcards)
+    return " ".join(s for s in DATASETS[e.dataset].subjects if s not in e.meta.test_subjects)
+
+
+def _meta_train(e, **changes):
+    """The meta block as training reads it: the evaluation-only keys left out, so changing them retrains nothing."""
+    from rlmeta.settings import META_EVAL_KEYS
+
+    return as_json({**e.meta.model_dump(mode="json", exclude=set(META_EVAL_KEYS)), **changes})
+
+
+def meta_train_json(wildcards):
+    return _meta_train(exp_of(wildcards))
+
+
+def meta_baseline_json(wildcards):
+    """A baseline's meta block: the experiment's settings and budget with meta.method = the baseline."""
+    e = exp_of(wildcards)
+    if wildcards.method not in e.meta.baselines:
+        raise ValueError(f"{wildcards.method} is not in experiments.{wildcards.exp}.meta.baselines")
+    return _meta_train(e, method=wildcards.method)
+
+
+def meta_checkpoints(name):
+    """Method -> (final checkpoint, train_metrics) of a meta-learning experiment: its method, then its baselines."""
+    m = EXPERIMENTS[name].meta
+    out = {m.method: (f"{R}/{name}/checkpoints/final", f"{R}/{name}/train_metrics.parquet")}
+    for b in m.baselines:
+        d = f"{R}/{name}/baselines/{b}"
+        out[b] = (f"{d}/checkpoints/final", f"{d}/train_metrics.parquet")
+    return out
+
+
+def meta_trained_inputs(wildcards):
+    return [p for pair in meta_checkpoints(wildcards.exp).values() for p in pair]
+
+
+def meta_trained_args(wildcards):
+    """`--trained METHOD CHECKPOINT METRICS` of every trained method."""
+    return " ".join(
+        f"--trained {m} {shlex.quote(ck)} {shlex.quote(mt)}" for m, (ck, mt) in meta_checkpoints(wildcards.exp).items()
+    )
+
+
+def meta_bootstrap(wildcards):
+    return exp_of(wildcards).eval.bootstrap
+
+
 def wandb_json(wildcards=None, input=None):
     """W&B settings; a derived param (a function of input), so a mode change does not retrain."""
     return as_json(CFG.wandb.model_dump(mode="json"))
@@ -482,7 +539,11 @@ def provenance_benchmarks(wildcards):
     if MODELS[e.model].build is not None:
         jobs.append(f"{R}/benchmarks/build_model/{e.model}.tsv")
     if e.algorithm == "fomaml":
-        return jobs + [f"{R}/benchmarks/train_fomaml/{name}.tsv"]
+        return (
+            jobs
+            + [f"{R}/benchmarks/train_fomaml/{name}.tsv"]
+            + [f"{R}/benchmarks/train_meta_baseline/{name}/{b}.tsv" for b in e.meta.baselines]
+        )
     if e.warmstart.steps > 0:
         jobs.append(f"{R}/benchmarks/warmstart/{warmstart_key(name)}.tsv")
     train = "train_mlx" if e.backend == "mlx" else "train_trl"
@@ -517,7 +578,9 @@ def provenance_data(wildcards):
 def trained_models(wildcards):
     """Role -> folder of the trained models: `trained` (FOMAML), `seed<N>` per training run (RL)."""
     if exp_of(wildcards).algorithm == "fomaml":
-        return {"trained": f"{R}/{wildcards.exp}/checkpoints/final"}
+        ckpts = meta_checkpoints(wildcards.exp)
+        main = exp_of(wildcards).meta.method
+        return {"trained": ckpts[main][0], **{f"baseline_{m}": ck for m, (ck, _) in ckpts.items() if m != main}}
     return {f"seed{s}": run_file(wildcards.exp, s, "checkpoint") for s in seeds_of(wildcards.exp)}
 
 

@@ -75,7 +75,8 @@ rule report:
 
 
 rule report_fomaml:
-    """Report of a FOMAML experiment: meta-training curves and base- versus meta-init adaptation per subject."""
+    """Report of a meta-learning experiment: the methods' adaptation on held-out subjects with intervals, the
+    adaptation curves, meta-validation and training curves, adaptation per subject."""
     input:
         summary=f"{R}/{{exp}}/eval/summary.json",
         metrics=f"{R}/{{exp}}/train_metrics.parquet",
@@ -96,6 +97,12 @@ rule report_fomaml:
         bars=report(
             f"{R}/{{exp}}/report/adaptation.png",
             caption="../report/captions/adaptation.rst",
+            category="{exp}",
+            subcategory="evaluation",
+        ),
+        adaptation_curve=report(
+            f"{R}/{{exp}}/report/adaptation_curve.png",
+            caption="../report/captions/adaptation_curve.rst",
             category="{exp}",
             subcategory="evaluation",
         ),

@@ -45,7 +45,7 @@ def test_default_validates_and_fills_defaults():
     assert exp.train.beta == 0.0 and exp.train.ued.enabled is False  # defaults from the settings
     assert cfg.wandb.mode == "offline" and cfg.platform == "local"
     assert exp.rl_job().epsilons == (0.2, 0.28) and cfg.experiments["headlines_gspo"].rl_job().epsilons == (3e-4, 4e-4)
-    assert cfg.experiments["math_fomaml"].train is None and cfg.experiments["math_fomaml"].meta.outer_steps == 30
+    assert cfg.experiments["math_fomaml"].train is None and cfg.experiments["math_fomaml"].meta.outer_steps == 20
     assert exp.sampling(cfg.seed).seed == cfg.seed + 1 and exp.sampling(cfg.seed).max_new_tokens == 128
 
 

@@ -120,6 +120,9 @@ def test_outer_step_metrics(env):
     assert row["meta/loss"] == row["loss"]
     assert row["meta/avg_adaptation_gap"] == pytest.approx(row["meta/query_loss_pre"] - row["meta/loss"])
     assert row["meta/avg_adaptation_gap"] > 0  # inner SGD lowers the query loss of these easy tasks
+    k = META.inner_steps  # the budget every method shares: k + 1 gradient passes per task, their tokens
+    assert row["grad_passes"] == META.meta_batch_size * (k + 1)
+    assert 0 < row["train_tokens"] < row["tokens"]
 
 
 def test_first_warmup_step_leaves_the_weights(env):

@@ -88,3 +88,5 @@ def test_two_processes_match_one(env, tmp_path, case):
     assert tb.column("step").to_pylist() == [1, 2]  # the resumed run's table has every outer step
     assert ta.column("meta/loss").to_pylist() == pytest.approx(tb.column("meta/loss").to_pylist(), abs=1e-5)
     assert ta.column("lr").to_pylist() == pytest.approx(tb.column("lr").to_pylist())
+    for col in ("grad_passes", "train_tokens", "tokens"):  # the budget does not depend on the layout
+        assert ta.column(col).to_pylist() == tb.column(col).to_pylist(), col

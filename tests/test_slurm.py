@@ -46,7 +46,8 @@ FIXTURE_WF = ROOT / "tests" / "fixtures" / "slurm_wf"
 LOCAL_PARTITION = os.environ.get("RLMETA_SLURM_PARTITION", "debug")
 
 SACCT_FIELDS = ["JobID", "JobName", "State", "ExitCode", "Elapsed", "NodeList", "AllocTRES", "Comment", "SubmitLine"]
-GPU_RULES = ["warmstart", "generate", "eval_adaptation", "train_trl", "train_fomaml"]
+GPU_RULES = ["warmstart", "generate", "eval_adaptation", "train_trl", "train_fomaml", "train_meta_baseline"]
+META_RULES = ("train_fomaml", "train_meta_baseline")  # their rules set gpu themselves (meta.nproc)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -453,8 +454,8 @@ def test_slurm_profile_routes_gpu_rules():
     for rule in GPU_RULES:
         res = cfg["set-resources"][rule]
         assert res["cpus_per_task"] >= 1 and res["mem_mb"] > 0 and res["runtime"] > 0, rule
-        # train_fomaml's rule sets gpu itself (meta.nproc); a profile value would override it
-        assert ("gpu" not in res) if rule == "train_fomaml" else res["gpu"] >= 1, rule
+        # the meta-learning rules set gpu themselves (meta.nproc); a profile value would override it
+        assert ("gpu" not in res) if rule in META_RULES else res["gpu"] >= 1, rule
     assert "train_mlx" not in cfg["set-resources"]
 
 

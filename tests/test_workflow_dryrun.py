@@ -31,7 +31,8 @@ def test_default_dry_run_plans_every_stage(tmp_path):
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
     for rule in ("fetch_rss", "build_headlines", "prepare_gsm8k", "prepare_math", "split_math_tasks",
-                 "build_model", "make_prompts", "generate", "score", "train_mlx", "train_trl", "train_fomaml"):
+                 "build_model", "make_prompts", "generate", "score", "train_mlx", "train_trl", "train_fomaml",
+                 "train_meta_baseline"):
         assert f"rule {rule}:" in text or f"\n{rule} " in text, rule
     assert "Shell command: rlmeta train-trl --model" in text  # every job runs one `rlmeta <step>` command
 

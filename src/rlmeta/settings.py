@@ -348,6 +348,9 @@ class TrainSettings(Block):
              "(1 = off, above 1 discourages repeats). Shapes the draw only: trained log-probs stay the model's.",
         gt=0)
     max_new_tokens: int = opt(128, "Longest completion, in tokens.", ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = opt(
+        "float32", "MLX only: the dtype of the policy's and the KL reference's weights (bfloat16 halves a Mac's "
+                   "memory; float32 takes the CPU fast path). The torch backend: train.trl.bf16.")
     updates_per_batch: int = opt(1, "Optimizer updates per rollout batch (TRL's num_iterations, PPO's epochs): "
                                     "above 1 the importance ratio and its clipping matter.", ge=1)
     epsilon_low: float | None = opt(None, "Lower clip range of the ratio (null = 0.2 for GRPO, 3e-4 for GSPO).", ge=0)
@@ -405,14 +408,48 @@ class TrainSettings(Block):
 
 def _check_backend_train(backend: str, train: TrainSettings | None) -> None:
     """Training options a backend cannot run (ValueError, one line)."""
+    if backend == "torch" and train is not None and train.dtype != "float32":
+        raise ValueError(f"train.dtype is {train.dtype}, but it sets the MLX trainer's weights; on backend torch "
+                         "set train.trl.bf16: true (bf16 autocast, the default on CUDA) and leave train.dtype")
     if backend == "torch" and train is not None and train.dynamic_sampling:
         raise ValueError(f"train.dynamic_sampling is {train.dynamic_sampling}, but backend torch (TRL's "
                          "GRPOTrainer draws one batch of prompts per step) cannot draw extra batches; set "
                          "train.dynamic_sampling: 0 or backend: mlx")
 
 
+MetaMethod = Literal["fomaml", "reptile", "multitask"]
+META_EVAL_KEYS = ("baselines", "eval_episodes", "eval_query", "curve_steps", "accuracy_episodes")
+"""MetaSettings keys only the adaptation evaluation reads: a change to them re-trains nothing."""
+
+
 class MetaSettings(Block):
-    """First-order MAML (Finn et al. 2017, first-order variant) over the MATH subjects. See docs/meta-learning.md."""
+    """Meta-learning over the MATH subjects: first-order MAML (Finn et al. 2017), Reptile (Nichol et al. 2018) or
+    multi-task fine-tuning at the same budget, and the held-out-subject evaluation. See docs/meta-learning.md."""
+
+    method: MetaMethod = opt(
+        "fomaml", "What the experiment trains into <exp>/checkpoints/final: fomaml (k SGD steps on a task's support "
+                  "batch, the query gradient at the adapted weights), reptile (k + 1 SGD steps on the same support "
+                  "and query batches; meta-gradient (theta - mean phi) / (inner_lr (k + 1)) fed to AdamW) or "
+                  "multitask (the gradients of the same k + 1 passes at theta: plain fine-tuning on the union of the "
+                  "training subjects). All three take the same batches, gradient passes and tokens per outer step.")
+    baselines: list[MetaMethod] = opt(
+        [], "Other methods trained with the same settings and budget into <exp>/baselines/<method>/ and compared in "
+            "the adaptation evaluation; the base initialisation (no training) is always evaluated.")
+    test_subjects: list[MathSubject] = opt(
+        ["intermediate_algebra", "precalculus"],
+        "Held-out subjects: never in meta-training (every method trains on the dataset's other subjects); the "
+        "adaptation evaluation adapts on them, and separately on the held-out rows of the training subjects.")
+    validate_every: int = opt(0, "Meta-validation every N outer steps: post-adaptation query loss on test_subjects "
+                                 "into train_metrics (val/*) and W&B (0 = off).", ge=0)
+    validate_episodes: int = opt(2, "Episodes per test subject in each meta-validation.", ge=1)
+    eval_episodes: int = opt(8, "Adaptation episodes per subject in the evaluation (seeded support and query draws, "
+                                "the same for every method).", ge=1)
+    eval_query: int = opt(8, "Query problems per episode, drawn apart from its support set.", ge=1)
+    curve_steps: int | None = opt(None, "Adaptation curve: query loss after k = 0..K inner steps (null = 2 x "
+                                        "inner_steps).", ge=1)
+    accuracy_episodes: int | None = opt(
+        None, "Episodes per subject whose adapted model also answers its query problems greedily (math-verify "
+              "accuracy; null = every episode, 0 = none).", ge=0)
 
     outer_steps: int = opt(20, "Meta-updates (outer optimizer steps).", ge=1)
     meta_batch_size: int = opt(4, "Tasks (subjects) per outer step.", ge=1)
@@ -441,7 +478,17 @@ class MetaSettings(Block):
     def _layout(self) -> MetaSettings:
         if self.shard_size and self.nproc % self.shard_size:
             raise ValueError(f"shard_size {self.shard_size} must divide nproc {self.nproc}")
+        if self.method in self.baselines or len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"baselines {self.baselines} must not repeat a method or hold method {self.method}; "
+                             "allowed: the others of fomaml, reptile, multitask")
+        if len(set(self.test_subjects)) != len(self.test_subjects):
+            raise ValueError(f"test_subjects lists a subject twice: {self.test_subjects}")
         return self
+
+    @property
+    def adaptation_steps(self) -> int:
+        """K of the adaptation curve."""
+        return self.curve_steps or 2 * self.inner_steps
 
 
 class EvalSettings(Block):
@@ -653,6 +700,16 @@ def check_rewards(rewards: dict[str, float], params: RewardParams) -> None:
         REGISTRY[name].check_params(kw, where=f"reward_params.{name}")
 
 
+def _check_test_subjects(name: str, meta: MetaSettings, subjects: list[str]) -> None:
+    missing = [s for s in meta.test_subjects if s not in subjects]
+    if missing:
+        raise ValueError(f"experiments.{name}.meta.test_subjects {missing} are not subjects of its dataset "
+                         f"({', '.join(subjects)}); pick test subjects from those")
+    if not [s for s in subjects if s not in meta.test_subjects]:
+        raise ValueError(f"experiments.{name}.meta.test_subjects {meta.test_subjects} leaves no subject to "
+                         "meta-train on; hold out fewer subjects")
+
+
 def _did_you_mean(word: str, choices) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -746,6 +803,8 @@ class Config(Block):
             if exp.algorithm == "fomaml" and kind != "math":
                 raise ValueError(f"experiments.{name}: algorithm fomaml needs a math dataset (its subjects are "
                                  "the tasks)")
+            if exp.algorithm == "fomaml" and kind == "math":
+                _check_test_subjects(name, exp.meta, self.datasets[exp.dataset].subjects)
         for sweep, spec in self.sweeps.items():
             if spec.experiment not in self.experiments:
                 raise ValueError(f"sweeps.{sweep}.experiment is '{spec.experiment}', not a key of experiments")

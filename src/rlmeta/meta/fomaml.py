@@ -1,11 +1,19 @@
-"""First-order MAML (FOMAML) over MATH subjects, full-parameter or meta-LoRA, under torchrun/FSDP2.
+"""First-order MAML (FOMAML), Reptile and the multi-task baseline over MATH subjects, full-parameter or
+meta-LoRA, under torchrun/FSDP2.
 
 One outer step: draw a seeded meta-batch of tasks; for each task, from the meta-parameters
 theta take ``inner_steps`` SGD steps on a support batch (fast weights phi), then the query
 loss L_q(phi) and its gradient at phi; restore theta bit for bit. The meta-gradient is
 the mean of those gradients over the meta-batch; AdamW (warm-up, schedule, clipping)
 applies it to theta. The query loss at theta before adapting gives each task's
-``adaptation_gap = L_q(theta) - L_q(phi)``. See docs/meta-learning.md.
+``adaptation_gap = L_q(theta) - L_q(phi)``.
+
+``meta.method`` reptile takes the same k + 1 passes as SGD steps (k on the support batch, one on
+the query batch; Nichol et al. 2018) and feeds ``(theta - phi) / (inner_lr (k + 1))`` to the same
+AdamW; multitask takes the k + 1 gradients at theta itself (no adaptation: fine-tuning on the
+union of the training subjects). The three see the same batches, gradient passes and tokens.
+Meta-training never loads a ``meta.test_subjects`` subject; with ``meta.validate_every`` it
+adapts on seeded episodes of them (``val/*`` columns). See docs/meta-learning.md.
 """
 from __future__ import annotations
 
@@ -31,21 +39,28 @@ from rlmeta.meta.distributed import (
     shard_model,
 )
 from rlmeta.meta.tasks import TaskSampler, collate, encode, load_tasks
-from rlmeta.settings import LoraSettings, MetaSettings, WandbSettings
+from rlmeta.settings import META_EVAL_KEYS, LoraSettings, MetaSettings, WandbSettings
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
-RESUMABLE_ACROSS = {"nproc", "shard_size", "checkpoint_every", "keep_checkpoints"}
+RESUMABLE_ACROSS = {"nproc", "shard_size", "checkpoint_every", "keep_checkpoints", *META_EVAL_KEYS}
 """Meta settings a run may change and still resume (DCP reshards; checkpointing does not change the maths)."""
 ADAPTER_DIR = "meta_adapter"  # unmerged meta-LoRA adapter inside the final checkpoint
 
 
-def metric_columns(subjects: list[str]) -> list[str]:
-    """The FOMAML columns of train_metrics besides the common ones."""
-    cols = ["meta/loss", "meta/avg_adaptation_gap", "meta/query_loss_pre"]
+COMPUTE_COLUMNS = ["grad_passes", "train_tokens"]
+"""Per outer step: forward-backward passes over all tasks and the non-padding tokens in them (all ranks)."""
+VAL_COLUMNS = ["val/query_loss_pre", "val/query_loss_post", "val/gain"]
+"""Meta-validation on the test subjects (null on the steps without one)."""
+
+
+def metric_columns(subjects: list[str], test_subjects: list[str] = ()) -> list[str]:
+    """The meta-learning columns of train_metrics besides the common ones."""
+    cols = ["meta/loss", "meta/avg_adaptation_gap", "meta/query_loss_pre", *COMPUTE_COLUMNS, *VAL_COLUMNS]
     for s in subjects:
         cols += [f"{s}/query_loss_pre", f"{s}/query_loss_post", f"{s}/adaptation_gap"]
+    cols += [f"val/{s}/query_loss_post" for s in test_subjects]
     return cols
 
 
@@ -88,25 +103,50 @@ def sgd_step(params, lr: float) -> None:
             p.grad = None
 
 
+def _accumulate(acc, params, scale: float = 1.0) -> None:
+    with torch.no_grad():
+        for a, p in zip(acc, params):
+            if p.grad is not None:
+                a.add_(local(p.grad).reshape(a.shape), alpha=scale)
+            p.grad = None
+
+
 def adapt_task(model, params, support: dict, query: dict, cfg: MetaSettings, ctx: DistContext,
-               acc) -> tuple[float, float]:
-    """Inner loop on one task from the current (meta) weights; adds the query gradient at the
-    adapted weights to ``acc`` (local shards). Returns ``(query loss before, after)``."""
+               acc, method: str | None = None, theta=None) -> tuple[float, float]:
+    """One task's k + 1 gradient passes from the current (meta) weights (k on the support batch, one on the
+    query batch); adds the task's meta-gradient to ``acc`` (local shards):
+
+    - fomaml: k SGD steps, then the query gradient at the adapted weights phi;
+    - reptile: k + 1 SGD steps (the last on the query batch), then ``(theta - phi) / (inner_lr (k + 1))``
+      (``theta``: the snapshot of the meta-parameters);
+    - multitask: the mean of the k + 1 gradients at theta (nothing adapts).
+
+    Returns ``(query loss before, after k steps)`` (multitask: the query loss at theta twice)."""
+    method = method or cfg.method
+    k = cfg.inner_steps
     model.eval()
     with torch.no_grad():
         _, pre, _ = batch_loss(model, query, ctx)
     model.train()
-    for _ in range(cfg.inner_steps):
+    for _ in range(k):
         loss, _, _ = batch_loss(model, support, ctx)
         loss.backward()
-        sgd_step(params, cfg.inner_lr)
+        if method == "multitask":
+            _accumulate(acc, params, 1.0 / (k + 1))
+        else:
+            sgd_step(params, cfg.inner_lr)
     loss, post, _ = batch_loss(model, query, ctx)
     loss.backward()
-    with torch.no_grad():
-        for a, p in zip(acc, params):
-            if p.grad is not None:
-                a.add_(local(p.grad).reshape(a.shape))
-            p.grad = None
+    if method == "fomaml":
+        _accumulate(acc, params)
+    elif method == "multitask":
+        _accumulate(acc, params, 1.0 / (k + 1))
+        post = pre
+    else:
+        sgd_step(params, cfg.inner_lr)
+        with torch.no_grad():
+            for a, p, t in zip(acc, params, theta):
+                a.add_((t - local(p.detach())).reshape(a.shape), alpha=1.0 / (cfg.inner_lr * (k + 1)))
     return pre, post
 
 
@@ -117,30 +157,76 @@ def _tokens(batch: dict) -> int:
 class FOMAML:
     """The meta-learner: model, data, sampler, outer optimizer and scheduler."""
 
-    def __init__(self, model, tokenizer, support: dict, query: dict, cfg: MetaSettings, seed: int, ctx: DistContext):
+    def __init__(self, model, tokenizer, support: dict, query: dict, cfg: MetaSettings, seed: int, ctx: DistContext,
+                 validation: dict[str, list[dict]] | None = None):
         from rlmeta.schedules import torch_scheduler
 
         self.model, self.tok, self.cfg, self.ctx = model, tokenizer, cfg, ctx
         self.subjects = list(support)
+        held = sorted(set(self.subjects) & set(cfg.test_subjects))
+        if held:
+            raise ValueError(f"subjects {held} are meta.test_subjects: meta-training never sees them")
         self.data = {"support": support, "query": query}
+        self.validation = validation or {}
+        self.seed = seed
         self.sampler = TaskSampler(self.subjects, seed)
         self.params = meta_parameters(model)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.outer_lr, weight_decay=0.0)
         self.sched = torch_scheduler(self.opt, cfg.lr_schedule, cfg.warmup_steps, cfg.outer_steps)
         self._cache: dict = {}
+        self.seen: set[str] = set()  # problem_id of every row a training batch took (tests check it)
+
+    def _encode(self, key, row: dict):
+        if key not in self._cache:
+            self._cache[key] = encode(self.tok, row, self.cfg.max_seq_len)
+        return self._cache[key]
 
     def batch(self, step: int, slot: int, task: str, split: str) -> dict:
         """This rank's part (rows ``shard_rank::shard_size``) of a seeded task batch."""
         rows = self.data[split][task]
         size = self.cfg.support_batch if split == "support" else self.cfg.query_batch
         idx = self.sampler.rows(step, slot, task, split, len(rows), size)[self.ctx.shard_rank::self.ctx.shard_size]
-        ex = []
-        for i in idx:
-            key = (task, split, i)
-            if key not in self._cache:
-                self._cache[key] = encode(self.tok, rows[i], self.cfg.max_seq_len)
-            ex.append(self._cache[key])
-        return collate(ex, self.tok.pad_token_id)
+        self.seen.update(rows[i]["problem_id"] for i in idx)
+        return collate([self._encode((task, split, i), rows[i]) for i in idx], self.tok.pad_token_id)
+
+    def validate(self) -> dict:
+        """Meta-validation: mean query loss before and after ``inner_steps`` SGD steps over
+        ``validate_episodes`` seeded episodes per test subject (the same episodes at every call), spread over
+        the task groups like a meta-batch; the meta-parameters are restored exactly."""
+        from rlmeta.meta.tasks import episode
+
+        cfg, ctx = self.cfg, self.ctx
+        subjects = list(self.validation)
+        eps = [(s, e) for s in subjects for e in range(cfg.validate_episodes)]
+        theta = snapshot(self.params)
+        stats = torch.zeros(len(subjects), 3, dtype=torch.float64)
+        for slot, (s, e) in enumerate(eps):
+            if slot % ctx.task_groups != ctx.task_rank:
+                continue
+            rows = self.validation[s]
+            sup_idx, qry_idx = episode(self.seed, "validation", s, e, len(rows), cfg.support_batch, cfg.query_batch)
+            support, query = (collate([self._encode(("val", s, i), rows[i])
+                                       for i in idx[ctx.shard_rank::ctx.shard_size]], self.tok.pad_token_id)
+                              for idx in (sup_idx, qry_idx))
+            self.model.eval()
+            with torch.no_grad():
+                _, pre, _ = batch_loss(self.model, query, ctx)
+            self.model.train()
+            for _ in range(cfg.inner_steps):
+                loss, _, _ = batch_loss(self.model, support, ctx)
+                loss.backward()
+                sgd_step(self.params, cfg.inner_lr)
+            self.model.eval()
+            with torch.no_grad():
+                _, post, _ = batch_loss(self.model, query, ctx)
+            restore(self.params, theta)
+            stats[subjects.index(s)] += torch.tensor([pre, post, 1.0], dtype=torch.float64)
+        ctx.task_sum(stats)
+        n = float(stats[:, 2].sum())
+        row = {"val/query_loss_pre": float(stats[:, 0].sum()) / n, "val/query_loss_post": float(stats[:, 1].sum()) / n}
+        row["val/gain"] = row["val/query_loss_pre"] - row["val/query_loss_post"]
+        row.update({f"val/{s}/query_loss_post": float(stats[i, 1] / stats[i, 2]) for i, s in enumerate(subjects)})
+        return row
 
     def meta_gradient(self, step: int) -> tuple[list[torch.Tensor], dict]:
         """Mean first-order meta-gradient (local shards) of outer step ``step`` and its task stats."""
@@ -149,25 +235,30 @@ class FOMAML:
         theta = snapshot(self.params)
         acc = [torch.zeros_like(t) for t in theta]
         stats = torch.zeros(len(self.subjects), 3, dtype=torch.float64)  # pre, post, count
-        tokens = 0
+        tokens = passes = train_tokens = 0
         for slot, task in enumerate(tasks):
             if slot % ctx.task_groups != ctx.task_rank:
                 continue
             support, query = self.batch(step, slot, task, "support"), self.batch(step, slot, task, "query")
-            pre, post = adapt_task(self.model, self.params, support, query, cfg, ctx, acc)
+            pre, post = adapt_task(self.model, self.params, support, query, cfg, ctx, acc, cfg.method, theta)
             restore(self.params, theta)
             stats[self.subjects.index(task)] += torch.tensor([pre, post, 1.0], dtype=torch.float64)
             tokens += cfg.inner_steps * _tokens(support) + 2 * _tokens(query)
+            train_tokens += cfg.inner_steps * _tokens(support) + _tokens(query)
+            passes += cfg.inner_steps + 1
         flat = torch.cat([a.flatten() for a in acc]) if acc else torch.zeros(0)
         ctx.task_sum(flat)
         flat /= len(tasks)
         ctx.task_sum(stats)
-        tok = ctx.world_sum(torch.tensor([tokens], dtype=torch.int64))
+        tok = ctx.world_sum(torch.tensor([tokens, train_tokens], dtype=torch.int64))
+        # every rank of a shard group runs its tasks' passes on its part of the batch: count them once per group
+        counted = ctx.world_sum(torch.tensor([passes if ctx.shard_rank == 0 else 0], dtype=torch.int64))
         grads, off = [], 0
         for a in acc:
             grads.append(flat[off:off + a.numel()].view_as(a))
             off += a.numel()
-        return grads, {"stats": stats, "tokens": int(tok[0])}
+        return grads, {"stats": stats, "tokens": int(tok[0]), "train_tokens": int(tok[1]),
+                       "grad_passes": int(counted[0])}
 
     def step(self, step: int) -> dict:
         """One outer step; returns its train_metrics row."""
@@ -198,7 +289,8 @@ class FOMAML:
         st = info["stats"]
         n = float(st[:, 2].sum())
         row = {"step": step + 1, "lr": lr, "grad_norm": norm, "tokens": info["tokens"], "step_seconds": seconds,
-               "meta/loss": float(st[:, 1].sum()) / n, "meta/query_loss_pre": float(st[:, 0].sum()) / n}
+               "meta/loss": float(st[:, 1].sum()) / n, "meta/query_loss_pre": float(st[:, 0].sum()) / n,
+               "grad_passes": info["grad_passes"], "train_tokens": info["train_tokens"]}
         row["meta/avg_adaptation_gap"] = row["meta/query_loss_pre"] - row["meta/loss"]
         row["loss"] = row["meta/loss"]
         for i, s in enumerate(self.subjects):
@@ -283,10 +375,11 @@ def train(model_dir: str, tasks_dir: str, subjects: list[str], cfg: MetaSettings
         tok, model = load_model(model_dir, cfg.lora, seed, torch.device("cpu") if ctx.distributed else ctx.device)
         model = shard_model(model, ctx, bf16=ctx.device.type == "cuda")
         support = load_tasks(tasks_dir, subjects, "support")
-        learner = FOMAML(model, tok, support, load_tasks(tasks_dir, subjects, "query"), cfg, seed, ctx)
+        validation = validation_rows(tasks_dir, cfg) if cfg.validate_every else {}
+        learner = FOMAML(model, tok, support, load_tasks(tasks_dir, subjects, "query"), cfg, seed, ctx, validation)
         spec = {"model": str(model_dir), "tasks_dir": str(tasks_dir), "subjects": list(subjects), "seed": seed,
                 "meta": cfg.model_dump(mode="json", exclude=RESUMABLE_ACROSS)}
-        table = MetricsTable(metric_columns(subjects))
+        table = MetricsTable(metric_columns(subjects, list(validation)))
         guard = DivergenceGuard(cfg.guard, None, "meta.guard")  # DCP checkpoints: their weights are checked in memory
         start, last = 0, None
         if resume:
@@ -302,13 +395,13 @@ def train(model_dir: str, tasks_dir: str, subjects: list[str], cfg: MetaSettings
             if ctx.is_main:
                 log.info("resuming from %s (step %d)", last, start)
         config = {**spec, "world": ctx.world}
-        run_ctx = (wandb_run(wandb, checkpoints.run_name(ckpt_dir), ckpt_dir, config)
+        run_ctx = (wandb_run(wandb, run_name(ckpt_dir), ckpt_dir, config)
                    if ctx.is_main and wandb.mode != "disabled" else contextlib.nullcontext(None))
         n_params = sum(p.numel() for p in learner.params)
         if ctx.is_main:
-            log.info("FOMAML %s: %d tasks, %d meta-parameters (%s), world %d = %d task groups x %d shards, "
+            log.info("%s %s: %d tasks, %d meta-parameters (%s), world %d = %d task groups x %d shards, "
                      "steps %d..%d",
-                     model_dir, len(subjects), n_params, "meta-LoRA" if cfg.lora else "full", ctx.world,
+                     cfg.method, model_dir, len(subjects), n_params, "meta-LoRA" if cfg.lora else "full", ctx.world,
                      ctx.task_groups, ctx.shard_size, start + 1, cfg.outer_steps)
         guard.begin(learner.param_norm())  # the weights' norm before the first update (unless resumed)
         with run_ctx as run:
@@ -316,6 +409,12 @@ def train(model_dir: str, tasks_dir: str, subjects: list[str], cfg: MetaSettings
                 if stop_after is not None and step - start >= stop_after:
                     return out
                 row = learner.step(step)
+                if validation and (step + 1) % cfg.validate_every == 0:
+                    row.update(learner.validate())
+                    if ctx.is_main:
+                        log.info("step %d meta-validation on %s: query loss %.4f -> %.4f after %d inner steps",
+                                 step + 1, ", ".join(validation), row["val/query_loss_pre"],
+                                 row["val/query_loss_post"], cfg.inner_steps)
                 guard.check(row["step"], {k: v for k, v in row.items() if "/" not in k or k.startswith("meta/")},
                             row["param_norm"])  # every rank: the reduced values agree, so all stop together
                 if ctx.is_main:
@@ -343,6 +442,25 @@ def train(model_dir: str, tasks_dir: str, subjects: list[str], cfg: MetaSettings
         destroy(ctx)
 
 
+def run_name(ckpt_dir: Path) -> str:
+    """The W&B run name: the experiment, with the method for a baseline (<exp>/baselines/<method>/checkpoints)."""
+    from rlmeta import checkpoints
+
+    name = checkpoints.run_name(ckpt_dir)
+    p = Path(ckpt_dir)
+    if p.name == "checkpoints" and p.parent.parent.name == "baselines":
+        return f"{p.parents[2].name}-{name}"
+    return name
+
+
+def validation_rows(tasks_dir: str | Path, cfg: MetaSettings) -> dict[str, list[dict]]:
+    """The meta-validation rows: each test subject's support and query rows (never trained on)."""
+    if not cfg.test_subjects:
+        raise ValueError("meta.validate_every needs meta.test_subjects to validate on")
+    sup, qry = load_tasks(tasks_dir, cfg.test_subjects, "support"), load_tasks(tasks_dir, cfg.test_subjects, "query")
+    return {s: sup[s] + qry[s] for s in cfg.test_subjects}
+
+
 def _state(ckpt: Path) -> dict | None:
     try:
         return json.loads((Path(ckpt) / STATE_FILE).read_text())
@@ -357,7 +475,8 @@ def command(p: argparse.ArgumentParser):
     p.add_argument("--model", required=True, type=model_ref, help="initial checkpoint folder (transformers format)")
     p.add_argument("--tasks-dir", required=True, type=existing_dir,
                    help="folder with <subject>/{support,query}.parquet")
-    p.add_argument("--subjects", nargs="+", required=True, help="task (subject) names")
+    p.add_argument("--subjects", nargs="+", required=True,
+                   help="the training subjects (tasks); none of meta.test_subjects")
     add_settings(p, "meta", MetaSettings, "the experiment's meta block")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="final checkpoint folder (written atomically)")

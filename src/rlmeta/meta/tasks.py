@@ -85,3 +85,17 @@ class TaskSampler:
         """Row indices of one batch (without replacement when ``size <= n_rows``)."""
         rng = np.random.default_rng([self.seed, step, 1 + slot, _key(task), SPLIT_CODES.get(split, 9)])
         return [int(i) for i in rng.choice(n_rows, size=size, replace=size > n_rows)]
+
+
+EPISODE_STREAMS = {"validation": 1, "eval": 2}
+
+
+def episode(seed: int, stream: str, subject: str, index: int, n_rows: int, n_support: int,
+            n_query: int) -> tuple[list[int], list[int]]:
+    """Row indices (support, query) of one adaptation episode: disjoint, a seeded function of
+    ``(seed, stream, subject, index)``; the query takes at most the rows the support set leaves."""
+    if n_rows < n_support + 1:
+        raise ValueError(f"{subject}: an episode needs more than {n_support} rows (support_batch), got {n_rows}")
+    rng = np.random.default_rng([seed, 100 + EPISODE_STREAMS[stream], _key(subject), index])
+    perm = [int(i) for i in rng.permutation(n_rows)]
+    return perm[:n_support], perm[n_support:n_support + n_query]

@@ -174,7 +174,8 @@ def meta_training(metrics: pd.DataFrame, path: str | Path, title: str = "") -> P
     per task, gradient norm, seconds per step, learning rate (2 x 3 panels)."""
     df = metrics.sort_values("step")
     fig, axes = plt.subplots(2, 3, figsize=(17, 8))
-    _line(axes[0, 0], df, {"meta/loss": "after adaptation (meta/loss)", "meta/query_loss_pre": "before adaptation"},
+    _line(axes[0, 0], df, {"meta/loss": "after adaptation (meta/loss)", "meta/query_loss_pre": "before adaptation",
+                           "val/query_loss_post": "meta-validation: held-out subjects, after adaptation"},
           "Query loss", "cross-entropy (nats/token)", xlabel="outer step")
     _line(axes[0, 1], df, {"meta/avg_adaptation_gap": "mean over tasks"}, "Adaptation gap (pre − post)",
           "loss decrease (nats/token)", xlabel="outer step")
@@ -215,6 +216,63 @@ def adaptation_bars(summary: dict, path: str | Path, title: str = "") -> Path:
         ax.legend(loc="upper center", ncol=2)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(title or "Adaptation per subject: base versus meta-learned initialisation", fontsize=14)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+METHOD_COLORS = {"base": "#7f7f7f", "multitask": "#2ca02c", "fomaml": "#d62728", "reptile": "#9467bd"}
+
+
+def adaptation_curves(summary: dict, path: str | Path, title: str = "") -> Path:
+    """Meta-learning: mean query loss after k = 0..K inner SGD steps per method (95% bootstrap band over
+    episodes) on the held-out subjects and on the training subjects' held-out rows, and the meta-validation
+    loss during training per method."""
+    ad = summary.get("adaptation", {})
+    methods = ad.get("methods", [])
+    k = ad.get("settings", {}).get("inner_steps")
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
+    for ax, group, ttl in ((axes[0], "test", "Held-out subjects"), (axes[1], "train_rows",
+                                                                      "Training subjects, held-out rows")):
+        drawn = 0
+        for m in methods:
+            curve = ad.get(m, {}).get(group, {}).get("curve") or []
+            if not curve or curve[0].get("mean") is None:
+                continue
+            xs = np.arange(len(curve))
+            mid = np.array([c["mean"] for c in curve], dtype=float)
+            lo = np.array([c["ci95"][0] for c in curve], dtype=float)
+            hi = np.array([c["ci95"][1] for c in curve], dtype=float)
+            color = METHOD_COLORS.get(m)
+            ax.plot(xs, mid, marker="o", color=color, label=m)
+            ax.fill_between(xs, lo, hi, color=color, alpha=0.2)
+            drawn += 1
+        if not drawn:
+            _empty(ax, ttl, "not evaluated")
+            continue
+        if k:
+            ax.axvline(k, color="black", lw=1, ls="--", label=f"k = inner_steps ({k})")
+        ax.set(title=f"{ttl}: query loss after k SGD steps", xlabel="inner SGD steps k on the support set",
+               ylabel="cross-entropy (nats/token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    ax = axes[2]
+    drawn = 0
+    for m in methods:
+        val = ad.get(m, {}).get("validation") or []
+        if val:
+            ax.plot([v["step"] for v in val], [v["post_loss"] for v in val], marker="o", color=METHOD_COLORS.get(m),
+                    label=f"{m}: after adaptation")
+            ax.plot([v["step"] for v in val], [v["pre_loss"] for v in val], ls=":", color=METHOD_COLORS.get(m),
+                    label=f"{m}: before")
+            drawn += 1
+    if drawn:
+        ax.set(title="Meta-validation on the held-out subjects", xlabel="outer step",
+               ylabel="query loss (nats/token)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    else:
+        _empty(ax, "Meta-validation on the held-out subjects", "not recorded (meta.validate_every 0)")
+    fig.suptitle(title or "Adaptation curves", fontsize=14)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -24,7 +24,7 @@ from rlmeta.settings import Experiment
 log = logging.getLogger(__name__)
 
 RL_PLOTS = ("training_curves.png", "reward_distributions.png", "paired_differences.png", "seeds.png", "eval_curve.png")
-FOMAML_PLOTS = ("meta_training.png", "adaptation.png")
+FOMAML_PLOTS = ("meta_training.png", "adaptation.png", "adaptation_curve.png")
 """The figure files each kind of experiment writes next to report.md (the rule's outputs)."""
 MAX_CHARS = 1500
 """Completions longer than this are cut in the samples table."""
@@ -283,8 +283,78 @@ def _rl_report(exp: str, cfg: Experiment, s: dict, runs: dict[str, Run], out: Pa
                   warnings=[warning] if warning else [])
 
 
+def _ci_text(c: dict | None, digits: int = 4, signed: bool = False) -> str:
+    """'5.4123 [5.38, 5.44]' of a {mean, ci95} block."""
+    if not c or c.get("mean") is None:
+        return "n/a"
+    ci = c.get("ci95") or [None, None]
+    return (f"{fmt(c['mean'], digits, signed)} [{fmt(ci[0], digits, signed)}, {fmt(ci[1], digits, signed)}]")
+
+
+def _methods_sections(exp: str, ad: dict, out: Path) -> tuple[list, list]:
+    """Key numbers and sections of a summary with methods (base, baselines, the experiment's method)."""
+    methods, main = ad["methods"], ad.get("method")
+    key = [(f"Post-adaptation query loss on held-out subjects, {m} [95% CI]", _ci_text(ad[m]["test"]["post_loss"]))
+           for m in methods]
+    key += [(f"{pair} (post-adaptation loss, held-out subjects; negative: {pair.split(' - ')[0]} lower)",
+             _ci_text(d["test"]["post_loss"], signed=True)) for pair, d in ad.get("paired", {}).items()]
+    cols = ["method", "pre-adaptation loss", "post-adaptation loss", "gain (pre − post)", "accuracy", "episodes",
+            "outer steps", "gradient passes", "tokens"]
+    sections = []
+    for group, ttl, text in (
+            ("test", "Adaptation on held-out subjects",
+             f"Subjects no method trained on: {', '.join(ad.get('test_subjects', []))}. "),
+            ("train_rows", "Adaptation on held-out rows of the training subjects",
+             f"Training subjects ({', '.join(ad.get('train_subjects', []))}), rows meta-training never sampled. ")):
+        rows = []
+        for m in methods:
+            b, c = ad[m][group], ad[m].get("compute") or {}
+            rows.append([m + (" (this experiment)" if m == main else ""), _ci_text(b["pre_loss"]),
+                         _ci_text(b["post_loss"]), _ci_text(b["gain"], signed=True), _ci_text(b["accuracy"], 3),
+                         fmt(b["post_loss"].get("n")), fmt(c.get("outer_steps")), fmt(c.get("grad_passes")),
+                         fmt(c.get("train_tokens"))])
+        paired = [[pair, _ci_text(d[group]["post_loss"], signed=True), _ci_text(d[group]["gain"], signed=True)]
+                  for pair, d in ad.get("paired", {}).items()]
+        st = ad.get("settings", {})
+        sections.append(Section(ttl, [
+            text + f"Each episode adapts every initialisation with {st.get('inner_steps')} SGD steps (lr "
+            f"{st.get('inner_lr')}) on the same seeded support set ({st.get('support_batch')} problems) and measures "
+            f"the query loss on {st.get('eval_query')} other problems; means with 95% bootstrap intervals over "
+            "episodes; paired differences on the same episodes. The trained methods had the same budget (outer "
+            "steps, gradient passes and tokens in them)."],
+            tables=[Table(cols, rows), Table(["difference", "post-adaptation loss [95% CI]", "gain [95% CI]"],
+                                             paired)]))
+    plots.adaptation_curves({"adaptation": ad}, out / FOMAML_PLOTS[2], f"{exp}: adaptation curves")
+    sections.append(Section("Adaptation curves and meta-validation", [
+        "Mean query loss after k = 0, 1, ..., K inner SGD steps per method (band: 95% bootstrap interval over "
+        "episodes); right: the post-adaptation query loss on the held-out subjects during training "
+        "(meta.validate_every)."], images=[(FOMAML_PLOTS[2], "adaptation curves")]))
+    return key, sections
+
+
 def _fomaml_report(exp: str, cfg: Experiment, s: dict, metrics: pd.DataFrame | None, out: Path) -> Report:
     ad = s.get("adaptation", {})
+    if ad.get("methods"):
+        key, sections = _methods_sections(exp, ad, out)
+        if metrics is not None and len(metrics):
+            plots.meta_training(metrics, out / FOMAML_PLOTS[0], f"{exp}: meta-training curves ({ad.get('method')})")
+            sections.append(Section("Training curves", [
+                f"{len(metrics)} outer steps of {ad.get('method')}. meta/loss is the query loss after the inner "
+                "adaptation steps (multitask: at the weights themselves); the adaptation gap is the query loss "
+                "before minus after adaptation."], images=[(FOMAML_PLOTS[0], "meta-training curves")]))
+        plots.adaptation_bars(s, out / FOMAML_PLOTS[1], f"{exp}: adaptation per subject (base vs {ad.get('method')})")
+        subj = ad.get("per_subject", {})
+        cols = ["base_pre_adapt_loss", "meta_pre_adapt_loss", "base_query_loss", "meta_query_loss", "base_accuracy",
+                "meta_accuracy"]
+        rows = [[k + (" (held out)" if v.get("held_out_subject") else "")] + [fmt(v.get(c), 4) for c in cols]
+                for k, v in subj.items()]
+        sections.append(Section("Adaptation per subject", [
+            f"Means over each subject's episodes, base initialisation against {ad.get('method')}."],
+            tables=[Table(["subject", "base pre-adapt loss", f"{ad.get('method')} pre-adapt loss", "base query loss",
+                           f"{ad.get('method')} query loss", "base accuracy", f"{ad.get('method')} accuracy"], rows)],
+            images=[(FOMAML_PLOTS[1], "adaptation per subject")]))
+        return Report(f"{exp}: meta-learning report ({ad.get('method')})", key, sections,
+                      lead=[ad["conclusion"]] if ad.get("conclusion") else [])
     b, m = ad.get("base_init_query_loss"), ad.get("meta_init_query_loss")
     diff = None if b is None or m is None else m - b
     key = [("Query loss after adaptation, base init", fmt(b, 4)), ("Query loss after adaptation, meta init", fmt(m, 4)),
@@ -307,6 +377,9 @@ def _fomaml_report(exp: str, cfg: Experiment, s: dict, metrics: pd.DataFrame | N
         "the query loss is measured after adaptation (pre-adapt: before)."],
         tables=[Table(["subject", "base pre-adapt loss", "meta pre-adapt loss", "base query loss", "meta query loss",
                        "base accuracy", "meta accuracy"], rows)], images=[(FOMAML_PLOTS[1], "adaptation per subject")]))
+    plots.adaptation_curves(s, out / FOMAML_PLOTS[2], f"{exp}: adaptation curves")
+    sections.append(Section("Adaptation curves", ["Not recorded by this evaluation."],
+                            images=[(FOMAML_PLOTS[2], "adaptation curves")]))
     return Report(f"{exp}: FOMAML report", key, sections)
 
 
