@@ -366,3 +366,39 @@ def test_cli(tiny, prompts, tmp_path, capsys, restore_logging):
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if "error:" in x]  # the problem in one line, after the usage
     assert e.value.code == 2 and "argument --job: job error: unknown key 'train.stepz' (did you mean 'steps'?)" in line
+
+
+def test_lora_kl_reference_is_the_base_with_adapters_off_not_a_second_copy(tiny, prompts):
+    """LoRA + KL: no second model in memory; the reference log-probs are the base checkpoint's, bit for bit, after
+    the adapters have moved (so the KL is not zero), and the adapters are back on afterwards."""
+    from rlmeta.policy import load_policy
+    from rlmeta.policy.lora import mlx_adapters_off
+    from rlmeta.policy.mlx_policy import pad_batch, sequence_logprobs
+
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    tr = MLXTrainer(tiny, prompts, experiment(steps=4, beta=0.1, lora=lora, learning_rate=5e-2), seed=0)
+    assert tr.ref is None
+    kls = [tr.train_step()["kl"] for _ in range(4)]
+    assert kls[-1] > 0, kls
+    gens = tr.policy.generate([tr.prompt_ids[0], tr.prompt_ids[1]], n=2, temperature=1.0, max_new_tokens=6, seed=3)
+    batch = pad_batch([g.prompt_ids for g in gens], [g.token_ids for g in gens], tr.policy.pad_id)
+    ref = np.array(tr.reference_logprobs(*batch))
+    base = load_policy(tiny, "mlx").model
+    np.testing.assert_array_equal(ref, np.array(sequence_logprobs(base, *batch)))
+    trained = np.array(sequence_logprobs(tr.policy.model, *batch))
+    assert np.abs(trained - ref).max() > 1e-4  # the adapters are on again, and they changed the model
+    with mlx_adapters_off(tr.policy.model):
+        np.testing.assert_array_equal(np.array(sequence_logprobs(tr.policy.model, *batch)), ref)
+
+
+def test_bfloat16_policy_and_reference_train_and_the_dtype_is_refused_on_torch(tiny, prompts):
+    tr = MLXTrainer(tiny, prompts, experiment(steps=2, beta=0.1, dtype="bfloat16"), seed=0)
+    from mlx.utils import tree_flatten
+
+    dtypes = {v.dtype for _, v in tree_flatten(tr.policy.model.parameters())}
+    assert dtypes == {mx.bfloat16} and tr.ref is not None
+    rows = [tr.train_step() for _ in range(2)]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in rows)
+    with pytest.raises(ValueError, match="train.dtype is bfloat16, but it sets the MLX trainer's weights"):
+        RLJob.model_validate({"algorithm": "grpo", "rewards": {"toy_digits": 1.0}, "backend": "torch",
+                              "train": {"dtype": "bfloat16"}})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from rlmeta.settings import LoraSettings
@@ -56,6 +57,21 @@ def apply_lora(policy, cfg: LoraSettings, seed: int = 0):
         linear_to_lora_layers(policy.model, len(policy.model.layers), _mlx_params(policy.model, cfg))
         policy.lora = cfg
     return policy
+
+
+@contextmanager
+def mlx_adapters_off(model):
+    """Inside the block every mlx-lm LoRA layer has scale 0, so the model computes the base's outputs exactly
+    (``y + 0 * z``): the KL reference of a LoRA run without a second copy of the weights."""
+    layers = [m for _, m in model.named_modules() if type(m).__name__ == "LoRALinear"]
+    scales = [m.scale for m in layers]
+    for m in layers:
+        m.scale = 0.0
+    try:
+        yield
+    finally:
+        for m, scale in zip(layers, scales):
+            m.scale = scale
 
 
 def _mlx_params(model, cfg: LoraSettings) -> dict:

@@ -60,12 +60,14 @@ class MLXTrainer:
         self.eps_low, self.eps_high = job.epsilons
         self.spec = {"model": str(model_dir), "seed": seed, "job": job.model_dump(mode="json")}
         self.prompts = train_rows(prompts_path, job.max_train_prompts)
-        self.policy = load_policy(model_dir, "mlx")
+        self.policy = load_policy(model_dir, "mlx", dtype=self.t.dtype)
         if self.t.lora is not None:
             from rlmeta.policy.lora import apply_lora
 
             apply_lora(self.policy, self.t.lora, seed=seed)
-        self.ref = load_policy(model_dir, "mlx").model if self.t.beta > 0 else None
+        # the KL reference: a LoRA run's own base weights with the adapters switched off; else a frozen copy
+        self.kl = self.t.beta > 0
+        self.ref = load_policy(model_dir, "mlx", dtype=self.t.dtype).model if self.kl and self.t.lora is None else None
         if self.ref is not None:
             self.ref.freeze()
         self.prompt_ids = self.policy.encode_prompts([r["prompt"] for r in self.prompts])
@@ -127,7 +129,7 @@ class MLXTrainer:
             old[i, :len(x.logprobs)] = x.logprobs
         batch = {"ids": ids, "plen": plen, "mask": mask, "loss_mask": loss_mask, "old": mx.array(old),
                  "adv": mx.array(adv.astype(np.float32)), "ref": None}
-        if self.ref is not None:
+        if self.kl:
             batch["ref"] = self.reference_logprobs(ids, plen, mask)
         lens = np.array([len(x.token_ids) for x in gens])
         self.rollouts.add(rollout_records(
@@ -168,6 +170,13 @@ class MLXTrainer:
 
     def reference_logprobs(self, ids: mx.array, plen: mx.array, mask: mx.array) -> mx.array:
         """The frozen reference's completion log-probs (the KL term's), evaluated."""
+        if self.ref is None:  # LoRA: the base is the reference
+            from rlmeta.policy.lora import mlx_adapters_off
+
+            with mlx_adapters_off(self.policy.model):
+                ref = mx.stop_gradient(sequence_logprobs(self.policy.model, ids, plen, mask, self.t.temperature))
+                mx.eval(ref)
+            return ref
         ref = mx.stop_gradient(sequence_logprobs(self.ref, ids, plen, mask, self.t.temperature))
         mx.eval(ref)
         return ref
@@ -254,7 +263,7 @@ class MLXTrainer:
         self.step += 1
         self.tokens += ro["stats"].pop("new_tokens")
         mean = lambda k: float(np.mean([u[k] for u in updates]))
-        row = {"step": self.step, "loss": mean("loss"), "kl": mean("kl") if self.ref is not None else None,
+        row = {"step": self.step, "loss": mean("loss"), "kl": mean("kl") if self.kl else None,
                "clip_ratio": mean("clip_ratio"), "grad_norm": mean("grad_norm"), "lr": updates[-1]["lr"],
                "tokens": self.tokens, **ro["stats"], "param_norm": self.param_norm(), "entropy": mean("entropy"),
                "step_seconds": time.perf_counter() - t0}
