@@ -129,6 +129,7 @@ class MLXPolicy(BasePolicy):
         if Path(path).is_dir():
             config = read_config(path)
         model.set_dtype(getattr(mx, dtype))
+        mx.eval(model.parameters())  # cast now, so the loaded float32 arrays are freed before training starts
         model.eval()
         return cls(model, tokenizer, config, source=path)
 
