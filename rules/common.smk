@@ -421,6 +421,48 @@ def experiment_json(wildcards):
     return as_json(exp_of(wildcards).model_dump(mode="json"))
 
 
+def trl_nproc(wildcards):
+    """Processes of a TRL run (train.distributed.nproc): GPUs under the slurm profile, CPU processes elsewhere."""
+    return exp_of(wildcards).rl_job().train.distributed.nproc
+
+
+def trl_vllm_server(wildcards):
+    """train.trl.vllm in server mode (else None)."""
+    v = exp_of(wildcards).rl_job().train.trl.vllm
+    return v if v is not None and v.mode == "server" else None
+
+
+def trl_conda_env(wildcards):
+    """The train_trl environment (--sdm conda): torch's, or torch's with vLLM when train.trl.vllm is set."""
+    vllm = exp_of(wildcards).rl_job().train.trl.vllm is not None
+    return "../envs/vllm.yaml" if vllm else "../envs/torch.yaml"
+
+
+def trl_gpus(wildcards):
+    """GPUs of a TRL job under the slurm profile: train.distributed.nproc, plus vLLM's server GPUs in server
+    mode; none elsewhere."""
+    server = trl_vllm_server(wildcards)
+    return trl_nproc(wildcards) + (server.server_gpus if server else 0) if CFG.platform == "slurm" else 0
+
+
+def trl_vllm_args(wildcards):
+    """rlmeta launch's options (with a leading space) that start TRL's vLLM server in the job (server mode),
+    else none."""
+    v = trl_vllm_server(wildcards)
+    if v is None:
+        return ""
+    args = (
+        f" --vllm-serve-gpus {v.server_gpus} --vllm-model {shlex.quote(base_policy_path(wildcards))} "
+        f"--vllm-tensor-parallel {v.tensor_parallel_size} --vllm-port {v.port}"
+    )
+    return args + (f" --vllm-max-model-len {v.max_model_length}" if v.max_model_length else "")
+
+
+def trl_threads(wildcards):
+    """Cores a TRL job holds on this machine: one per process (torchrun gives each OMP_NUM_THREADS=1)."""
+    return 1 if CFG.platform == "slurm" else trl_nproc(wildcards)
+
+
 def meta_nproc(wildcards):
     return exp_of(wildcards).meta.nproc
 

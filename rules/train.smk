@@ -37,7 +37,8 @@ rule train_mlx:
 
 
 rule train_trl:
-    """GRPO/GSPO with TRL's GRPOTrainer (LoRA via peft), metrics in the project's columns."""
+    """GRPO/GSPO with TRL's GRPOTrainer (LoRA via peft), metrics in the project's columns; train.distributed.nproc
+    processes under rlmeta launch (torchrun, srun + c10d over several nodes), one without torchrun."""
     input:
         model=base_policy_input,
         prompts=f"{R}/{{exp}}/prompts.parquet",
@@ -51,19 +52,24 @@ rule train_trl:
         exp=exps_where(backend="torch", algorithm=("grpo", "gspo")),
         seed=r"\d+",
     conda:
-        "../envs/torch.yaml"
-    threads: 1
+        trl_conda_env
+    threads: trl_threads
     resources:
         mem_mb=16000,
         runtime=480,
-        gpu=1,
+        gpu=trl_gpus,
+        nodes=1,
+        cpus_per_task=1,
     params:
         code=code_with_scorers("train-trl"),
         model=base_policy_path,
         job=rl_job_json,
+        nproc=trl_nproc,
+        vllm=trl_vllm_args,
         out_dir=out_dir_of,
         wandb=wandb_json,
     shell:
-        "rlmeta train-trl --model {params.model:q} --prompts {input.prompts} --job {params.job:q}"
+        "rlmeta launch --nproc {params.nproc} --nodes {resources.nodes} --cpus-per-task {resources.cpus_per_task}"
+        " --direct-if-one{params.vllm} -- train-trl --model {params.model:q} --prompts {input.prompts} --job {params.job:q}"
         " --out {params.out_dir} --metrics {output.metrics} --eval-curve {output.curve} --rollouts {output.rollouts}"
         " --seed {wildcards.seed} --wandb {params.wandb:q} > {log} 2>&1"

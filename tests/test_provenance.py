@@ -58,6 +58,10 @@ def test_conda_environments_pin_what_the_lock_pins():
         for pin in pins:
             req = pin.split(" ; ")[0]
             assert req in lock_lines or req == "torch==2.13.0", f"envs/{env}.yaml: {pin} is not in the lock"
+    # vllm's: torch's pins but torch's own (vLLM brings the build it was compiled for), plus vllm
+    torch_pins = re.findall(r'^\s+- "([^"]+)"$', (ROOT / "envs" / "torch.yaml").read_text(), re.M)
+    vllm_pins = re.findall(r'^\s+- "([^"]+)"$', (ROOT / "envs" / "vllm.yaml").read_text(), re.M)
+    assert vllm_pins == ["vllm>=0.11 ; sys_platform == 'linux'"] + [p for p in torch_pins if p != "torch==2.13.0"]
 
 
 # -- code fingerprints ---------------------------------------------------------------------------------

@@ -47,7 +47,8 @@ LOCAL_PARTITION = os.environ.get("RLMETA_SLURM_PARTITION", "debug")
 
 SACCT_FIELDS = ["JobID", "JobName", "State", "ExitCode", "Elapsed", "NodeList", "AllocTRES", "Comment", "SubmitLine"]
 GPU_RULES = ["warmstart", "generate", "eval_adaptation", "train_trl", "train_fomaml", "train_meta_baseline"]
-META_RULES = ("train_fomaml", "train_meta_baseline")  # their rules set gpu themselves (meta.nproc)
+# their rules set gpu themselves (meta.nproc; train.distributed.nproc plus vLLM's server GPUs)
+SELF_GPU_RULES = ("train_fomaml", "train_meta_baseline", "train_trl")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -454,8 +455,9 @@ def test_slurm_profile_routes_gpu_rules():
     for rule in GPU_RULES:
         res = cfg["set-resources"][rule]
         assert res["cpus_per_task"] >= 1 and res["mem_mb"] > 0 and res["runtime"] > 0, rule
-        # the meta-learning rules set gpu themselves (meta.nproc); a profile value would override it
-        assert ("gpu" not in res) if rule in META_RULES else res["gpu"] >= 1, rule
+        # the training rules set gpu themselves (meta.nproc, train.distributed.nproc); a profile value would
+        # override it
+        assert ("gpu" not in res) if rule in SELF_GPU_RULES else res["gpu"] >= 1, rule
     assert "train_mlx" not in cfg["set-resources"]
 
 
@@ -502,8 +504,9 @@ def test_plugin_sbatch_line_single_node_gpu_rule():
     assert line == ("sbatch --parsable --job-name RUN --output LOGDIR/rule_train_fomaml/%j.log --export=ALL "
                     "--comment rule_train_fomaml -p gpu -t 720 --mem 64000 --nodes=1 --cpus-per-task=8 "
                     "-D WORKDIR --gpus=2")
-    line = _plugin_sbatch("train_trl", _profile_resources("train_trl"))
-    assert line.endswith("-p gpu -t 720 --mem 64000 --nodes=1 --cpus-per-task=8 -D WORKDIR --gpus=1")
+    # gpu=2: what rules/train.smk sets for train.distributed.nproc 2 under platform=slurm
+    line = _plugin_sbatch("train_trl", _profile_resources("train_trl", {"gpu": 2}))
+    assert line.endswith("-p gpu -t 720 --mem 64000 --nodes=1 --cpus-per-task=8 -D WORKDIR --gpus=2")
     line = _plugin_sbatch("generate", _profile_resources("generate"))
     assert line.endswith("-p gpu -t 120 --mem 32000 --nodes=1 --cpus-per-task=8 -D WORKDIR --gpus=1")
 

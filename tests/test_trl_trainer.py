@@ -18,10 +18,10 @@ import pytest
 from rlmeta import checkpoints
 from rlmeta.cli import main
 from rlmeta.io import write_table
-from rlmeta.models.build import build_tiny_model
 from rlmeta.rl import trl_trainer as T
-from rlmeta.settings import LoraSettings, ModelBuild, RLGuardSettings, RLJob, WandbSettings
+from rlmeta.settings import LoraSettings, RLGuardSettings, RLJob, WandbSettings
 from rlmeta.tables import PROMPTS, TRAIN_METRICS_BASE
+from rlmeta.testing.models import assert_opens_in_transformers_and_mlx, toy_write_task
 from rlmeta.testing.rewards import registered
 from rlmeta.testing.wandb_files import FAKE_KEY, wandb_records_when_flushed
 from rlmeta.tracking import METRICS_FILE, MetricsTable
@@ -53,16 +53,8 @@ def toy_reward():
 def tiny(tmp_path_factory):
     """A tiny Qwen3 (BPE vocab 300 -> 320 rows) and a prompts.parquet with 16 train prompts."""
     root = tmp_path_factory.mktemp("trl")
-    corpus = root / "corpus.jsonl"
-    words = "the cat sat on a mat and ate some food while the dog ran in the park with 12 red balls".split()
-    corpus.write_text("".join(json.dumps({"question": " ".join(words[i % 7:] + words[:i % 7]), "answer": str(i)}) + "\n"
-                              for i in range(200)))
-    model = build_tiny_model(root / "model", ModelBuild(tokenizer="bpe", vocab_size=300), [corpus], seed=0)
-    rows = [dict(prompt_id=f"p{i}", experiment="toy", item_id=f"i{i}", task="t", split=split,
-                 prompt=[{"role": "user", "content": f"write {w} {i}"}], reference=str(i), reference_completion=None)
-            for i, (w, split) in enumerate([(w, "train") for w in WORDS * 4] + [("eval", "eval")])]
-    write_table(root / "prompts.parquet", pa.Table.from_pylist(rows, schema=PROMPTS))
-    return root, model, root / "prompts.parquet"
+    model, prompts = toy_write_task(root, WORDS)
+    return root, model, prompts
 
 
 def sampled_reward(model_dir, n_per_prompt: int = 4, seed: int = 123) -> float:
@@ -158,9 +150,8 @@ def test_config_cuda_bf16_and_report_to(tmp_path):
     exp = {"algorithm": "grpo", "rewards": {"xml_strict": 1.0}}
     k = T.grpo_config_kwargs(RLJob.model_validate(exp), tmp_path, cuda=True)
     assert k["bf16"] and not k["use_cpu"] and k["activation_checkpointing"] and k["report_to"] == ["wandb"]
-    k = T.grpo_config_kwargs(RLJob.model_validate({**exp, "train": {"trl": {"bf16": False, "use_vllm": True}}}),
-                             tmp_path, cuda=True)
-    assert not k["bf16"] and k["use_vllm"]
+    k = T.grpo_config_kwargs(RLJob.model_validate({**exp, "train": {"trl": {"bf16": False}}}), tmp_path, cuda=True)
+    assert not k["bf16"] and not k["use_vllm"]
     k = T.grpo_config_kwargs(RLJob.model_validate(exp), tmp_path, report_to="tensorboard", cuda=False)
     assert k["report_to"] == ["tensorboard"] and k["use_cpu"] and not k["bf16"]
 
@@ -171,7 +162,15 @@ def test_extra_reaches_grpo_config_and_owned_fields_are_exactly_those_the_workfl
     from rlmeta.rl.trl_fields import OWNED
 
     exp = {"algorithm": "grpo", "rewards": {"xml_strict": 1.0}}
-    assert set(OWNED) == set(T.grpo_config_kwargs(RLJob.model_validate(exp), tmp_path, cuda=False))
+    layouts = [{}, {"distributed": {"strategy": "fsdp"}}, {"distributed": {"strategy": "zero3"}},
+               {"trl": {"vllm": {"mode": "server"}}}]
+    import importlib.util
+
+    with pytest.MonkeyPatch.context() as mp:  # zero3 and vLLM as if deepspeed and vllm were installed
+        mp.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in ("deepspeed", "vllm") else None)
+        set_ = {k for train in layouts for k in T.grpo_config_kwargs(
+            RLJob.model_validate({**exp, "train": train}), tmp_path, cuda=True)}
+    assert set(OWNED) == set_
     extra = {"top_entropy_quantile": "0.2", "num_generations_eval": 2,
              "chat_template_kwargs": {"enable_thinking": False}}
     job = RLJob.model_validate({**exp, "train": {"trl": {"report_to": "none", "extra": extra}}})
@@ -251,7 +250,7 @@ def test_metrics_callback_rows_carry_forward_and_nan_stop(tmp_path, capsys):
     metrics = MetricsTable(["reward/toy_a"])
     guard = DivergenceGuard(RLGuardSettings(), 0.0)
     cb = T.TrainMetricsCallback(metrics, ["toy_a"], guard)
-    state = SimpleNamespace(global_step=1, max_steps=3)
+    state = SimpleNamespace(global_step=1, max_steps=3, is_world_process_zero=True)
     gen = {"reward": 0.5, "reward_std": 0.1, "num_tokens": 120.0, "frac_reward_zero_std": 0.25,
            "completions/mean_length": 7.0, "rewards/toy_a/mean": 0.5, "clip_ratio/region_mean": 0.0}
     model = torch.nn.Linear(2, 2)
@@ -287,7 +286,7 @@ def test_metrics_callback_runs_the_divergence_conditions():
 
     cb = T.TrainMetricsCallback(MetricsTable(["reward/toy_a"]), ["toy_a"],
                                 DivergenceGuard(RLGuardSettings(), 0.0))
-    state = SimpleNamespace(global_step=0, max_steps=9)
+    state = SimpleNamespace(global_step=0, max_steps=9, is_world_process_zero=True)
     gen = {"reward": 0.5, "reward_std": 0.1, "num_tokens": 120.0, "frac_reward_zero_std": 0.25}
     for step, grad in [(1, 0.3), (2, 0.0), (3, 0.0)]:
         state.global_step = step
@@ -323,31 +322,12 @@ def test_flipped_advantage_sign_does_not_improve(trained_neg, base_reward):
 
 @pytest.mark.slow
 def test_final_checkpoint_opens_in_transformers_and_mlx(trained_pos, tiny):
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     final, _ = trained_pos
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
-        p.name for p in final.iterdir()}
     cfg = json.loads((final / "config.json").read_text())
     base_cfg = json.loads((tiny[1] / "config.json").read_text())
     assert cfg["use_cache"] is True and cfg.get("pad_token_id") == base_cfg.get("pad_token_id")
     assert cfg["rope_theta"] == 10000.0 and cfg["dtype"] == "float32"
-    tok = AutoTokenizer.from_pretrained(final)
-    ids = tok.apply_chat_template([{"role": "user", "content": "write cats 0"}], add_generation_prompt=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    with torch.no_grad():
-        pt = AutoModelForCausalLM.from_pretrained(final)(torch.tensor([ids])).logits[0, -1].numpy()
-
-    mlx_lm = pytest.importorskip("mlx_lm", reason="mlx-lm not installed: cannot check the MLX load")
-    import mlx.core as mx
-
-    model, mtok = mlx_lm.load(str(final))
-    assert mtok.apply_chat_template([{"role": "user", "content": "write cats 0"}], add_generation_prompt=True) == ids
-    mx_logits = np.array(model(mx.array([ids]))[0, -1])
-    assert np.abs(mx_logits - pt[: mx_logits.shape[0]]).max() < 1e-3
-    assert int(mx_logits.argmax()) == int(pt.argmax())
+    assert_opens_in_transformers_and_mlx(final, [{"role": "user", "content": "write cats 0"}])
 
 
 # (d) train_metrics and W&B ---------------------------------------------------------------------------

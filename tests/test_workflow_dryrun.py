@@ -34,7 +34,10 @@ def test_default_dry_run_plans_every_stage(tmp_path):
                  "build_model", "make_prompts", "generate", "score", "train_mlx", "train_trl", "train_fomaml",
                  "train_meta_baseline"):
         assert f"rule {rule}:" in text or f"\n{rule} " in text, rule
-    assert "Shell command: rlmeta train-trl --model" in text  # every job runs one `rlmeta <step>` command
+    assert "Shell command: rlmeta train-trl --model" not in text  # launched: one process without torchrun
+    assert ("Shell command: rlmeta launch --nproc 1 --nodes 1 --cpus-per-task 1 --direct-if-one -- train-trl "
+            "--model") in text
+    assert "Shell command: rlmeta train-mlx --model" in text  # every job runs one `rlmeta <step>` command
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "config" / "experiments").glob("*.yaml")), ids=lambda p: p.name)

@@ -50,6 +50,9 @@ __all__ = [
     "gpus_from_env",
     "nproc_for",
     "resolve_torchrun",
+    "resolve_trl",
+    "split_gpus",
+    "vllm_server_command",
     "default_port",
     "command",
 ]
@@ -99,6 +102,47 @@ def torchrun_command(
         f"--rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d "
         f"--rdzv_endpoint={HEAD_NODE_EXPR}:{port} {tail}"
     )
+
+
+def vllm_server_command(model: str, gpus: Sequence[str], tensor_parallel: int = 1, port: int = 8000,
+                        max_model_len: int | None = None, trl: str = "trl") -> str:
+    """Shell words that start TRL's vLLM server (``trl vllm-serve``) on ``gpus`` (CUDA device ids) in the
+    background and stop it when the shell exits; the training command follows them.
+
+    ``len(gpus) / tensor_parallel`` data-parallel engines of ``tensor_parallel`` GPUs each; the trainer
+    (``vllm_mode="server"``) waits until the server answers, then sends it prompts and weight updates.
+    """
+    tensor_parallel = _positive_int(tensor_parallel, "tensor_parallel")
+    if not gpus or len(gpus) % tensor_parallel:
+        raise ValueError(f"{len(gpus)} server GPUs are not a multiple of tensor_parallel {tensor_parallel}")
+    extra = f" --max-model-len {_positive_int(max_model_len, 'max_model_len')}" if max_model_len else ""
+    return (f"CUDA_VISIBLE_DEVICES={','.join(gpus)} {trl} vllm-serve --model {shlex.quote(str(model))} "
+            f"--tensor-parallel-size {tensor_parallel} --data-parallel-size {len(gpus) // tensor_parallel} "
+            f"--host 127.0.0.1 --port {_positive_int(port, 'port')}{extra} & "
+            "vllm_pid=$!; trap 'kill $vllm_pid 2>/dev/null' EXIT; ")
+
+
+def split_gpus(n_serve: int, n_train: int, env: Mapping[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """(serving, training) CUDA device ids: the first ``n_serve`` visible GPUs serve, the next ``n_train`` train.
+
+    The visible ids are ``CUDA_VISIBLE_DEVICES`` (SLURM sets it to the job's GPUs), else 0, 1, ...
+    """
+    env = os.environ if env is None else env
+    cvd = env.get("CUDA_VISIBLE_DEVICES")
+    visible = ([d.strip() for d in cvd.split(",") if d.strip()] if cvd is not None
+               else [str(i) for i in range(n_serve + n_train)])
+    if len(visible) < n_serve + n_train:
+        raise ValueError(f"vLLM server mode needs {n_serve} serving + {n_train} training GPUs, "
+                         f"{len(visible)} visible (CUDA_VISIBLE_DEVICES={cvd!r})")
+    return visible[:n_serve], visible[n_serve:n_serve + n_train]
+
+
+def resolve_trl() -> str:
+    """The ``trl`` command of the running Python's environment, as shell words."""
+    sibling = Path(sys.executable).with_name("trl")
+    if sibling.is_file() and os.access(sibling, os.X_OK):
+        return shlex.quote(str(sibling))
+    return shlex.quote(shutil.which("trl") or "trl")
 
 
 def gpus_from_env(env: Mapping[str, str] | None = None) -> int | None:
@@ -235,6 +279,18 @@ def command(p: argparse.ArgumentParser):
     p.add_argument("--torchrun", default=None,
                    help="launcher to use (default: torchrun next to this Python, else on PATH, "
                         "else 'python -m torch.distributed.run')")
+    p.add_argument("--direct-if-one", action="store_true",
+                   help="one process on one node: run the step itself, without torchrun (no process group, "
+                        "the same run as calling the step by hand)")
+    p.add_argument("--vllm-serve-gpus", type=int, default=0,
+                   help="start TRL's vLLM server (trl vllm-serve) on this many GPUs of the job first; --nproc "
+                        "then counts the training processes only, on the GPUs after them (one node; default 0)")
+    p.add_argument("--vllm-model", default=None, help="the model folder the vLLM server loads (with --vllm-serve-gpus)")
+    p.add_argument("--vllm-tensor-parallel", type=int, default=1, help="GPUs per vLLM engine (default 1)")
+    p.add_argument("--vllm-port", type=int, default=8000, help="the vLLM server's port (default 8000)")
+    p.add_argument("--vllm-max-model-len", type=int, default=None, help="the vLLM engine's context length")
+    p.add_argument("--trl", default=None, help="the trl command of --vllm-serve-gpus (default: next to this Python, "
+                                                "else on PATH)")
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
     p.add_argument("target", help="an rlmeta step (e.g. train-fomaml) or a script path (put it after --)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the step or script")
@@ -247,8 +303,13 @@ def command(p: argparse.ArgumentParser):
             p.error("--nodes must be >= 1")
         if ns.cpu_procs < 1:
             p.error("--cpu-procs must be >= 1")
+        if ns.vllm_serve_gpus and (ns.nodes > 1 or ns.srun):
+            p.error("--vllm-serve-gpus: the vLLM server mode runs on one node (--nodes 1)")
+        if ns.vllm_serve_gpus and not ns.vllm_model:
+            p.error("--vllm-serve-gpus needs --vllm-model (the folder the server loads)")
         if ns.nproc == "auto":
-            nproc = gpus_from_env() or ns.cpu_procs
+            nproc = max(1, (gpus_from_env() or 0) - ns.vllm_serve_gpus) if ns.vllm_serve_gpus else (
+                gpus_from_env() or ns.cpu_procs)
         elif ns.nproc == 0:
             nproc = ns.cpu_procs
         elif ns.nproc % ns.nodes:
@@ -258,9 +319,20 @@ def command(p: argparse.ArgumentParser):
         step = ns.target in STEPS
         target, args = ("rlmeta", [ns.target, *args]) if step else (ns.target, args)
         use_srun = ns.srun or ns.nodes > 1
-        cmd = torchrun_command(target, args, nproc=nproc, nodes=ns.nodes, port=ns.port or default_port(),
-                               srun=use_srun, cpus_per_task=ns.cpus_per_task if use_srun else None,
-                               torchrun=ns.torchrun or resolve_torchrun(), module=step)
+        if ns.direct_if_one and nproc == 1 and not use_srun:
+            cmd = " ".join(shlex.quote(a) for a in [sys.executable, *(["-m"] if step else []), target, *args])
+        else:
+            cmd = torchrun_command(target, args, nproc=nproc, nodes=ns.nodes, port=ns.port or default_port(),
+                                   srun=use_srun, cpus_per_task=ns.cpus_per_task if use_srun else None,
+                                   torchrun=ns.torchrun or resolve_torchrun(), module=step)
+        if ns.vllm_serve_gpus:
+            try:
+                serve, train = split_gpus(ns.vllm_serve_gpus, nproc)
+                cmd = (vllm_server_command(ns.vllm_model, serve, ns.vllm_tensor_parallel, ns.vllm_port,
+                                           ns.vllm_max_model_len, trl=ns.trl or resolve_trl())
+                       + f"CUDA_VISIBLE_DEVICES={','.join(train)} {cmd}")
+            except ValueError as e:
+                p.error(str(e))
         if ns.dry_run:
             print(cmd)
             return 0

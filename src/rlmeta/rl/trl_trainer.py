@@ -32,7 +32,7 @@ from rlmeta.io import write_json
 from rlmeta.rl import dapo
 from rlmeta.rl.evidence import CHUNKS_DIR, EvalCurve, RolloutLog, eval_line, rollout_records
 from rlmeta.schedules import transformers_name
-from rlmeta.settings import LoraSettings, RLJob, WandbSettings
+from rlmeta.settings import DistributedSettings, LoraSettings, RLJob, VLLMSettings, WandbSettings
 from rlmeta.tracking import METRICS_FILE, DivergenceGuard, MetricsTable, log_eval, wandb_run
 
 log = logging.getLogger(__name__)
@@ -57,20 +57,37 @@ def grpo_config(job: RLJob, out_dir: str | os.PathLike, seed: int = 0, report_to
     return GRPOConfig(**grpo_config_kwargs(job, out_dir, seed, report_to, None, run_name))
 
 
+def world_size(env=None) -> int:
+    """Processes of this training run: torchrun's ``WORLD_SIZE`` (1 outside torchrun)."""
+    return int((os.environ if env is None else env).get("WORLD_SIZE", "1"))
+
+
 def grpo_config_kwargs(job: RLJob, out_dir: str | os.PathLike, seed: int = 0, report_to: str | None = None,
-                       cuda: bool | None = None, run_name: str | None = None) -> dict:
+                       cuda: bool | None = None, run_name: str | None = None, world: int | None = None) -> dict:
     """``trl.GRPOConfig`` keyword arguments for a job.
 
-    One generation batch = ``batch_prompts`` prompts x ``group_size`` completions, trained in one
-    micro-batch (``per_device_train_batch_size``, ``steps_per_generation=1``) and reused for
-    ``updates_per_batch`` optimizer steps (``num_iterations``); ``max_steps = steps x updates_per_batch``.
-    gspo sets ``importance_sampling_level="sequence"``; null epsilons come from the algorithm's defaults.
-    CPU (``use_cpu``, fp32) when no CUDA GPU; bf16 autocast on CUDA unless ``trl.bf16`` is false.
+    One generation batch = ``batch_prompts`` prompts x ``group_size`` completions over all ``world``
+    processes (default: ``WORLD_SIZE``), each training its equal share in one micro-batch
+    (``per_device_train_batch_size``, ``steps_per_generation=1``), reused for ``updates_per_batch`` optimizer
+    steps (``num_iterations``); ``max_steps = steps x updates_per_batch``: the global batch is the same for
+    any process count. gspo sets ``importance_sampling_level="sequence"``; null epsilons come from the
+    algorithm's defaults. CPU (``use_cpu``, fp32) when no CUDA GPU; bf16 autocast on CUDA unless ``trl.bf16``
+    is false. ``train.distributed.strategy`` adds transformers' FSDP2 or DeepSpeed ZeRO-3 arguments
+    (``distributed_kwargs``).
     """
     import torch
 
     t = job.train
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    world = world_size() if world is None else world
+    if world != t.distributed.nproc:
+        log.warning("running %d processes, train.distributed.nproc is %d: the global batch stays %d x %d", world,
+                    t.distributed.nproc, t.batch_prompts, t.group_size)
+    if (t.batch_prompts * t.group_size) % world:
+        raise SystemExit(f"rlmeta train-trl: {world} processes cannot share the global batch batch_prompts x "
+                         f"group_size = {t.batch_prompts * t.group_size} equally; set train.distributed.nproc to a "
+                         "divisor of it")
+    checkpointing = cuda if t.distributed.gradient_checkpointing is None else t.distributed.gradient_checkpointing
     eps_low, eps_high = job.epsilons
     mu = t.updates_per_batch
     report_to = report_to or t.trl.report_to
@@ -83,11 +100,12 @@ def grpo_config_kwargs(job: RLJob, out_dir: str | os.PathLike, seed: int = 0, re
         full_determinism=t.trl.deterministic,  # Trainer then calls enable_full_determinism(seed)
         use_cpu=not cuda,
         bf16=bool(cuda) if t.trl.bf16 is None else t.trl.bf16,
-        activation_checkpointing=bool(cuda),  # TRL turns it on (memory for compute); pointless on CPU
+        # memory for compute (pointless on the CPU); FSDP checkpoints inside its own wrapping instead
+        activation_checkpointing=bool(checkpointing) and t.distributed.strategy != "fsdp",
         max_steps=t.steps * mu,
         num_iterations=mu,
         num_generations=t.group_size,
-        per_device_train_batch_size=t.batch_prompts * t.group_size,
+        per_device_train_batch_size=t.batch_prompts * t.group_size // world,
         gradient_accumulation_steps=1,
         steps_per_generation=1,
         learning_rate=t.learning_rate,
@@ -112,15 +130,77 @@ def grpo_config_kwargs(job: RLJob, out_dir: str | os.PathLike, seed: int = 0, re
         reward_weights=[float(w) for w in job.rewards.values()]
         + ([float(t.overlong_penalty)] if t.overlong_buffer is not None else []),
         mask_truncated_completions=t.mask_truncated,  # DAPO's overlong filtering
-        use_vllm=t.trl.use_vllm,
+        **vllm_kwargs(t.trl.vllm, cuda),
         report_to="none" if report_to == "none" else [report_to],
         logging_steps=1,
         logging_nan_inf_filter=False,  # a NaN loss must reach the divergence guard, not be averaged away
         save_strategy="steps",
         save_steps=t.checkpoint_every * mu,
         ignore_data_skip=t.ued.enabled,  # the UED sampler resumes from its saved state, not by replaying draws
+        **distributed_kwargs(t.distributed, cuda, bool(checkpointing)),
         **t.trl.extra,  # any other GRPOConfig field (rlmeta.rl.trl_fields: never one of those above)
     )
+
+
+def distributed_kwargs(d: DistributedSettings, cuda: bool, checkpointing: bool) -> dict:
+    """transformers ``TrainingArguments`` for ``train.distributed.strategy``; accelerate builds its plugin from them.
+
+    ddp needs nothing (torchrun's environment makes accelerate wrap the model in DistributedDataParallel, gloo on
+    the CPU, NCCL on GPUs). fsdp: FSDP2 (``fsdp_config.version`` 2) with full-state-dict checkpoints (portable;
+    a resume may then change the process count), each decoder layer its own unit (transformers' default
+    ``TRANSFORMER_BASED_WRAP`` from the model's ``_no_split_modules``), weights loaded on rank 0 and broadcast.
+    zero3: DeepSpeed ZeRO stage 3 with ``"auto"`` values that transformers fills from these arguments, and
+    16-bit weights gathered at save time so that checkpoints load anywhere. Both need CUDA (SystemExit otherwise).
+    """
+    if d.strategy == "ddp":
+        return {}
+    if not cuda:
+        raise SystemExit(f"rlmeta train-trl: train.distributed.strategy {d.strategy} needs CUDA GPUs (this machine "
+                         "has none); use strategy: ddp on the CPU")
+    if d.strategy == "fsdp":
+        return dict(fsdp=True, fsdp_config={
+            "version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT",
+            "cpu_ram_efficient_loading": True, "activation_checkpointing": checkpointing,
+            "cpu_offload": d.cpu_offload})
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise SystemExit("rlmeta train-trl: train.distributed.strategy zero3 needs deepspeed: pip install "
+                         "'rlmeta[deepspeed]' (Linux with CUDA)")
+    return dict(deepspeed=zero3_config(d.cpu_offload))
+
+
+def vllm_kwargs(v: VLLMSettings | None, cuda: bool) -> dict:
+    """TRL's vLLM arguments for ``train.trl.vllm`` (SystemExit without CUDA or without vllm installed).
+
+    Server mode talks to the ``trl vllm-serve`` that ``rlmeta launch --vllm-serve-gpus`` started on this node."""
+    if v is None:
+        return dict(use_vllm=False)
+    if not cuda:
+        raise SystemExit("rlmeta train-trl: train.trl.vllm needs CUDA GPUs (vLLM generates on them; this machine has "
+                         "none); drop train.trl.vllm to generate with transformers")
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise SystemExit("rlmeta train-trl: train.trl.vllm needs vllm: pip install 'rlmeta[vllm]' (Linux with CUDA)")
+    kw = dict(use_vllm=True, vllm_mode=v.mode, vllm_gpu_memory_utilization=v.gpu_memory_utilization,
+              vllm_tensor_parallel_size=v.tensor_parallel_size, vllm_max_model_length=v.max_model_length,
+              vllm_enable_sleep_mode=v.enable_sleep_mode)
+    if v.mode == "server":
+        kw.update(vllm_server_host="127.0.0.1", vllm_server_port=v.port)
+    return kw
+
+
+def zero3_config(cpu_offload: bool = False) -> dict:
+    """The DeepSpeed ZeRO-3 config (a dict; transformers fills the ``"auto"`` values from its arguments)."""
+    zero = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": "auto",
+            "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
+            "stage3_gather_16bit_weights_on_model_save": True}
+    if cpu_offload:
+        zero["offload_param"] = zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+            "gradient_clipping": "auto", "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto"}
 
 
 def lora_config(lora: LoraSettings | None):
@@ -322,7 +402,8 @@ class Trainer(GRPOTrainer):
                 self.rlmeta_curve.save(folder)
             if self.ued is not None:
                 write_json(folder / UED_FILE, self.ued.state_dict())
-            checkpoints.write_marker(folder, step=self.state.global_step, spec=self.rlmeta_spec, backend="torch")
+            checkpoints.write_marker(folder, step=self.state.global_step, spec=self.rlmeta_spec, backend="torch",
+                                     world_size=self.accelerator.num_processes)
             if (out / name).exists():
                 shutil.rmtree(out / name)
             os.replace(folder, out / name)
@@ -344,6 +425,10 @@ class EvalCallback(TrainerCallback):
         from rlmeta.policy.torch_policy import TorchPolicy
 
         trainer = self.trainer_ref[0]
+        # DDP: rank 0 evaluates its full replica while the others wait at the next all-reduce; a sharded model
+        # (fsdp, zero3) needs every rank in each forward, so all evaluate the same greedy prompts
+        if not state.is_world_process_zero and trainer.rlmeta_spec["job"]["train"]["distributed"]["strategy"] == "ddp":
+            return
         policy = TorchPolicy(trainer.accelerator.unwrap_model(model), trainer.processing_class, source=self.model_dir)
         row = self.curve.evaluate(policy, state.global_step)
         if state.is_world_process_zero:
@@ -395,9 +480,10 @@ class TrainMetricsCallback(TrainerCallback):
         row["tokens"] = int(row["tokens"]) if row["tokens"] is not None else None
         row.update(step=state.global_step, step_seconds=self.step_seconds, param_norm=self.param_norm)
         self.metrics.add(row)
-        print(f"step {state.global_step}/{state.max_steps} loss={_fmt(row['loss'])} "
-              f"reward={_fmt(row['reward_mean'])} kl={_fmt(row['kl'])} grad_norm={_fmt(row['grad_norm'])} "
-              f"len={_fmt(row['completion_len_mean'])} {_fmt(row['step_seconds'])}s", file=sys.stderr, flush=True)
+        if state.is_world_process_zero:  # every rank logs the same (gathered) values: print once
+            print(f"step {state.global_step}/{state.max_steps} loss={_fmt(row['loss'])} "
+                  f"reward={_fmt(row['reward_mean'])} kl={_fmt(row['kl'])} grad_norm={_fmt(row['grad_norm'])} "
+                  f"len={_fmt(row['completion_len_mean'])} {_fmt(row['step_seconds'])}s", file=sys.stderr, flush=True)
         self.guard.check(state.global_step, row, self.param_norm)
 
 
@@ -414,14 +500,36 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
-def _resume_checkpoint(out_dir: Path, spec: dict) -> str | None:
-    """The latest complete ``checkpoint-N`` trained with the same spec; checkpoints of another spec are removed."""
+def _without_distributed(spec: dict) -> dict:
+    job = spec["job"]
+    return {**spec, "job": {**job, "train": {k: v for k, v in job["train"].items() if k != "distributed"}}}
+
+
+def _resume_checkpoint(out_dir: Path, spec: dict, world: int = 1) -> str | None:
+    """The latest complete ``checkpoint-N`` trained with the same spec; checkpoints of another spec are removed.
+
+    ``train.distributed`` may differ: the global batch does not depend on it. Under ddp every checkpoint holds
+    the full weights and optimizer state, so another process count resumes (the sampling streams then differ
+    from an uninterrupted run's: each rank draws from its own saved RNG state, missing ranks start from the
+    seed). fsdp and zero3 resume only with the strategy and process count that wrote the checkpoint
+    (SystemExit otherwise): ZeRO-3 keeps one optimizer partition per rank.
+    """
     last = checkpoints.latest(out_dir)
     if last is None:
         return None
-    if checkpoints.marker(last).get("spec") != spec:
+    marker = checkpoints.marker(last)
+    if _without_distributed(marker.get("spec") or {"job": {"train": {}}}) != _without_distributed(spec):
         checkpoints.remove_all(out_dir, "trained with a different spec")
         return None
+    then, now = marker["spec"]["job"]["train"].get("distributed", {}), spec["job"]["train"]["distributed"]
+    then_world = int(marker.get("world_size", 1))
+    if then.get("strategy", "ddp") != now["strategy"] or (then_world != world and now["strategy"] != "ddp"):
+        raise SystemExit(f"rlmeta train-trl: {last} was written by {then_world} process(es) with strategy "
+                         f"{then.get('strategy', 'ddp')}; resume it with those (train.distributed), or delete "
+                         f"{out_dir} to start again (only ddp resumes with another process count)")
+    if then_world != world:
+        log.warning("resuming %s (written by %d processes) with %d: same global batch and optimizer state, "
+                    "other sampling streams than an uninterrupted run", last, then_world, world)
     return str(last)
 
 
@@ -456,7 +564,7 @@ def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, job
     args = grpo_config(job, out_dir, seed, report_to=report_to, run_name=name)
     spec = json.loads(json.dumps({"model": str(model_dir), "seed": seed, "job": job.model_dump(mode="json")},
                                  sort_keys=True))
-    resume = _resume_checkpoint(out_dir, spec)
+    resume = _resume_checkpoint(out_dir, spec, world_size())
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_step = int(re.search(r"checkpoint-(\d+)$", resume).group(1)) if resume else None
     metrics = MetricsTable(dapo.metric_columns(job))
@@ -478,6 +586,8 @@ def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, job
              f", resuming {resume}" if resume else "")
     if resume_step is not None and resume_step >= args.max_steps:
         # transformers would train one step past max_steps when resumed at the end: load instead
+        if int(os.environ.get("RANK", "0")):  # rank 0 writes the outputs
+            return out_dir / "final"
         model, tokenizer = _load_checkpoint(model_dir, resume)
         return _finish(model, tokenizer, out_dir, model_dir, metrics, metrics_path, seed, spec, outputs)
     ued = None
@@ -496,16 +606,18 @@ def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, job
                       peft_config=lora_config(t.lora), callbacks=[callback, *evals, *(callbacks or [])],
                       metrics=metrics, guard=guard, spec=spec, ued=ued, curve=curve, rollouts=rollouts)
     trainer_ref.append(trainer)
-    if report_to == "wandb":
+    if report_to == "wandb" and trainer.accelerator.is_main_process:  # one W&B run, rank 0's
         with wandb_run(wandb, name, out_dir, {**spec, "out_dir": str(out_dir)}) as run:
             trainer.rlmeta_run = run
             trainer.train(resume_from_checkpoint=resume)
             rollouts.log_pending(run, trainer.state.global_step, step_key="train/global_step")
     else:
         trainer.train(resume_from_checkpoint=resume)
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    # a sharded model's full weights, gathered onto rank 0 (a collective: every rank takes part)
+    state = trainer.accelerator.get_state_dict(trainer.model) if t.distributed.strategy != "ddp" else None
     if not trainer.accelerator.is_main_process:
         return out_dir / "final"
+    model = trainer.accelerator.unwrap_model(trainer.model) if state is None else _full_model(model_dir, t.lora, state)
     return _finish(model, trainer.processing_class, out_dir, model_dir, metrics, metrics_path, seed, spec, outputs)
 
 
@@ -523,6 +635,19 @@ def _finish(model, tokenizer, out_dir: Path, model_dir, metrics: MetricsTable, m
         rollouts.write(rollouts_path)
     log.info("saved %s", final)
     return final
+
+
+def _full_model(model_dir, lora: LoraSettings | None, state: dict):
+    """A fresh copy of the trained model (peft-wrapped for LoRA) holding a gathered full ``state`` dict."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    if lora is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(lora))
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 def _load_checkpoint(model_dir, checkpoint: str):

@@ -182,3 +182,45 @@ def write_count_prompts(path: Path, n_train: int, n_eval: int) -> Path:
              "reference": None, "reference_completion": None} for i in range(n_train + n_eval)]
     write_table(path, pa.Table.from_pylist(rows, schema=PROMPTS))
     return path
+
+
+def assert_opens_in_transformers_and_mlx(folder: Path, messages: list[dict]) -> None:
+    """A checkpoint folder loads in transformers and (when installed) mlx-lm, with the same chat template ids and
+    last-token logits within 1e-3 (the checkpoint format's promise)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in Path(folder).iterdir()}
+    ids = AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, add_generation_prompt=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    with torch.no_grad():
+        pt = AutoModelForCausalLM.from_pretrained(folder)(torch.tensor([ids])).logits[0, -1].numpy()
+    try:
+        import mlx.core as mx
+        import mlx_lm
+    except ImportError:  # the MLX half is checked where mlx-lm is installed (the project's lock has it)
+        return
+    model, mtok = mlx_lm.load(str(folder))
+    assert mtok.apply_chat_template(messages, add_generation_prompt=True) == ids
+    mx_logits = np.array(model(mx.array([ids]))[0, -1])
+    assert np.abs(mx_logits - pt[: mx_logits.shape[0]]).max() < 1e-3
+    assert int(mx_logits.argmax()) == int(pt.argmax())
+
+
+def toy_write_task(root: Path, words: list[str]) -> tuple[Path, Path]:
+    """The TRL tests' toy task: a tiny Qwen3 (BPE vocab 300 -> 320 rows) in ``root/model`` and ``root/prompts.parquet``
+    with ``4 x len(words)`` train prompts "write <word> <i>" and one eval prompt; returns (model, prompts)."""
+    from rlmeta.models.build import build_tiny_model
+
+    corpus = root / "corpus.jsonl"
+    words_ = "the cat sat on a mat and ate some food while the dog ran in the park with 12 red balls".split()
+    corpus.write_text("".join(json.dumps({"question": " ".join(words_[i % 7:] + words_[:i % 7]), "answer": str(i)})
+                              + "\n" for i in range(200)))
+    model = build_tiny_model(root / "model", ModelBuild(tokenizer="bpe", vocab_size=300), [corpus], seed=0)
+    rows = [dict(prompt_id=f"p{i}", experiment="toy", item_id=f"i{i}", task="t", split=split,
+                 prompt=[{"role": "user", "content": f"write {w} {i}"}], reference=str(i), reference_completion=None)
+            for i, (w, split) in enumerate([(w, "train") for w in words * 4] + [("eval", "eval")])]
+    write_table(root / "prompts.parquet", pa.Table.from_pylist(rows, schema=PROMPTS))
+    return model, root / "prompts.parquet"
