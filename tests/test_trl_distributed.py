@@ -39,13 +39,17 @@ def job(**distributed) -> RLJob:
 
 def launch(out: Path, model: Path, prompts: Path, job_json: dict, nproc: int) -> subprocess.CompletedProcess:
     """The train_trl rule's command line (rules/train.smk), run by hand."""
-    cmd = [sys.executable, "-m", "rlmeta", "launch", "--nproc", str(nproc), "--nodes", "1", "--cpus-per-task", "1",
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(launch_cmd(out, model, prompts, job_json, nproc), capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def launch_cmd(out: Path, model: Path, prompts: Path, job_json: dict, nproc: int) -> list[str]:
+    return [sys.executable, "-m", "rlmeta", "launch", "--nproc", str(nproc), "--nodes", "1", "--cpus-per-task", "1",
            "--direct-if-one", "--", "train-trl", "--reward-modules", str(PLUGIN), "--model", str(model),
            "--prompts", str(prompts), "--job", json.dumps(job_json), "--out", str(out / "checkpoints"),
            "--metrics", str(out / "train_metrics.parquet"), "--eval-curve", str(out / "eval_curve.parquet"),
            "--rollouts", str(out / "rollouts"), "--seed", "0"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +298,48 @@ def test_rule_asks_slurm_for_training_and_serving_gpus(tmp_path):
     assert local.returncode == 0, local.stderr[-3000:]
     job = local.stdout.split("rule train_trl:")[1].split("\n\n")[0]
     assert "gpu=0" in job and "threads: 2" in job
+
+
+# (f) the pre-timeout signal -----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_signal_checkpoints_the_step_and_a_rerun_resumes(two_procs, tmp_path):
+    """SIGUSR1 to every process of a running 2-process launch (as SLURM's --signal does to a job step's processes):
+    both ranks stop after the same step, checkpoint it, exit; the same command again resumes and finishes."""
+    import signal
+    import time
+
+    _, model, prompts, _, _ = two_procs
+    out = tmp_path / "sig"
+    slow = {**JOB, "train": {**JOB["train"], "steps": 12, "checkpoint_every": 100}}
+    cmd = launch_cmd(out, model, prompts, slow, nproc=2)
+    log = out / "log.txt"
+    out.mkdir()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        deadline = time.time() + 300
+        while "step 3/12 " not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        # the launcher (exec'd into torchrun's agent) and both workers (torchrun starts them in sessions of their
+        # own, so not a killpg: SLURM signals every process of the step)
+        import psutil
+
+        for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+            p.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=300) != 0
+    text = log.read_text()
+    saved = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert len(saved) == 1, text[-3000:]
+    step = int(saved[0].name.split("-")[1])
+    assert 3 <= step < 12 and checkpoints.is_complete(saved[0])
+    assert f"stopped at step {step} on SIGUSR1: {saved[0]} written; run the step again to resume" in text
+    assert "exitcode  : 75" in text  # torchrun's report of the workers' EXIT_REQUEUE
+    assert not (out / "checkpoints" / "final").exists() and not (out / "train_metrics.parquet").exists()
+
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming {saved[0]}" in r.stderr
+    assert pq.read_table(out / "train_metrics.parquet").column("step").to_pylist() == list(range(1, 13))

@@ -39,6 +39,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rlmeta.preempt import ignore_in_launcher
+
 DEFAULT_PORT = 29500
 #: Shell expression (evaluated on the job's first node) giving the rendezvous host.
 HEAD_NODE_EXPR = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'
@@ -48,6 +50,7 @@ __all__ = [
     "HEAD_NODE_EXPR",
     "torchrun_command",
     "gpus_from_env",
+    "in_batch_step",
     "nproc_for",
     "resolve_torchrun",
     "resolve_trl",
@@ -143,6 +146,13 @@ def resolve_trl() -> str:
     if sibling.is_file() and os.access(sibling, os.X_OK):
         return shlex.quote(str(sibling))
     return shlex.quote(shutil.which("trl") or "trl")
+
+
+def in_batch_step(env: Mapping[str, str] | None = None) -> bool:
+    """True in a SLURM job's batch step (a rule the executor plugin did not wrap in ``srun``: ``mpi`` set), where
+    the workers need an ``srun`` step of their own: steps are what ``sbatch --signal`` reaches."""
+    env = os.environ if env is None else env
+    return bool(env.get("SLURM_JOB_ID")) and not env.get("SLURM_STEP_ID")
 
 
 def gpus_from_env(env: Mapping[str, str] | None = None) -> int | None:
@@ -303,7 +313,7 @@ def command(p: argparse.ArgumentParser):
             p.error("--nodes must be >= 1")
         if ns.cpu_procs < 1:
             p.error("--cpu-procs must be >= 1")
-        if ns.vllm_serve_gpus and (ns.nodes > 1 or ns.srun):
+        if ns.vllm_serve_gpus and ns.nodes > 1:
             p.error("--vllm-serve-gpus: the vLLM server mode runs on one node (--nodes 1)")
         if ns.vllm_serve_gpus and not ns.vllm_model:
             p.error("--vllm-serve-gpus needs --vllm-model (the folder the server loads)")
@@ -318,9 +328,12 @@ def command(p: argparse.ArgumentParser):
             nproc = ns.nproc // ns.nodes
         step = ns.target in STEPS
         target, args = ("rlmeta", [ns.target, *args]) if step else (ns.target, args)
-        use_srun = ns.srun or ns.nodes > 1
-        if ns.direct_if_one and nproc == 1 and not use_srun:
+        use_srun = ns.srun or ns.nodes > 1 or in_batch_step()
+        if ns.direct_if_one and nproc == 1 and ns.nodes == 1:
             cmd = " ".join(shlex.quote(a) for a in [sys.executable, *(["-m"] if step else []), target, *args])
+            if use_srun:  # a step of its own, which the pre-timeout signal reaches (rlmeta.preempt)
+                cpus = ns.cpus_per_task and f" --cpus-per-task={_positive_int(ns.cpus_per_task, 'cpus_per_task')}"
+                cmd = f"srun --nodes=1 --ntasks-per-node=1{cpus or ''} {cmd}"
         else:
             cmd = torchrun_command(target, args, nproc=nproc, nodes=ns.nodes, port=ns.port or default_port(),
                                    srun=use_srun, cpus_per_task=ns.cpus_per_task if use_srun else None,
@@ -337,6 +350,7 @@ def command(p: argparse.ArgumentParser):
             print(cmd)
             return 0
         print(f"rlmeta launch: {cmd}", file=sys.stderr, flush=True)
+        ignore_in_launcher()  # inherited through exec: torchrun's agent ignores it, the trainers handle it
         env = dict(os.environ)
         if use_srun:
             env = _slurm_env_for_srun(env)

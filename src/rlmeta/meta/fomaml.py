@@ -39,6 +39,7 @@ from rlmeta.meta.distributed import (
     shard_model,
 )
 from rlmeta.meta.tasks import TaskSampler, collate, encode, load_tasks
+from rlmeta.preempt import Preemption
 from rlmeta.settings import META_EVAL_KEYS, LoraSettings, MetaSettings, WandbSettings
 
 log = logging.getLogger(__name__)
@@ -404,7 +405,17 @@ def train(model_dir: str, tasks_dir: str, subjects: list[str], cfg: MetaSettings
                      cfg.method, model_dir, len(subjects), n_params, "meta-LoRA" if cfg.lora else "full", ctx.world,
                      ctx.task_groups, ctx.shard_size, start + 1, cfg.outer_steps)
         guard.begin(learner.param_norm())  # the weights' norm before the first update (unless resumed)
-        with run_ctx as run:
+        def checkpoint(s: int) -> Path:
+            last = ckpt_dir / str(s)
+            guard.record_checkpoint(s, last)
+            save_resume(last, model, learner.opt, ctx, {"step": s, "scheduler": learner.sched.state_dict(),
+                                                        "spec": spec, "guard": guard.state()}, table)
+            if ctx.is_main:
+                checkpoints.prune(ckpt_dir, cfg.keep_checkpoints, spare=guard.protected())
+            return last
+
+        # the pre-timeout signal (rlmeta.preempt): checkpoint the step, stop, requeue
+        with run_ctx as run, Preemption() as preemption:
             for step in range(start, cfg.outer_steps):
                 if stop_after is not None and step - start >= stop_after:
                     return out
@@ -427,12 +438,10 @@ def train(model_dir: str, tasks_dir: str, subjects: list[str], cfg: MetaSettings
                              row["grad_norm"], row["tokens"], row["step_seconds"], row["tokens"] / row["step_seconds"])
                 s = step + 1
                 if s % cfg.checkpoint_every == 0 and s < cfg.outer_steps:
-                    last = ckpt_dir / str(s)
-                    guard.record_checkpoint(s, last)
-                    save_resume(last, model, learner.opt, ctx, {"step": s, "scheduler": learner.sched.state_dict(),
-                                                                "spec": spec, "guard": guard.state()}, table)
-                    if ctx.is_main:
-                        checkpoints.prune(ckpt_dir, cfg.keep_checkpoints, spare=guard.protected())
+                    checkpoint(s)
+                if s < cfg.outer_steps and preemption.agreed():  # every rank: a collective
+                    last = ckpt_dir / str(s) if s % cfg.checkpoint_every == 0 else checkpoint(s)
+                    preemption.exit(s, last, ctx.is_main)
         save_final(model, tok, model_dir, cfg.lora, out, ctx, {"seed": seed, "spec": spec})
         if ctx.is_main:
             table.write(metrics)

@@ -29,6 +29,7 @@ from trl import GRPOTrainer
 
 from rlmeta import checkpoints
 from rlmeta.io import write_json
+from rlmeta.preempt import Preemption
 from rlmeta.rl import dapo
 from rlmeta.rl.evidence import CHUNKS_DIR, EvalCurve, RolloutLog, eval_line, rollout_records
 from rlmeta.schedules import transformers_name
@@ -443,6 +444,19 @@ class EvalCallback(TrainerCallback):
 
 
 class TrainMetricsCallback(TrainerCallback):
+class PreemptCallback(TrainerCallback):
+    """On the pre-timeout signal (``rlmeta.preempt``), agreed on by every rank at the end of a step: save a
+    checkpoint of that step and stop training (``train_trl`` then exits for a requeue)."""
+
+    def __init__(self, preemption):
+        self.preemption = preemption
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.preemption.agreed() and state.global_step < state.max_steps:  # the last step finishes the run
+            self.preemption.stopped_at = state.global_step
+            control.should_save = control.should_training_stop = True
+
+
     """Collects each logged optimizer step as a train_metrics row, prints it to stderr, and runs the
     divergence guard on it (which stops the run on NaN/inf or divergence).
 
@@ -602,17 +616,22 @@ def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, job
             ued.load_state_dict(json.loads((Path(resume) / UED_FILE).read_text()))
     trainer_ref: list = []  # the callback needs the trainer, which takes the callbacks
     evals = [EvalCallback(curve, model_dir, trainer_ref)] if curve.enabled else []
-    trainer = Trainer(model=str(model_dir), reward_funcs=reward_functions(job), args=args, train_dataset=dataset,
-                      peft_config=lora_config(t.lora), callbacks=[callback, *evals, *(callbacks or [])],
-                      metrics=metrics, guard=guard, spec=spec, ued=ued, curve=curve, rollouts=rollouts)
-    trainer_ref.append(trainer)
-    if report_to == "wandb" and trainer.accelerator.is_main_process:  # one W&B run, rank 0's
-        with wandb_run(wandb, name, out_dir, {**spec, "out_dir": str(out_dir)}) as run:
-            trainer.rlmeta_run = run
+    with Preemption() as preemption:  # the pre-timeout signal: checkpoint this step, stop, requeue
+        trainer = Trainer(model=str(model_dir), reward_funcs=reward_functions(job), args=args, train_dataset=dataset,
+                          peft_config=lora_config(t.lora),
+                          callbacks=[callback, *evals, PreemptCallback(preemption), *(callbacks or [])],
+                          metrics=metrics, guard=guard, spec=spec, ued=ued, curve=curve, rollouts=rollouts)
+        trainer_ref.append(trainer)
+        if report_to == "wandb" and trainer.accelerator.is_main_process:  # one W&B run, rank 0's
+            with wandb_run(wandb, name, out_dir, {**spec, "out_dir": str(out_dir)}) as run:
+                trainer.rlmeta_run = run
+                trainer.train(resume_from_checkpoint=resume)
+                rollouts.log_pending(run, trainer.state.global_step, step_key="train/global_step")
+        else:
             trainer.train(resume_from_checkpoint=resume)
-            rollouts.log_pending(run, trainer.state.global_step, step_key="train/global_step")
-    else:
-        trainer.train(resume_from_checkpoint=resume)
+    if preemption.stopped_at is not None:
+        preemption.exit(preemption.stopped_at, out_dir / f"checkpoint-{preemption.stopped_at}",
+                        trainer.accelerator.is_main_process)
     # a sharded model's full weights, gathered onto rank 0 (a collective: every rank takes part)
     state = trainer.accelerator.get_state_dict(trainer.model) if t.distributed.strategy != "ddp" else None
     if not trainer.accelerator.is_main_process:

@@ -1,0 +1,83 @@
+"""Checkpoint-and-requeue on a signal: how a training job survives a SLURM time limit.
+
+Under ``profiles/slurm`` the training jobs are submitted with ``--signal=USR1@<seconds>``: that many
+seconds before the time limit SLURM sends SIGUSR1 to the processes of the job's steps (the ``srun`` that
+``rlmeta launch`` starts). Each trainer (TRL, FOMAML and its baselines; MLX never runs there) holds a
+``Preemption``: its handler only sets a flag; at the end of every optimizer step the ranks agree on it
+(one all-reduce of a flag, so that every rank stops at the same step), write a checkpoint as they do every
+``checkpoint_every`` steps, and leave: rank 0 asks SLURM to requeue the job (``scontrol requeue``) and every
+rank exits with ``EXIT_REQUEUE``. The requeued job runs the rule again, which resumes from that checkpoint.
+Outside SLURM the same signal writes the checkpoint and exits; running the step again resumes.
+
+``rlmeta launch`` ignores SIGUSR1 itself, and so do the processes it starts (``torchrun``'s agent, the vLLM
+server) unless they install a handler: only the trainers act on it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+log = logging.getLogger(__name__)
+
+SIGNAL = signal.SIGUSR1
+EXIT_REQUEUE = 75
+"""Exit status of a trainer that stopped on the signal after writing its checkpoint (EX_TEMPFAIL: try again)."""
+
+
+class Preemption:
+    """The signal's flag, agreed on by every rank; a context manager around the training loop (main thread)."""
+
+    def __init__(self, signum: int = SIGNAL):
+        self.signum = signum
+        self.received = False
+        self.stopped_at: int | None = None
+
+    def __enter__(self) -> Preemption:
+        """Install the handler (main thread only); the previous one comes back on exit."""
+        self._previous = signal.signal(self.signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(self.signum, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+        print(f"rlmeta: {signal.Signals(signum).name}: writing a checkpoint at the end of this step, then "
+              "exiting for a requeue", file=sys.stderr, flush=True)
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank received the signal (a collective: call it on all ranks)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.received
+        import torch
+
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([int(self.received)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def exit(self, step: int, checkpoint: str | os.PathLike, is_main: bool, env=None) -> None:
+        """Leave after the checkpoint of ``step``: on rank 0 inside a SLURM job, ask for a requeue first."""
+        env = os.environ if env is None else env
+        job = env.get("SLURM_JOB_ID")
+        if is_main:
+            if job:
+                r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                outcome = "requeued" if r.returncode == 0 else f"requeue failed ({r.stderr.strip()})"
+                log.warning("stopped at step %d on %s: %s written; SLURM job %s %s", step,
+                            signal.Signals(self.signum).name, checkpoint, job, outcome)
+            else:
+                log.warning("stopped at step %d on %s: %s written; run the step again to resume", step,
+                            signal.Signals(self.signum).name, checkpoint)
+        raise SystemExit(EXIT_REQUEUE)
+
+
+def ignore_in_launcher() -> None:
+    """Ignore the signal in ``rlmeta launch`` and, through exec, in what it starts (the dispositions of ignored
+    signals are inherited): ``torchrun``'s agent would die of it, the trainers install their own handler."""
+    signal.signal(SIGNAL, signal.SIG_IGN)
