@@ -228,20 +228,28 @@ def warmstart_backend(name):
     return e.warmstart.backend or e.backend
 
 
+def warmstart_chat_kwargs(name):
+    """The chat template kwargs of an experiment's prompts (train.chat_template_kwargs; FOMAML: none)."""
+    e = EXPERIMENTS[name]
+    return dict(e.train.chat_template_kwargs) if e.train is not None else {}
+
+
 def warmstart_key(name):
     """Folder name of the warm start an experiment uses: experiments with the same model, dataset,
-    prompt, train-prompt cap and warm-start settings share one (``<model>_<prompt>_<hash8>``)."""
+    prompt, train-prompt cap, chat template kwargs and warm-start settings share one
+    (``<model>_<prompt>_<hash8>``)."""
     e = EXPERIMENTS[name]
-    sig = as_json(
-        [
-            e.model,
-            e.dataset,
-            e.prompt,
-            e.max_train_prompts,
-            e.warmstart.model_dump(mode="json"),
-            warmstart_backend(name),
-        ]
-    )
+    sig = [
+        e.model,
+        e.dataset,
+        e.prompt,
+        e.max_train_prompts,
+        e.warmstart.model_dump(mode="json"),
+        warmstart_backend(name),
+    ]
+    if warmstart_chat_kwargs(name):  # only when set: existing warm starts keep their folder
+        sig.append(warmstart_chat_kwargs(name))
+    sig = as_json(sig)
     return f"{e.model}_{e.prompt}_{hashlib.sha256(sig.encode()).hexdigest()[:8]}"
 
 
@@ -270,6 +278,10 @@ def warmstart_backend_of(wildcards):
 
 def warmstart_json(wildcards):
     return as_json(EXPERIMENTS[warmstart_source(wildcards)].warmstart.model_dump(mode="json"))
+
+
+def warmstart_chat_kwargs_json(wildcards):
+    return as_json(warmstart_chat_kwargs(warmstart_source(wildcards)))
 
 
 def base_policy(name):

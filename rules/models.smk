@@ -53,6 +53,8 @@ rule warmstart:
         model=warmstart_model,
         backend=warmstart_backend_of,
         settings=warmstart_json,
+        chat_kwargs=warmstart_chat_kwargs_json,
     shell:
         "rlmeta warmstart --model {params.model:q} --prompts {input.prompts} --out {output}"
-        " --settings {params.settings:q} --backend {params.backend} --seed {params.seed} > {log} 2>&1"
+        " --settings {params.settings:q} --backend {params.backend} --seed {params.seed}"
+        " --chat-template-kwargs {params.chat_kwargs:q} > {log} 2>&1"

@@ -171,9 +171,9 @@ def test_extra_reaches_grpo_config_and_owned_fields_are_exactly_those_the_workfl
         set_ = {k for train in layouts for k in T.grpo_config_kwargs(
             RLJob.model_validate({**exp, "train": train}), tmp_path, cuda=True)}
     assert set(OWNED) == set_
-    extra = {"top_entropy_quantile": "0.2", "num_generations_eval": 2,
-             "chat_template_kwargs": {"enable_thinking": False}}
-    job = RLJob.model_validate({**exp, "train": {"trl": {"report_to": "none", "extra": extra}}})
+    extra = {"top_entropy_quantile": "0.2", "num_generations_eval": 2}
+    job = RLJob.model_validate({**exp, "train": {"trl": {"report_to": "none", "extra": extra},
+                                                 "chat_template_kwargs": {"enable_thinking": False}}})
     assert job.train.trl.extra["top_entropy_quantile"] == 0.2  # coerced to the field's type
     c = T.grpo_config(job, tmp_path)
     assert (c.top_entropy_quantile, c.num_generations_eval, c.chat_template_kwargs) == (

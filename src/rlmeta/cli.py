@@ -185,6 +185,21 @@ def settings_type(model, what: str):
     return parse
 
 
+def chat_template_kwargs_type(text: str) -> dict:
+    """argparse type of ``--chat-template-kwargs``: a JSON/YAML mapping checked as ``train.chat_template_kwargs``."""
+    import yaml
+
+    from rlmeta.settings import check_chat_template_kwargs
+
+    try:
+        value = yaml.safe_load(text) or {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{text!r} is not a mapping; give e.g. '{{\"enable_thinking\": false}}'")
+        return dict(check_chat_template_kwargs(value))
+    except (yaml.YAMLError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"chat_template_kwargs: {' '.join(str(e).split())}") from None
+
+
 def add_settings(p: argparse.ArgumentParser, flag: str, model, help_text: str, required: bool = False) -> None:
     """``--<flag> JSON``: a whole settings block (keys and defaults listed in the step's --help)."""
     from rlmeta.settings import fields_help

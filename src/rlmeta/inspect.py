@@ -62,9 +62,11 @@ def load_prompts_file(path: str | Path, max_prompts: int | None = None) -> list:
 
 def inspect_model(model, backend: str, prompts: list[tuple[list[dict], str | None]], rewards: dict[str, float],
                   params: dict | None = None, samples: int = 1, temperature: float = 0.7, top_p: float = 1.0,
-                  max_new_tokens: int = 128, seed: int = 0, **shaping) -> list[dict]:
+                  max_new_tokens: int = 128, seed: int = 0, chat_template_kwargs: dict | None = None,
+                  **shaping) -> list[dict]:
     """Generate ``samples`` completions per (messages, reference) and score each (``shaping``: top_k, min_p,
-    repetition_penalty, as ``Policy.generate``).
+    repetition_penalty, as ``Policy.generate``; ``chat_template_kwargs``: the chat template's, as
+    ``train.chat_template_kwargs``; None = a loaded policy's own, none for a path).
 
     ``model``: a checkpoint path / hub id (loaded on ``backend``) or an already loaded Policy.
     Rows: prompt_index, sample_idx, question, reference, completion, n_tokens, finish_reason,
@@ -74,9 +76,13 @@ def inspect_model(model, backend: str, prompts: list[tuple[list[dict], str | Non
         from rlmeta.policy import load_policy
 
         t0 = time.perf_counter()
-        path, model = model, load_policy(model, backend)
+        path, model = model, load_policy(model, backend, chat_template_kwargs=chat_template_kwargs)
         log.info("loaded %s on %s in %.1fs", path, backend, time.perf_counter() - t0)
-    gens = model.generate([m for m, _ in prompts], n=samples, temperature=temperature, top_p=top_p,
+    from rlmeta.policy.base import encode_prompts
+
+    kwargs = getattr(model, "chat_template_kwargs", {}) if chat_template_kwargs is None else chat_template_kwargs
+    ids = encode_prompts(model.tokenizer, [m for m, _ in prompts], kwargs)
+    gens = model.generate(ids, n=samples, temperature=temperature, top_p=top_p,
                           max_new_tokens=max_new_tokens, seed=seed, **shaping)
     s = score([g.text for g in gens], [prompts[g.prompt_index][1] for g in gens],
               [prompts[g.prompt_index][0] for g in gens], rewards, params)
@@ -123,7 +129,7 @@ def format_rows(rows: list[dict], rewards: dict[str, float], width: int = 100) -
 
 def command(p: argparse.ArgumentParser):
     """``rlmeta inspect``: generate with any checkpoint on either backend and print the completions with rewards."""
-    from rlmeta.cli import model_ref, settings_type
+    from rlmeta.cli import chat_template_kwargs_type, model_ref, settings_type
     from rlmeta.settings import RewardMix
 
     p.add_argument("--model", required=True, type=model_ref,
@@ -144,6 +150,9 @@ def command(p: argparse.ArgumentParser):
     p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (default 0: off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL repetition penalty (default 1: off)")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--chat-template-kwargs", type=chat_template_kwargs_type, default={},
+                   help='chat template keyword arguments, as train.chat_template_kwargs (e.g. '
+                        '\'{"enable_thinking": false}\' for Qwen3; default none)')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object per completion instead of the table")
 
@@ -152,7 +161,8 @@ def command(p: argparse.ArgumentParser):
         items = a.prompt if a.prompt else load_prompts_file(a.prompts_file, a.max_prompts)
         prompts = render(items, a.template, a.reference)
         rows = inspect_model(a.model, a.backend, prompts, mix.rewards, mix.reward_params, a.samples, a.temperature,
-                             a.top_p, a.max_new_tokens, a.seed, top_k=a.top_k, min_p=a.min_p,
+                             a.top_p, a.max_new_tokens, a.seed, chat_template_kwargs=a.chat_template_kwargs,
+                             top_k=a.top_k, min_p=a.min_p,
                              repetition_penalty=a.repetition_penalty)
         if a.json:
             print("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))

@@ -15,7 +15,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from rlmeta.io import read_table, write_table
-from rlmeta.policy.base import derive_seed
+from rlmeta.policy.base import derive_seed, encode_prompts
 from rlmeta.settings import SamplingSettings, shaping_of
 from rlmeta.tables import PROMPTS, RESPONSES
 
@@ -43,7 +43,9 @@ def generate_responses(policy, prompts_table: pa.Table, sampling: SamplingSettin
         for b, start in enumerate(range(0, len(rows), sampling.batch_size)):
             chunk = rows[start:start + sampling.batch_size]
             s = batch_seed(sampling.seed, b)
-            gens = policy.generate([r["prompt"] for r in chunk], sampling.samples, temperature=sampling.temperature,
+            # the chat template kwargs are the evaluation's (null there: training's; Experiment.sampling)
+            ids = encode_prompts(policy.tokenizer, [r["prompt"] for r in chunk], sampling.chat_template_kwargs)
+            gens = policy.generate(ids, sampling.samples, temperature=sampling.temperature,
                                    **shaping_of(sampling), max_new_tokens=sampling.max_new_tokens, seed=s)
             for g in sorted(gens, key=lambda g: (g.prompt_index, g.sample_idx)):
                 records.append({

@@ -355,6 +355,26 @@ def shaping_of(settings) -> dict[str, Any]:
     return {k: getattr(settings, k) for k in SHAPING}
 
 
+CHAT_TEMPLATE_KWARGS_HELP = (
+    "Extra keyword arguments of the tokenizer's chat template, applied to every RL prompt (rollouts, warm "
+    "start, evaluation, inspect; TRL's GRPOConfig.chat_template_kwargs), e.g. {enable_thinking: false} for "
+    "Qwen3, whose thinking block otherwise spends max_new_tokens. Keys: identifiers; values: true/false, "
+    "numbers, strings or null.")
+
+
+def check_chat_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``kwargs`` unchanged, or ValueError (one line) naming a key that is not an identifier or a value that is
+    not a JSON scalar (bool, int, float, str, null): what a chat template can take from a config."""
+    for key, value in (kwargs or {}).items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValueError(f"key {key!r} is not a keyword argument name; keys must be Python identifiers "
+                             "(e.g. enable_thinking)")
+        if value is not None and not isinstance(value, (bool, int, float, str)):
+            raise ValueError(f"{key} is {json.dumps(value, default=str)}; allowed values: true/false, a number, "
+                             "a string or null (no lists or mappings)")
+    return kwargs
+
+
 class GuardSettings(Block):
     """The divergence guard: stop a run that has gone wrong, naming the last checkpoint written before it
     did (whose weights were finite). A NaN or infinite loss, gradient norm or weight always stops at once."""
@@ -397,6 +417,7 @@ class TrainSettings(Block):
              "(1 = off, above 1 discourages repeats). Shapes the draw only: trained log-probs stay the model's.",
         gt=0)
     max_new_tokens: int = opt(128, "Longest completion, in tokens.", ge=1)
+    chat_template_kwargs: dict[str, Any] = opt({}, CHAT_TEMPLATE_KWARGS_HELP)
     dtype: Literal["float32", "bfloat16", "float16"] = opt(
         "float32", "MLX only: the dtype of the policy's and the KL reference's weights (bfloat16 halves a Mac's "
                    "memory; float32 takes the CPU fast path). The torch backend: train.trl.bf16.")
@@ -444,6 +465,11 @@ class TrainSettings(Block):
     trl: TRLSettings = opt({}, "TRL-only options (backend torch).")
     distributed: DistributedSettings = opt({}, "Processes and sharding of the TRL trainer (backend torch).")
     guard: RLGuardSettings = opt({}, "When to stop a run that diverges.")
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _chat_template_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_chat_template_kwargs(v)
 
     @model_validator(mode="after")
     def _dapo(self) -> TrainSettings:
@@ -566,10 +592,18 @@ class EvalSettings(Block):
     repetition_penalty: float | None = opt(None, "Repetition penalty (null = train.repetition_penalty; 1 = off).",
                                            gt=0)
     max_new_tokens: int | None = opt(None, "Longest completion (null = train.max_new_tokens; 128 for FOMAML).", ge=1)
+    chat_template_kwargs: dict[str, Any] | None = opt(
+        None, "Chat template keyword arguments of the evaluation's prompts (null = train.chat_template_kwargs; "
+              "{} for FOMAML, whose prompts take none), e.g. {enable_thinking: false} for Qwen3.")
     seed: int | None = opt(None, "Sampling seed (null = the global seed + 1, so evaluation never replays a "
                                  "training draw).")
     bootstrap: int = opt(2000, "Bootstrap resamples of the paired 95% interval.", ge=100)
     report_samples: int = opt(6, "Prompts shown with their base and trained completions in the report.", ge=0)
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _chat_template_kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return check_chat_template_kwargs(v)
 
 
 class SamplingSettings(Block):
@@ -585,8 +619,15 @@ class SamplingSettings(Block):
     min_p: float = opt(0.0, "Min-p sampling (0 = off).", ge=0, le=1)
     repetition_penalty: float = opt(1.0, "Repetition penalty (1 = off).", gt=0)
     max_new_tokens: int = opt(128, "Longest completion, in tokens.", ge=1)
+    chat_template_kwargs: dict[str, Any] = opt({}, "Chat template keyword arguments of the prompts (e.g. "
+                                                   "{enable_thinking: false} for Qwen3).")
     seed: int = opt(0, "Seed of the first batch; batch b uses derive_seed('rollout', seed, b).")
     batch_size: int = opt(8, "Prompts per generation batch (x samples completions).", ge=1)
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _chat_template_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_chat_template_kwargs(v)
 
 
 # -- experiments ---------------------------------------------------------------------------------
@@ -739,12 +780,15 @@ class Experiment(Block):
         def shaping(key: str):  # eval's value, else training's, else off
             if getattr(ev, key) is not None:
                 return getattr(ev, key)
-            return getattr(t, key) if t is not None else SamplingSettings.model_fields[key].default
+            return getattr(t, key) if t is not None else SamplingSettings.model_fields[key].get_default(
+                call_default_factory=True)
 
         return SamplingSettings(
             split=ev.split, samples=ev.samples, max_prompts=ev.max_prompts, temperature=ev.temperature,
             **{k: shaping(k) for k in SHAPING},
-            max_new_tokens=ev.max_new_tokens or default_tokens, seed=seed + 1 if ev.seed is None else ev.seed)
+            max_new_tokens=ev.max_new_tokens or default_tokens,
+            chat_template_kwargs=shaping("chat_template_kwargs"),
+            seed=seed + 1 if ev.seed is None else ev.seed)
 
 
 def check_rewards(rewards: dict[str, float], params: RewardParams) -> None:

@@ -33,16 +33,20 @@ END = "<|im_end|>"
 METRICS = "warmstart_metrics.json"
 
 
-def sft_examples(tokenizer, prompts_table_path: str | Path,
-                 max_seq_len: int) -> tuple[list[tuple[list[int], int]], int]:
+def sft_examples(tokenizer, prompts_table_path: str | Path, max_seq_len: int,
+                 chat_template_kwargs: dict | None = None) -> tuple[list[tuple[list[int], int]], int]:
     """``([(token_ids, n_prompt_tokens), ...], n_skipped)`` for the train rows with a reference
-    completion; sequences are cut to ``max_seq_len``, rows left without completion tokens skipped."""
+    completion; sequences are cut to ``max_seq_len``, rows left without completion tokens skipped.
+    ``chat_template_kwargs``: the experiment's ``train.chat_template_kwargs``, so that the prompts are the
+    text RL trains on (``rlmeta.policy.base.prompt_text``)."""
+    from rlmeta.policy.base import prompt_text
+
     rows = read_table(prompts_table_path, PROMPTS).to_pylist()
     out, skipped = [], 0
     for r in rows:
         if r["split"] != "train" or r["reference_completion"] is None:
             continue
-        text = tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False)
+        text = prompt_text(tokenizer, r["prompt"], chat_template_kwargs)
         p = tokenizer(text, add_special_tokens=False)["input_ids"]
         c = tokenizer(r["reference_completion"] + END, add_special_tokens=False)["input_ids"]
         if len(p) >= max_seq_len:
@@ -163,22 +167,24 @@ def _progress(backend: str, step: int, steps: int, losses: list[float], t0: floa
 
 
 def warmstart(model_dir: str | Path, prompts_table_path: str | Path, out_dir: str | Path, ws: WarmstartSettings,
-              seed: int, backend: str = "torch") -> Path:
+              seed: int, backend: str = "torch", chat_template_kwargs: dict | None = None) -> Path:
     """Fine-tune ``model_dir`` on reference completions for ``ws.steps`` optimizer steps and write the
     checkpoint to ``out_dir`` (atomically); ``ws.steps == 0`` copies the model unchanged.
+    ``chat_template_kwargs``: the experiment's ``train.chat_template_kwargs`` (the prompts' template arguments).
 
     ``warmstart_metrics.json`` holds per-step ``losses``, ``initial_loss`` (the first batch, before
     any update), ``final_loss`` (mean of the last max(1, steps // 10) steps) and ``seconds_per_step``
     (the training loop alone, without loading and saving).
     """
     src = _local_dir(model_dir)
-    metrics = dict(backend=backend, seed=seed, model=str(model_dir), settings=ws.model_dump(), losses=[])
+    metrics = dict(backend=backend, seed=seed, model=str(model_dir), settings=ws.model_dump(), losses=[],
+                   chat_template_kwargs=dict(chat_template_kwargs or {}))
     with atomic_dir(out_dir) as tmp:
         if ws.steps > 0:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(src)
-            examples, skipped = sft_examples(tok, prompts_table_path, ws.max_seq_len)
+            examples, skipped = sft_examples(tok, prompts_table_path, ws.max_seq_len, chat_template_kwargs)
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
             data = batches(examples, ws.batch_size, ws.steps, seed, pad)
             train = _train_torch if backend == "torch" else _train_mlx
@@ -204,7 +210,7 @@ def warmstart(model_dir: str | Path, prompts_table_path: str | Path, out_dir: st
 
 def command(p: argparse.ArgumentParser):
     """``rlmeta warmstart``: SFT a checkpoint on a prompts table's reference completions."""
-    from rlmeta.cli import add_settings, existing_file, model_ref
+    from rlmeta.cli import add_settings, chat_template_kwargs_type, existing_file, model_ref
 
     p.add_argument("--model", required=True, type=model_ref, help="checkpoint folder (or hub id)")
     p.add_argument("--prompts", required=True, type=existing_file,
@@ -213,4 +219,6 @@ def command(p: argparse.ArgumentParser):
     add_settings(p, "settings", WarmstartSettings, "the experiment's warmstart block")
     p.add_argument("--backend", choices=["torch", "mlx"], required=True, help="backend of the SFT")
     p.add_argument("--seed", type=int, default=0)
-    return lambda a: warmstart(a.model, a.prompts, a.out, a.settings, a.seed, a.backend)
+    p.add_argument("--chat-template-kwargs", type=chat_template_kwargs_type, default={},
+                   help="the experiment's train.chat_template_kwargs (JSON), so that the prompts are RL's")
+    return lambda a: warmstart(a.model, a.prompts, a.out, a.settings, a.seed, a.backend, a.chat_template_kwargs)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -61,19 +61,24 @@ def is_messages(prompts: Prompts) -> bool:
     return bool(prompts) and bool(prompts[0]) and isinstance(prompts[0][0], dict)
 
 
-def encode_prompts(tokenizer, messages_batch: Sequence[Messages]) -> list[list[int]]:
-    """Apply the chat template with the generation prompt; returns token ids."""
-    out = []
-    for messages in messages_batch:
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        out.append(tokenizer.encode(text, add_special_tokens=False))
-    return out
+def prompt_text(tokenizer, messages: Messages, chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The chat template of ``messages`` with the generation prompt, as text. ``chat_template_kwargs``
+    (``train.chat_template_kwargs``, e.g. ``{"enable_thinking": False}`` for Qwen3) go to the template."""
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True,
+                                         **dict(chat_template_kwargs or {}))
 
 
-def as_token_ids(tokenizer, prompts: Prompts) -> list[list[int]]:
-    """Token ids of ``prompts`` (messages are chat-templated, id lists are copied)."""
+def encode_prompts(tokenizer, messages_batch: Sequence[Messages],
+                   chat_template_kwargs: Mapping[str, Any] | None = None) -> list[list[int]]:
+    """Apply the chat template with the generation prompt (and ``chat_template_kwargs``); returns token ids."""
+    return [tokenizer.encode(prompt_text(tokenizer, m, chat_template_kwargs), add_special_tokens=False)
+            for m in messages_batch]
+
+
+def as_token_ids(tokenizer, prompts: Prompts, chat_template_kwargs: Mapping[str, Any] | None = None) -> list[list[int]]:
+    """Token ids of ``prompts`` (messages are chat-templated with ``chat_template_kwargs``, id lists are copied)."""
     if is_messages(prompts):
-        return encode_prompts(tokenizer, prompts)
+        return encode_prompts(tokenizer, prompts, chat_template_kwargs)
     return [[int(t) for t in p] for p in prompts]
 
 
@@ -155,12 +160,17 @@ class BasePolicy(ABC):
     Subclasses set ``backend`` and implement ``_sample(ids, n, temperature, shaping, max_new_tokens, seed)``
     -> (token lists, log-prob lists) in output-row order, ``_logprob_rows(prompt_ids, completion_ids,
     temperature)`` -> (B, T) array, and ``save``.
+
+    ``chat_template_kwargs`` (``train.chat_template_kwargs``, set by ``load_policy``): keyword arguments of the
+    chat template whenever this policy encodes messages (``encode_prompts``, ``generate`` given messages).
     """
 
     backend = ""
+    chat_template_kwargs: dict[str, Any]
 
     def __init__(self, model, tokenizer, config: dict, source: str | Path | None = None):
         self.model, self.tokenizer, self.config, self.source = model, tokenizer, dict(config), source
+        self.chat_template_kwargs = {}
         eos = checkpoint_eos(source) if source is not None and Path(source).is_dir() else None
         self.stop_ids = stop_token_ids(tokenizer, eos or self.config.get("eos_token_id"))
         self.pad_id = pad_token_id(tokenizer)
@@ -170,14 +180,14 @@ class BasePolicy(ABC):
         return int(self.config.get("vocab_size") or len(self.tokenizer))
 
     def encode_prompts(self, messages_batch: Sequence[Messages]) -> list[list[int]]:
-        return encode_prompts(self.tokenizer, messages_batch)
+        return encode_prompts(self.tokenizer, messages_batch, self.chat_template_kwargs)
 
     def generate(self, prompts: Prompts, n: int = 1, *, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, max_new_tokens: int = 128,
                  seed: int = 0) -> list[Generation]:
         """``n`` completions per prompt in one batch, prompt-major then sample order; deterministic for a seed.
         ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``: see ``Shaping``."""
-        ids = as_token_ids(self.tokenizer, prompts)
+        ids = as_token_ids(self.tokenizer, prompts, self.chat_template_kwargs)
         if not ids or n < 1:
             return []
         shaping = Shaping(top_p, top_k, min_p, repetition_penalty)

@@ -107,8 +107,11 @@ class EvalCurve:
         from rlmeta.scoring import score
 
         t0 = time.perf_counter()
-        if self._ids is None:
-            self._ids = policy.encode_prompts([r["prompt"] for r in self.prompts])
+        if self._ids is None:  # the training prompts' chat template kwargs, whoever built the policy
+            from rlmeta.policy.base import encode_prompts
+
+            self._ids = encode_prompts(policy.tokenizer, [r["prompt"] for r in self.prompts],
+                                       self.job.train.chat_template_kwargs)
         gens = []
         for k in range(0, len(self._ids), self.batch):
             part = policy.generate(self._ids[k:k + self.batch], n=1, temperature=self.temperature, **self.shaping,

@@ -60,7 +60,8 @@ class MLXTrainer:
         self.eps_low, self.eps_high = job.epsilons
         self.spec = {"model": str(model_dir), "seed": seed, "job": job.model_dump(mode="json")}
         self.prompts = train_rows(prompts_path, job.max_train_prompts)
-        self.policy = load_policy(model_dir, "mlx", dtype=self.t.dtype)
+        self.policy = load_policy(model_dir, "mlx", dtype=self.t.dtype,
+                                  chat_template_kwargs=self.t.chat_template_kwargs)
         if self.t.lora is not None:
             from rlmeta.policy.lora import apply_lora
 

@@ -38,6 +38,7 @@ OWNED: dict[str, str] = {
     "top_p": "train.top_p", "top_k": "train.top_k", "min_p": "train.min_p",
     "repetition_penalty": "train.repetition_penalty",
     "max_completion_length": "train.max_new_tokens",
+    "chat_template_kwargs": "train.chat_template_kwargs",
     "importance_sampling_level": "algorithm (grpo: token, gspo: sequence)",
     "epsilon": "train.epsilon_low", "epsilon_high": "train.epsilon_high",
     "beta": "train.beta",

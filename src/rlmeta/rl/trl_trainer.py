@@ -121,6 +121,7 @@ def grpo_config_kwargs(job: RLJob, out_dir: str | os.PathLike, seed: int = 0, re
         min_p=t.min_p or None,  # TRL: None = off
         repetition_penalty=t.repetition_penalty,
         max_completion_length=t.max_new_tokens,
+        chat_template_kwargs=dict(t.chat_template_kwargs),  # TRL applies the template to the prompts itself
         importance_sampling_level="sequence" if job.algorithm == "gspo" else "token",
         epsilon=eps_low,
         epsilon_high=eps_high,
@@ -443,7 +444,6 @@ class EvalCallback(TrainerCallback):
         self._evaluate(state, model)
 
 
-class TrainMetricsCallback(TrainerCallback):
 class PreemptCallback(TrainerCallback):
     """On the pre-timeout signal (``rlmeta.preempt``), agreed on by every rank at the end of a step: save a
     checkpoint of that step and stop training (``train_trl`` then exits for a requeue)."""
@@ -457,6 +457,7 @@ class PreemptCallback(TrainerCallback):
             control.should_save = control.should_training_stop = True
 
 
+class TrainMetricsCallback(TrainerCallback):
     """Collects each logged optimizer step as a train_metrics row, prints it to stderr, and runs the
     divergence guard on it (which stops the run on NaN/inf or divergence).
 
