@@ -6,6 +6,14 @@ temporary folder unless --model/--tasks-dir are given, runs a few outer steps pe
 (the first step, with its warm-up, is left out). Prints a table, then as the LAST line one
 JSON object with tokens_per_s_1, tokens_per_s_2 (task-parallel) and scaling = tps2 / tps1.
 
+Against the limit: the run also times torch's peak (``rlmeta.testing.bench.gemm_peak_gflops``, best
+of a few 2048 x 2048 float32 products) at 1 thread and at 2 threads (the 2-process layouts' budget):
+``peak_gflops_torch_1`` / ``peak_gflops_torch_2``, and per layout its model GFLOP/s and fraction of
+the peak at its process count (``model_gflops_{1,2,2_fsdp}``, ``frac_peak_{1,2,2_fsdp}``). Model
+FLOPs (Kaplan et al. 2020, PaLM appendix B): ``6N + 6 L ctx d_attn`` per trained token
+(``train_tokens``) and a third of that per forward-only one (the pre-adaptation query loss), with
+``ctx`` half the mean sequence length (tokens / sequences per step).
+
 Each layout is one ``rlmeta launch --nproc 0 --cpu-procs N -- train-fomaml ...`` (torchrun, gloo).
 
     .venv/bin/python benchmarks/fomaml_scaling.py [--steps 5] [--model DIR --tasks-dir DIR]
@@ -44,8 +52,9 @@ def run(model: Path, tasks: Path, meta: MetaSettings, nproc: int, shard: int, ou
     import pyarrow.parquet as pq
 
     meta = MetaSettings.model_validate({**meta.model_dump(), "nproc": nproc, "shard_size": shard})
+    train_subjects = [s for s in SUBJECTS if s not in meta.test_subjects]  # held-out ones are refused
     cmd = [sys.executable, "-m", "rlmeta", "launch", "--nproc", "0", "--cpu-procs", str(nproc), "--",
-           "train-fomaml", "--model", str(model), "--tasks-dir", str(tasks), "--subjects", *SUBJECTS,
+           "train-fomaml", "--model", str(model), "--tasks-dir", str(tasks), "--subjects", *train_subjects,
            "--meta", meta.model_dump_json(), "--seed", "1234", "--out", str(out / "final"),
            "--metrics", str(out / "m.parquet"), "--wandb", '{"mode": "disabled"}', "--no-resume"]
     t0 = time.perf_counter()
@@ -54,7 +63,14 @@ def run(model: Path, tasks: Path, meta: MetaSettings, nproc: int, shard: int, ou
         raise SystemExit(f"torchrun failed ({p.returncode}):\n{p.stderr[-4000:]}")
     rows = pq.read_table(out / "m.parquet").to_pylist()[1:]
     tokens, secs = sum(r["tokens"] for r in rows), sum(r["step_seconds"] for r in rows)
-    return {"tokens_per_s": tokens / secs, "s_per_step": secs / len(rows), "wall_s": time.perf_counter() - t0}
+    trained = sum(r["train_tokens"] for r in rows)
+    seqs = len(rows) * meta.meta_batch_size * (meta.inner_steps * meta.support_batch + 2 * meta.query_batch)
+    ctx = tokens / seqs / 2
+    from rlmeta.testing.bench import flops_per_token, gflops
+
+    fl = trained * flops_per_token(model, ctx, train=True) + (tokens - trained) * flops_per_token(model, ctx)
+    return {"tokens_per_s": tokens / secs, "s_per_step": secs / len(rows), "wall_s": time.perf_counter() - t0,
+            "model_gflops": gflops(fl, secs)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,13 +90,28 @@ def main(argv: list[str] | None = None) -> int:
         res = {name: run(model, tasks, meta, n, s, work / f"run{i}") for i, (name, n, s) in enumerate(layouts)}
     print(f"FOMAML meta-training, {os.cpu_count()} CPUs, 1 thread per process, meta-batch {meta.meta_batch_size}, "
           f"k={meta.inner_steps}, batches {meta.support_batch}/{meta.query_batch}, {a.steps - 1} timed steps")
-    print(f"{'layout':<30} {'tokens/s':>10} {'s/step':>8} {'wall s':>8}")
-    for name, r in res.items():
-        print(f"{name:<30} {r['tokens_per_s']:>10.0f} {r['s_per_step']:>8.3f} {r['wall_s']:>8.1f}")
+    import torch
+
+    from rlmeta.testing.bench import gemm_peak_gflops
+
+    peaks = {}
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        peaks[n] = gemm_peak_gflops("torch")
+    print(f"{'layout':<30} {'tokens/s':>10} {'s/step':>8} {'wall s':>8} {'model GFLOP/s':>14} {'peak GFLOP/s':>13} "
+          f"{'of peak':>8}")
+    for (name, r), (_, n, _) in zip(res.items(), layouts):
+        print(f"{name:<30} {r['tokens_per_s']:>10.0f} {r['s_per_step']:>8.3f} {r['wall_s']:>8.1f} "
+              f"{r['model_gflops']:>14.3f} {peaks[n]:>13.1f} {r['model_gflops'] / peaks[n]:>8.2%}")
     t1, t2, t2f = (res[n]["tokens_per_s"] for n, _, _ in layouts)
+    keys = {"1": (layouts[0], 1), "2": (layouts[1], 2), "2_fsdp": (layouts[2], 2)}
+    against = {"peak_gflops_torch_1": round(peaks[1], 2), "peak_gflops_torch_2": round(peaks[2], 2)}
+    for k, ((name, _, _), n) in keys.items():
+        against[f"model_gflops_{k}"] = round(res[name]["model_gflops"], 4)
+        against[f"frac_peak_{k}"] = round(res[name]["model_gflops"] / peaks[n], 5)
     print(json.dumps({"tokens_per_s_1": round(t1, 1), "tokens_per_s_2": round(t2, 1), "scaling": round(t2 / t1, 3),
                       "tokens_per_s_2_fsdp": round(t2f, 1), "scaling_fsdp": round(t2f / t1, 3),
-                      "s_per_step_1": round(res[layouts[0][0]]["s_per_step"], 3)}))
+                      "s_per_step_1": round(res[layouts[0][0]]["s_per_step"], 3), **against}))
     return 0
 
 

@@ -9,6 +9,15 @@ importance ratio are the sampler's own (recorded during generation), so there is
 pass for them. Prints a table per step, then as its last line one JSON object: the phase
 seconds of the last step (``phases``), of every step (``steps``), and the settings.
 
+Against the limit: the run also times the machine's peak (``rlmeta.testing.bench.gemm_peak_gflops``,
+best of a few 2048 x 2048 float32 products) in MLX (``peak_gflops_mlx``) and NumPy
+(``peak_gflops_numpy``: the BLAS the CPU fast path's products run through), and gives the last
+step's model GFLOP/s and fraction of the MLX peak for generation, each update's forward + backward
+and the whole step (``model_gflops``, ``frac_peak``, ``frac_peak_numpy``). Model FLOPs (Kaplan et al. 2020, PaLM
+appendix B; ``rlmeta.testing.bench``) are counted at the mean prompt length of the prompts table
+and the step's mean completion length: generation = one prefill per prompt plus ``group_size``
+completions, an update = forward + backward over every prompt (once per group) + completion.
+
     .venv/bin/python benchmarks/mlx_step_profile.py [--model DIR] [--prompts PARQUET] [--steps 2]
         [--experiment-json JSON] [--max-new-tokens N] [--padded]
 
@@ -160,7 +169,29 @@ def profile(a, tmp: Path) -> dict:
         steps.append({"step": i + 1, "completion_len_mean": row["completion_len_mean"], "loss": row["loss"],
                       "grad_norm": row["grad_norm"], "seconds": t})
         print(table(steps[-1]), file=sys.stderr, flush=True)
-    return {"phases": steps[-1]["seconds"], "steps": steps, "packed": not a.padded, "model": str(model),
+    from rlmeta.testing.bench import gemm_peak_gflops, gflops, rl_generation_flops, rl_train_flops
+
+    peak, peak_np = gemm_peak_gflops("mlx"), gemm_peak_gflops("numpy")
+    cfg, k, g = trainer.policy.config, job.train.batch_prompts, job.train.group_size
+    plen = sum(map(len, trainer.prompt_ids)) / len(trainer.prompt_ids)
+    new, t = steps[-1]["completion_len_mean"], steps[-1]["seconds"]
+    fl = {"generation": rl_generation_flops(cfg, [plen] * k, g, new),
+          "update_fwd_bwd": rl_train_flops(cfg, [plen] * k, g, new)}
+    updates = sorted(n for n in t if n.startswith("update") and n.endswith("_fwd_bwd"))
+    fl["step_total"] = fl["generation"] + len(updates) * fl["update_fwd_bwd"]
+    secs = {"generation": t["generation"], "update_fwd_bwd": sum(t[n] for n in updates) / max(1, len(updates)),
+            "step_total": t["step_total"]}
+    mg = {n: gflops(fl[n], secs[n]) for n in fl}
+    print(f"  {'last step, model FLOPs':<24}{'GFLOP/s':>10}{'of MLX peak':>13}{'of NumPy peak':>15}   (peak: MLX "
+          f"{peak:.1f}, NumPy {peak_np:.1f} GFLOP/s)", file=sys.stderr, flush=True)
+    for n, v in mg.items():
+        print(f"  {n:<24}{v:>10.3f}{v / peak:>13.2%}{v / peak_np:>15.2%}", file=sys.stderr, flush=True)
+    return {"phases": steps[-1]["seconds"], "steps": steps, "peak_gflops_mlx": round(peak, 2),
+            "peak_gflops_numpy": round(peak_np, 2), "prompt_len_mean": round(plen, 1),
+            "model_gflops": {n: round(v, 4) for n, v in mg.items()},
+            "frac_peak": {n: round(v / peak, 5) for n, v in mg.items()},
+            "frac_peak_numpy": {n: round(v / peak_np, 5) for n, v in mg.items()},
+            "packed": not a.padded, "model": str(model),
             "load_seconds": load_s, "train": job.train.model_dump(mode="json")}
 
 

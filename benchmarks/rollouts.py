@@ -15,6 +15,22 @@ The defaults (32 tiny prompts, 4 large ones, 1 of them sequential, 32 new tokens
 the run to a few minutes on a 2-core machine, for ``make bench``; ``--full`` is the size measured in
 docs/benchmarks.md (64 tiny prompts, 16 large, 2 sequential, 64 new tokens), about 10 minutes here.
 
+On MLX a third path runs mlx-lm's own batched generator (``mlx_lm.batch_generate``, continuous
+batching; every prompt repeated ``samples`` times, all sequences in one batch) with the same
+prompts, sampler (temperature 1) and max tokens: ``mlxlm_batched_tok_s`` and
+``ours_over_mlxlm``. For the tiny model a greedy check (temperature 0, one sample per prompt) then
+compares its token ids and log-probs (``return_logprobs``) with ours: ``greedy_ids_equal`` (sequences
+whose ids agree; our trailing stop token, which mlx-lm drops, is left out) and
+``greedy_max_abs_logprob_diff`` (over the ``greedy_positions_compared`` positions where both agree up
+to there).
+
+Against the limit: each backend's peak is measured in the same run
+(``rlmeta.testing.bench.gemm_peak_gflops``: best of a few 2048 x 2048 float32 products, torch at
+``--torch-threads`` threads), and each path's model FLOP/s (``2N + 2 L ctx d_attn`` per generated
+token plus one prefill per distinct prompt, Kaplan et al. 2020 / PaLM appendix B; redundant
+prefills of the one-at-a-time loops are not counted) is printed with its fraction of that peak:
+``peak_gflops_{torch,mlx}`` and per path ``<path>_model_gflops`` / ``<path>_frac_peak``.
+
 The last line printed is one JSON object (``batched_over_sequential_{mlx,torch}`` are the tiny
 model's ratios).
 """
@@ -88,6 +104,47 @@ def sequential_torch(policy, prompts, samples, max_new) -> int:
     return n
 
 
+def mlxlm_batched(policy, prompts, samples, max_new, temperature=1.0, logprobs=False):
+    """mlx-lm's ``batch_generate`` over every prompt x sample in one batch; returns ``(tokens, response)``."""
+    import mlx.core as mx
+    from mlx_lm import batch_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    mx.random.seed(0)
+    ids = [p for p in policy.encode_prompts(prompts) for _ in range(samples)]
+    r = batch_generate(policy.model, policy.wrapper, ids, max_tokens=max_new, sampler=make_sampler(temp=temperature),
+                       completion_batch_size=len(ids), prefill_batch_size=len(ids), return_token_ids=True,
+                       return_logprobs=logprobs)
+    return sum(len(t) for t in r.token_ids), r
+
+
+def greedy_check(policy, prompts, max_new) -> dict:
+    """Our greedy completions against mlx-lm's: ids equal per sequence, max |log-prob difference|."""
+    ours = policy.generate(prompts, 1, temperature=0.0, max_new_tokens=max_new, seed=0)
+    _, theirs = mlxlm_batched(policy, prompts, 1, max_new, temperature=0.0, logprobs=True)
+    stops, equal, diff, compared = set(policy.stop_ids), 0, 0.0, 0
+    for g, tid, tlp in zip(ours, theirs.token_ids, theirs.logprobs):
+        mine, mlp = list(g.token_ids), list(g.logprobs)
+        if mine and mine[-1] in stops:  # mlx-lm leaves the stop token out
+            mine, mlp = mine[:-1], mlp[:-1]
+        equal += mine == list(tid)
+        for a, b, x, y in zip(mine, tid, mlp, tlp):
+            if a != b:
+                break
+            diff, compared = max(diff, abs(x - y)), compared + 1
+    return {"greedy_sequences": len(ours), "greedy_ids_equal": equal, "greedy_positions_compared": compared,
+            "greedy_max_abs_logprob_diff": float(f"{diff:.3g}")}
+
+
+def model_flops(cfg, prompt_lens, samples, tokens) -> float:
+    """One prefill per distinct prompt plus ``tokens`` generated ones (spread evenly over the sequences)."""
+    from rlmeta.testing.bench import tokens_flops
+
+    new = tokens / (len(prompt_lens) * samples)
+    return sum(tokens_flops(cfg, n, 0) + samples * (tokens_flops(cfg, n, new) - tokens_flops(cfg, n, 0))
+               for n in prompt_lens)
+
+
 def timed(fn, *args) -> tuple[int, float]:
     t0 = time.perf_counter()
     n = fn(*args)
@@ -98,9 +155,13 @@ def run(args) -> dict:
     import torch
 
     from rlmeta.policy import load_policy
+    from rlmeta.testing.bench import gemm_peak_gflops, gflops
 
     torch.set_num_threads(args.torch_threads)
-    results: dict = {}
+    peaks = {b: gemm_peak_gflops(b) for b in args.backends}
+    for b, g in peaks.items():
+        print(f"# peak {b}: {g:.1f} GFLOP/s (2048^2 float32 GEMM, best of 5)", file=sys.stderr, flush=True)
+    results: dict = {f"peak_gflops_{b}": round(g, 2) for b, g in peaks.items()}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
@@ -116,19 +177,38 @@ def run(args) -> dict:
                 nb, tb = timed(batched, policy, prompts, args.samples, args.max_new_tokens)
                 ns, ts = timed(seq_fn, policy, prompts[:n_seq], args.samples, args.max_new_tokens)
                 rb, rs = nb / tb, ns / ts
-                results.setdefault(name, {})[backend] = {
+                lens = [len(p) for p in policy.encode_prompts(prompts)]
+                paths = {"batched": (nb, tb, model_flops(policy.config, lens, args.samples, nb)),
+                         "sequential": (ns, ts, model_flops(policy.config, lens[:n_seq], args.samples, ns))}
+                res = results.setdefault(name, {})[backend] = {
                     "batched_tok_s": round(rb, 1), "sequential_tok_s": round(rs, 1), "ratio": round(rb / rs, 2),
                     "batched_tokens": nb, "batched_s": round(tb, 2), "sequential_tokens": ns,
                     "sequential_s": round(ts, 2), "sequences": n_prompts * args.samples,
                     "sequential_sequences": n_seq * args.samples}
-                rows.append((name, backend, n_prompts * args.samples, nb, tb, rb, n_seq * args.samples, ns, ts, rs))
+                if backend == "mlx":
+                    mlxlm_batched(policy, prompts[:2], 2, 4)  # warm up
+                    nm, tm = timed(lambda *a: mlxlm_batched(*a)[0], policy, prompts, args.samples,
+                                   args.max_new_tokens)
+                    paths["mlxlm_batched"] = (nm, tm, model_flops(policy.config, lens, args.samples, nm))
+                    res.update({"mlxlm_batched_tok_s": round(nm / tm, 1), "mlxlm_batched_tokens": nm,
+                                "mlxlm_batched_s": round(tm, 2), "ours_over_mlxlm": round(rb / (nm / tm), 2)})
+                    if name == "tiny":
+                        res.update(greedy_check(policy, prompts, args.max_new_tokens))
+                for path, (_n, t, fl) in paths.items():
+                    res[f"{path}_model_gflops"] = round(gflops(fl, t), 4)
+                    res[f"{path}_frac_peak"] = round(gflops(fl, t) / peaks[backend], 5)
+                rows.append((name, backend, paths, peaks[backend]))
                 print(f"# {name}/{backend}: batched {rb:.0f} tok/s, sequential {rs:.0f} tok/s, "
-                      f"x{rb / rs:.1f}", file=sys.stderr, flush=True)
-    print(f"{'model':6} {'backend':7} {'seqs':>5} {'tokens':>7} {'batched s':>9} {'tok/s':>8} | "
-          f"{'seqs':>5} {'tokens':>7} {'seq. s':>8} {'tok/s':>7} | {'ratio':>6}")
-    for name, backend, sb, nb, tb, rb, ss, ns, ts, rs in rows:
-        print(f"{name:6} {backend:7} {sb:5d} {nb:7d} {tb:9.2f} {rb:8.1f} | {ss:5d} {ns:7d} {ts:8.2f} {rs:7.1f} | "
-              f"{rb / rs:5.1f}x")
+                      f"x{rb / rs:.1f}" + (f"; mlx-lm batch_generate {res['mlxlm_batched_tok_s']:.0f} tok/s"
+                                           if backend == "mlx" else ""), file=sys.stderr, flush=True)
+    print(f"{'model':6} {'backend':7} {'path':14} {'tokens':>7} {'s':>8} {'tok/s':>8} {'x seq.':>7} "
+          f"{'model GFLOP/s':>13} {'peak GFLOP/s':>12} {'of peak':>8}")
+    for name, backend, paths, peak in rows:
+        _, ts_, _ = paths["sequential"]
+        rs = paths["sequential"][0] / ts_
+        for path, (n, t, fl) in paths.items():
+            print(f"{name:6} {backend:7} {path:14} {n:7d} {t:8.2f} {n / t:8.1f} {n / t / rs:6.1f}x "
+                  f"{gflops(fl, t):13.3f} {peak:12.1f} {gflops(fl, t) / peak:8.2%}")
     return results
 
 
@@ -156,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     for backend in args.backends:
         if "tiny" in res:
             summary[f"batched_over_sequential_{backend}"] = res["tiny"][backend]["ratio"]
+            for path in ("batched", "sequential", "mlxlm_batched"):  # the tiny model's, flat
+                for k in (f"{path}_model_gflops", f"{path}_frac_peak"):
+                    if k in res["tiny"][backend]:
+                        summary[f"{backend}_{k}"] = res["tiny"][backend][k]
+    if "mlx" in args.backends and "tiny" in res:
+        summary["mlxlm_over_ours_mlx"] = round(1 / res["tiny"]["mlx"]["ours_over_mlxlm"], 2)
     print(json.dumps(summary, sort_keys=True))
     return 0
 

@@ -9,6 +9,16 @@ imported from the environment, else from ``.bench-deps/``, where ``make bench`` 
 bench-deps``) installs the version pinned in the Makefile. Prints a table, then one JSON line with
 the ratios (ours / theirs).
 
+Against the limit: the run also times the machine's peak (``rlmeta.testing.bench.gemm_peak_gflops``,
+best of a few 2048 x 2048 float32 products) in MLX (``peak_gflops_mlx``) and, since our CPU fast
+path hands its large products to NumPy's BLAS, in NumPy (``peak_gflops_numpy``), and prints each
+trainer's model GFLOP/s and its fraction of the MLX peak (``{mlx,mlx_lm_lora}_model_gflops``,
+``{mlx,mlx_lm_lora}_frac_peak``) and of the NumPy one (``..._frac_peak_numpy``: above 1 of the MLX
+peak means the products did not run through MLX's own CPU matmul). A step's model FLOPs
+(``rl_step_flops``; Kaplan et al. 2020, PaLM appendix B): generating ``batch_prompts x group_size``
+completions of the measured mean length, then one forward + backward over every prompt (once per
+group) + completion.
+
 The defaults (3 timed steps after 1 warm-up, 4 prompts x 4 completions, 64 new tokens) take about
 2 minutes on a 2-core machine; the figure in docs/benchmarks.md was measured with ``--steps 5
 --warmup 2``. ``make bench`` runs ``train_step_trl.py`` on its own, so ``--trl`` is off by default
@@ -156,8 +166,15 @@ def bench_mlx(model: Path, a, tmp: Path) -> dict:
             print(f"  step {i} {k:<7} {wall:7.3f}s wall {cpu:7.3f}s cpu  len {length:.1f}", file=sys.stderr, flush=True)
             if i >= a.warmup:
                 got[k].append((wall, cpu, length))
-    return {k: {"s_per_step": median([w for w, _, _ in v]), "cpu_s_per_step": median([c for _, c, _ in v]),
-                "completion_len": sum(n for _, _, n in v) / len(v)} for k, v in got.items()}
+    res = {k: {"s_per_step": median([w for w, _, _ in v]), "cpu_s_per_step": median([c for _, c, _ in v]),
+               "completion_len": sum(n for _, _, n in v) / len(v)} for k, v in got.items()}
+    from rlmeta.testing.bench import gflops, rl_step_flops
+
+    plen = len(runs["theirs"].data[0][0])  # every prompt has this length (``questions``)
+    for r in res.values():
+        r["model_gflops"] = gflops(rl_step_flops(model, [plen] * a.batch_prompts, a.group_size, r["completion_len"]),
+                                   r["s_per_step"])
+    return res
 
 
 def bench_trl(a) -> dict | None:
@@ -200,9 +217,16 @@ def main(argv: list[str] | None = None) -> dict:
             res = bench_mlx(model, a, tmp)
         ours, theirs = res["ours"], res["theirs"]
     trl = bench_trl(a)
-    print(f"\n{'trainer':<28}{'s/step':>10}{'cpu s/step':>12}{'completion len':>16}")
+    from rlmeta.testing.bench import gemm_peak_gflops
+
+    peak, peak_np = gemm_peak_gflops("mlx"), gemm_peak_gflops("numpy")
+    print(f"\n{'trainer':<28}{'s/step':>10}{'cpu s/step':>12}{'completion len':>16}{'model GFLOP/s':>15}"
+          f"{'MLX peak':>10}{'of peak':>9}{'of NumPy peak':>15}")
     for name, r in (("rlmeta MLX", ours), ("mlx-lm-lora train_grpo", theirs)):
-        print(f"{name:<28}{r['s_per_step']:>10.3f}{r['cpu_s_per_step']:>12.3f}{r['completion_len']:>16.1f}")
+        print(f"{name:<28}{r['s_per_step']:>10.3f}{r['cpu_s_per_step']:>12.3f}{r['completion_len']:>16.1f}"
+              f"{r['model_gflops']:>15.3f}{peak:>10.1f}{r['model_gflops'] / peak:>9.2%}"
+              f"{r['model_gflops'] / peak_np:>15.2%}")
+    print(f"(NumPy BLAS peak, which our CPU fast path uses: {peak_np:.1f} GFLOP/s)")
     if trl:
         print(f"{'TRL path (train_trl)':<28}{trl['ours_s_per_step']:>10.3f}")
         print(f"{'bare TRL GRPOTrainer':<28}{trl['bare_s_per_step']:>10.3f}")
@@ -213,6 +237,12 @@ def main(argv: list[str] | None = None) -> dict:
         "mlx_s_per_step": ours["s_per_step"], "mlx_lm_lora_s_per_step": theirs["s_per_step"],
         "mlx_cpu_s_per_step": ours["cpu_s_per_step"], "mlx_lm_lora_cpu_s_per_step": theirs["cpu_s_per_step"],
         "mlx_completion_len": ours["completion_len"], "mlx_lm_lora_completion_len": theirs["completion_len"],
+        "peak_gflops_mlx": round(peak, 2), "peak_gflops_numpy": round(peak_np, 2),
+        "mlx_model_gflops": round(ours["model_gflops"], 4), "mlx_frac_peak": round(ours["model_gflops"] / peak, 5),
+        "mlx_lm_lora_model_gflops": round(theirs["model_gflops"], 4),
+        "mlx_lm_lora_frac_peak": round(theirs["model_gflops"] / peak, 5),
+        "mlx_frac_peak_numpy": round(ours["model_gflops"] / peak_np, 5),
+        "mlx_lm_lora_frac_peak_numpy": round(theirs["model_gflops"] / peak_np, 5),
         "trl": trl, "settings": {k: v for k, v in vars(a).items() if k != "model"} | {"model": str(model)},
     }
     print(json.dumps(result))

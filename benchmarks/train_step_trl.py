@@ -7,6 +7,14 @@ time is the wall time between consecutive ``on_step_end`` events, so it includes
 scoring, the update and every callback (our metrics table, stderr line, NaN check). The first
 ``--warmup`` steps are dropped. Runs alternate (bare, ours, bare, ours, ...) to spread machine noise over both.
 
+Against the limit: the run also times torch's own peak (``rlmeta.testing.bench.gemm_peak_gflops``,
+best of a few 2048 x 2048 float32 products at the same thread count) and prints each path's model
+GFLOP/s and fraction of that peak (``peak_gflops_torch``, ``{ours,bare}_model_gflops``,
+``{ours,bare}_frac_peak``). A step's model FLOPs (``rl_step_flops``; Kaplan et al. 2020, PaLM
+appendix B) are the generation of ``batch_prompts x group_size`` completions of the full
+``--max-new-tokens`` (random tiny models seldom stop early, so this is an upper bound) plus one
+forward + backward over every prompt (once per group) + completion.
+
 Prints a table, then as its LAST line one JSON object with ``trl_path_over_bare_trl``
 (our median s/step / bare median s/step; target <= 1.0) and the raw figures.
 
@@ -66,6 +74,20 @@ def setup(work: Path, n_prompts: int, vocab: int):
                   reference_completion=None) for i, r in enumerate(rows)]
     write_table(work / "prompts.parquet", pa.Table.from_pylist(table, schema=PROMPTS))
     return model, work / "prompts.parquet"
+
+
+def step_flops(model: Path, prompts: Path, batch_prompts: int, group_size: int, new_tokens: int) -> float:
+    """Model FLOPs of one step (``rl_step_flops``) at the mean chat-templated prompt length of the table."""
+    from transformers import AutoTokenizer
+
+    from rlmeta.io import read_table
+    from rlmeta.testing.bench import rl_step_flops
+
+    tok = AutoTokenizer.from_pretrained(model)
+    texts = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False)
+             for r in read_table(prompts).to_pylist()]
+    lens = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    return rl_step_flops(model, [sum(lens) / len(lens)] * batch_prompts, group_size, new_tokens)
 
 
 def run_ours(model, prompts, job: RLJob, out: Path, seed: int) -> list[float]:
@@ -139,20 +161,30 @@ def main(argv: list[str] | None = None) -> int:
                 times[name] += steps[a.warmup:]
                 print(f"run {r} {name}: " + " ".join(f"{s:.3f}" for s in steps), file=sys.stderr, flush=True)
 
+        flops = step_flops(model, prompts, a.batch_prompts, a.group_size, a.max_new_tokens)
+    from rlmeta.testing.bench import gemm_peak_gflops, gflops
+
+    peak = gemm_peak_gflops("torch")
     med = {k: statistics.median(v) for k, v in times.items()}
+    mg = {k: gflops(flops, med[k]) for k in med}
     print(f"\nGRPO step on CPU: tiny Qwen3 (vocab {a.vocab}), {a.batch_prompts} prompts x {a.group_size} "
           f"completions, {a.max_new_tokens} new tokens, {a.steps - a.warmup} timed steps x {a.repeats} runs")
-    print(f"{'path':<12}{'median s/step':>15}{'mean':>10}{'min':>10}{'max':>10}")
+    print(f"{'path':<12}{'median s/step':>15}{'mean':>10}{'min':>10}{'max':>10}{'model GFLOP/s':>15}"
+          f"{'peak GFLOP/s':>14}{'of peak':>9}")
     for k in ("bare", "ours"):
         v = times[k]
-        print(f"{k:<12}{med[k]:>15.3f}{statistics.mean(v):>10.3f}{min(v):>10.3f}{max(v):>10.3f}")
+        print(f"{k:<12}{med[k]:>15.3f}{statistics.mean(v):>10.3f}{min(v):>10.3f}{max(v):>10.3f}{mg[k]:>15.3f}"
+              f"{peak:>14.1f}{mg[k] / peak:>9.2%}")
     ratio = med["ours"] / med["bare"]
     print(f"ours / bare = {ratio:.3f}")
     print(json.dumps({"trl_path_over_bare_trl": round(ratio, 4), "ours_s_per_step": round(med["ours"], 4),
                       "bare_s_per_step": round(med["bare"], 4), "ours_steps": [round(x, 4) for x in times["ours"]],
                       "bare_steps": [round(x, 4) for x in times["bare"]], "batch_prompts": a.batch_prompts,
                       "group_size": a.group_size, "max_new_tokens": a.max_new_tokens, "vocab": a.vocab,
-                      "torch_threads": torch.get_num_threads(), "device": "cpu"}))
+                      "torch_threads": torch.get_num_threads(), "device": "cpu",
+                      "peak_gflops_torch": round(peak, 2), "step_model_gflop": round(flops / 1e9, 4),
+                      **{f"{k}_model_gflops": round(mg[k], 4) for k in mg},
+                      **{f"{k}_frac_peak": round(mg[k] / peak, 5) for k in mg}}))
     return 0
 
 
