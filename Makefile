@@ -23,12 +23,15 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup run test test-fast test-slurm bench bench-deps lint lock dryrun clean
 
+# --compile-bytecode: .pyc files written at install time. Without them every Python process compiles what it
+# imports from source, and where PYTHONDONTWRITEBYTECODE is set (this project's CI machines) it does so every
+# time: `import trl, transformers.trainer` took 26.5 s per process on a loaded 2-core machine, 7.7 s compiled.
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "uv==$(UV_VERSION)"
-	$(UV) pip install -q --python $(PY) --no-deps -r $(LOCK)
-	$(UV) pip install -q --python $(PY) $(TORCH_SOURCE) "$(TORCH)"
-	$(UV) pip install -q --python $(PY) --no-deps -e .
+	$(UV) pip install -q --compile-bytecode --python $(PY) --no-deps -r $(LOCK)
+	$(UV) pip install -q --compile-bytecode --python $(PY) $(TORCH_SOURCE) "$(TORCH)"
+	$(UV) pip install -q --compile-bytecode --python $(PY) --no-deps -e .
 	touch $@
 
 setup: $(STAMP)

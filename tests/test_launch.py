@@ -194,3 +194,58 @@ def test_cli_runs_two_cpu_workers(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(result.read_text())
     assert summary["world_size"] == 2 and summary["sum"] == 3.0
+
+
+# -- the pre-timeout signal (rlmeta.preempt) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("text, seconds", [("4:05", 245.0), ("1:02:03", 3723.0), ("2-00:00:10", 172810.0),
+                                           ("0:59\n", 59.0), ("UNLIMITED", None), ("NOT_SET", None), ("", None)])
+def test_parse_time_left(text, seconds):
+    from rlmeta.launch import parse_time_left
+
+    assert parse_time_left(text) == seconds
+
+
+def test_supervise_signals_the_tree_and_returns_its_status(tmp_path):
+    """The launcher's SLURM mode: SIGUSR1 reaches a grandchild that handles it (the trainer) at the set time, and is
+    repeated; a grandchild that does not handle it ignores it (torchrun's agent); the command's status comes back."""
+    import time
+
+    from rlmeta.launch import supervise
+
+    trainer = tmp_path / "trainer.py"
+    trainer.write_text(
+        "import signal, sys, time\n"
+        "got = []\n"
+        "signal.signal(signal.SIGUSR1, lambda *a: got.append(time.monotonic()))\n"
+        "t0 = time.monotonic()\n"
+        "while len(got) < 2 and time.monotonic() - t0 < 30: time.sleep(0.05)\n"
+        f"open({str(tmp_path / 'got')!r}, 'w').write(str(len(got)))\n"
+        "sys.exit(75)\n")
+    bystander = f"{sys.executable} -c 'import time; time.sleep(60)'"
+    cmd = f"{bystander} & {sys.executable} {trainer}; status=$?; kill %1; exit $status"
+    t0 = time.monotonic()
+    import rlmeta.launch as L
+
+    old = L.RESEND_S
+    L.RESEND_S = 0.5
+    try:
+        assert supervise(cmd, dict(os.environ), time.monotonic() + 1.0) == 75
+    finally:
+        L.RESEND_S = old
+    assert (tmp_path / "got").read_text() == "2" and 1.0 <= time.monotonic() - t0 < 20
+
+
+def test_preemption_exit_records_the_stop(tmp_path, monkeypatch):
+    from rlmeta.preempt import EXIT_REQUEUE, INTERRUPTIONS, Preemption, restart_count
+
+    p = Preemption()
+    with p:
+        os.kill(os.getpid(), p.signum)
+    assert p.received and p.agreed()  # one process: no all-reduce
+    with pytest.raises(SystemExit) as e:
+        p.exit(7, tmp_path / "checkpoint-7", is_main=True, env={})
+    assert e.value.code == EXIT_REQUEUE
+    record = json.loads((tmp_path / INTERRUPTIONS).read_text())
+    assert (record["step"], record["signal"], record["slurm_job_id"]) == (7, "SIGUSR1", None)
+    assert restart_count("12", {"SLURM_RESTART_COUNT": "3"}) == 3 and restart_count(None, {}) is None

@@ -21,20 +21,25 @@ To run another workflow on the cluster (e.g. the real tiny FOMAML experiment)::
 """
 from __future__ import annotations
 
+import contextlib
 import getpass
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -408,6 +413,113 @@ def test_real_workflow_fomaml_on_slurm(slurm_cluster, tmp_path):
     step = next(r for r in steps if r["JobID"] == f"{jobs['train_fomaml']['JobID']}.0")
     assert step["State"] == "COMPLETED" and "gres/gpu=2" in step["AllocTRES"], step
     print(f"real FOMAML workflow under SLURM: {run.seconds:.0f} s")
+
+
+TRL_CONFIG = ROOT / "tests" / "fixtures" / "slurm_trl.yaml"
+
+
+@contextmanager
+def released_requeues(interval: float = 1.0):
+    """While inside: start requeued jobs at once. SLURM holds a requeued job for 120 s (EligibleTime); a real
+    cluster waits, the test does not (``scontrol update StartTime=now``, as root). Yields the job ids released."""
+    released: list[str] = []
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(interval):
+            out = subprocess.run(["squeue", "-h", "-o", "%i|%T|%r"], capture_output=True, text=True, timeout=10)
+            for line in out.stdout.split():
+                job, state, reason = line.split("|")
+                if state == "PENDING" and reason == "BeginTime":
+                    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
+                    released.append(job)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield released
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def signal_launcher_until(stopped: Path, timeout: float = 400) -> threading.Thread:
+    """A thread that finds the job's ``rlmeta launch`` and sends it SIGUSR1 every second until ``stopped`` exists
+    (the trainers' interruptions.jsonl): the launcher passes it on to every process under it, as it does itself
+    ``RLMETA_SIGNAL_BEFORE`` seconds before the time limit (trainers still loading ignore it, hence the repeats)."""
+    import psutil
+
+    def launcher():
+        for proc in psutil.process_iter(["cmdline"]):
+            argv = proc.info["cmdline"] or []
+            # <python> -m rlmeta launch ... -- train-trl (the rules' shell function), not the rule's bash -c
+            if argv[1:4] == ["-m", "rlmeta", "launch"] and "train-trl" in argv:
+                return proc
+        return None
+
+    def loop():
+        deadline = time.time() + timeout
+        try:
+            while time.time() < deadline and not stopped.exists():
+                proc = launcher()
+                if proc is not None:
+                    with contextlib.suppress(psutil.Error):
+                        proc.send_signal(signal.SIGUSR1)
+                        thread.sent += 1
+                time.sleep(1.0)
+        except Exception as e:  # reported by the test
+            thread.error = repr(e)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.sent, thread.error = 0, None
+    thread.start()
+    return thread
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_real_workflow_trl_requeue_on_slurm(slurm_cluster, tmp_path, monkeypatch):
+    """The real Snakefile under the slurm profile trains gsm8k_grpo_lora with 2 processes (train.distributed.nproc 2:
+    one SLURM job, --gpus=2, torchrun with two workers). During its first run the job's launcher gets SIGUSR1
+    (what it sends itself RLMETA_SIGNAL_BEFORE seconds before the time limit; the test sends it, so that the run
+    is stopped once, whatever the machine's load): both workers checkpoint the same step and exit, rank 0
+    requeues the job (scontrol requeue), the requeued job runs the rule again, which resumes from
+    that checkpoint and finishes; Snakemake sees one job that completed."""
+    workdir = tmp_path / "wf"
+    workdir.mkdir()
+    for entry in ROOT.iterdir():
+        if not entry.name.startswith(".") and entry.name != "results":
+            (workdir / entry.name).symlink_to(entry)
+    target = "results/gsm8k_grpo_lora/seed1/train_metrics.parquet"
+    train_log = workdir / "results/logs/gsm8k_grpo_lora/train_seed1.log"
+    monkeypatch.setenv("RLMETA_SIGNAL_BEFORE", "1")  # the launcher's own timer: 1 s before the 5-minute limit
+    with released_requeues() as released:
+        sender = signal_launcher_until(workdir / "results/gsm8k_grpo_lora/seed1/checkpoints/interruptions.jsonl")
+        run = slurm_cluster.run(workdir / "Snakefile", workdir, timeout=540,
+                                profile_extra={"set-resources": {"train_trl": {"runtime": 5}}},
+                                extra_args=["--workflow-profile", "none", "--configfile", str(TRL_CONFIG), "--",
+                                            target])
+        sender.join(timeout=5)
+    assert run.returncode == 0, run.log_tail(120)
+    assert sender.sent >= 1, sender.error
+    jobs = run.jobs_by_rule()
+    assert sorted(jobs) == ["train_trl"], run.jobs
+    job = jobs["train_trl"]
+    assert job["State"] == "COMPLETED" and "gres/gpu=2" in job["AllocTRES"], job
+    assert released == [job["JobID"]]  # requeued once (and started again at once)
+
+    seed = workdir / "results/gsm8k_grpo_lora/seed1"
+    stops = [json.loads(line) for line in (seed / "checkpoints" / "interruptions.jsonl").read_text().splitlines()]
+    assert len(stops) == 1, stops
+    stop = stops[0]
+    assert (stop["slurm_job_id"], stop["signal"], stop["slurm_restart_count"]) == (job["JobID"], "SIGUSR1", 0)
+    assert 0 < stop["step"] < 60
+    assert pq.read_table(seed / "train_metrics.parquet").column("step").to_pylist() == list(range(1, 61))
+    log = train_log.read_text()  # the second run's
+    assert f"resuming results/gsm8k_grpo_lora/seed1/checkpoints/checkpoint-{stop['step']}" in log, log[-3000:]
+    assert "torchrun --standalone --nproc_per_node=2 -m rlmeta train-trl" in log
+    assert re.search(r"rlmeta launch: \d+ s left in SLURM job \d+: SIGUSR1 to the trainers in \d+ s", log), log[:3000]
+    print(f"real TRL workflow under SLURM, requeued at step {stop['step']}: {run.seconds:.0f} s")
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ backend.  ``--nproc auto`` uses the GPUs this process can see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
@@ -42,6 +43,11 @@ from typing import Any
 from rlmeta.preempt import ignore_in_launcher
 
 DEFAULT_PORT = 29500
+SIGNAL_BEFORE_ENV = "RLMETA_SIGNAL_BEFORE"
+DEFAULT_SIGNAL_BEFORE = 300.0
+"""Seconds before a SLURM job's time limit at which the launcher signals its trainers (rlmeta.preempt)."""
+RESEND_S = 10.0
+"""After the first pre-timeout signal, the launcher repeats it this often until its command ends."""
 #: Shell expression (evaluated on the job's first node) giving the rendezvous host.
 HEAD_NODE_EXPR = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'
 
@@ -50,7 +56,9 @@ __all__ = [
     "HEAD_NODE_EXPR",
     "torchrun_command",
     "gpus_from_env",
-    "in_batch_step",
+    "parse_time_left",
+    "slurm_time_left",
+    "supervise",
     "nproc_for",
     "resolve_torchrun",
     "resolve_trl",
@@ -148,11 +156,60 @@ def resolve_trl() -> str:
     return shlex.quote(shutil.which("trl") or "trl")
 
 
-def in_batch_step(env: Mapping[str, str] | None = None) -> bool:
-    """True in a SLURM job's batch step (a rule the executor plugin did not wrap in ``srun``: ``mpi`` set), where
-    the workers need an ``srun`` step of their own: steps are what ``sbatch --signal`` reaches."""
+def parse_time_left(text: str) -> float | None:
+    """Seconds in squeue's ``%L`` (``[D-]H:MM:SS``, ``M:SS``), None for ``UNLIMITED``, ``NOT_SET`` or unreadable."""
+    text = text.strip()
+    days, _, clock = text.rpartition("-")
+    parts = clock.split(":")
+    if not 1 <= len(parts) <= 3 or not all(x.isdigit() for x in parts) or (days and not days.isdigit()):
+        return None
+    seconds = 0
+    for x in parts:
+        seconds = seconds * 60 + int(x)
+    return float(seconds + 86400 * int(days or 0))
+
+
+def slurm_time_left(env: Mapping[str, str] | None = None) -> float | None:
+    """Seconds before this SLURM job's time limit (squeue ``%L``), None outside SLURM or without a limit."""
     env = os.environ if env is None else env
-    return bool(env.get("SLURM_JOB_ID")) and not env.get("SLURM_STEP_ID")
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_time_left(out.stdout) if out.returncode == 0 else None
+
+
+def supervise(cmd: str, env: dict[str, str], signal_at: float | None) -> int:
+    """Run ``cmd`` (bash) and wait; from ``signal_at`` (a ``time.monotonic()`` value) on, or when this process
+    gets SIGUSR1, send SIGUSR1 to every process under it (torchrun starts its workers in sessions of their own,
+    so a process-group signal would miss them), again every ``RESEND_S`` seconds until the command ends: a
+    trainer still loading its model ignores it (it installs its handler when training starts). The children
+    ignore it unless they handle it (the trainers do: ``rlmeta.preempt``). Returns the command's exit status."""
+    import signal
+    import time
+
+    import psutil
+
+    child = subprocess.Popen(["bash", "-c", cmd], env=env, preexec_fn=ignore_in_launcher)
+
+    def notify(*_):
+        tree = psutil.Process(child.pid).children(recursive=True) + [psutil.Process(child.pid)]
+        print(f"rlmeta launch: SIGUSR1 to {len(tree)} processes (checkpoint and exit)", file=sys.stderr, flush=True)
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGUSR1)
+
+    signal.signal(signal.SIGUSR1, notify)
+    while True:
+        wait = None if signal_at is None else max(0.0, signal_at - time.monotonic())
+        try:
+            return child.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            signal_at = time.monotonic() + RESEND_S
+            notify()
 
 
 def gpus_from_env(env: Mapping[str, str] | None = None) -> int | None:
@@ -301,6 +358,10 @@ def command(p: argparse.ArgumentParser):
     p.add_argument("--vllm-max-model-len", type=int, default=None, help="the vLLM engine's context length")
     p.add_argument("--trl", default=None, help="the trl command of --vllm-serve-gpus (default: next to this Python, "
                                                 "else on PATH)")
+    p.add_argument("--signal-before", type=float, default=None,
+                   help="inside a SLURM job with a time limit: stay as the command's parent and send SIGUSR1 to its "
+                        "processes this many seconds before the limit, so that the trainers checkpoint and exit "
+                        f"for a requeue (default: ${SIGNAL_BEFORE_ENV}, else {DEFAULT_SIGNAL_BEFORE:g}; 0 = off)")
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
     p.add_argument("target", help="an rlmeta step (e.g. train-fomaml) or a script path (put it after --)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the step or script")
@@ -328,10 +389,10 @@ def command(p: argparse.ArgumentParser):
             nproc = ns.nproc // ns.nodes
         step = ns.target in STEPS
         target, args = ("rlmeta", [ns.target, *args]) if step else (ns.target, args)
-        use_srun = ns.srun or ns.nodes > 1 or in_batch_step()
+        use_srun = ns.srun or ns.nodes > 1
         if ns.direct_if_one and nproc == 1 and ns.nodes == 1:
             cmd = " ".join(shlex.quote(a) for a in [sys.executable, *(["-m"] if step else []), target, *args])
-            if use_srun:  # a step of its own, which the pre-timeout signal reaches (rlmeta.preempt)
+            if use_srun:  # --srun: a step of its own
                 cpus = ns.cpus_per_task and f" --cpus-per-task={_positive_int(ns.cpus_per_task, 'cpus_per_task')}"
                 cmd = f"srun --nodes=1 --ntasks-per-node=1{cpus or ''} {cmd}"
         else:
@@ -350,10 +411,20 @@ def command(p: argparse.ArgumentParser):
             print(cmd)
             return 0
         print(f"rlmeta launch: {cmd}", file=sys.stderr, flush=True)
-        ignore_in_launcher()  # inherited through exec: torchrun's agent ignores it, the trainers handle it
         env = dict(os.environ)
         if use_srun:
             env = _slurm_env_for_srun(env)
+        before = ns.signal_before
+        if before is None:
+            before = float(env.get(SIGNAL_BEFORE_ENV) or DEFAULT_SIGNAL_BEFORE)
+        left = slurm_time_left(env) if before > 0 else None
+        if left is not None:  # a SLURM job with a time limit: signal the trainers before it
+            import time
+
+            print(f"rlmeta launch: {left:.0f} s left in SLURM job {env['SLURM_JOB_ID']}: SIGUSR1 to the trainers "
+                  f"in {max(0.0, left - before):.0f} s", file=sys.stderr, flush=True)
+            return supervise(cmd, env, time.monotonic() + left - before)
+        ignore_in_launcher()  # inherited through exec: torchrun's agent ignores it, the trainers handle it
         os.execvpe("bash", ["bash", "-c", cmd], env)
         return 127  # not reached
     return run

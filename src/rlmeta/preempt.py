@@ -1,21 +1,24 @@
 """Checkpoint-and-requeue on a signal: how a training job survives a SLURM time limit.
 
-Under ``profiles/slurm`` the training jobs are submitted with ``--signal=USR1@<seconds>``: that many
-seconds before the time limit SLURM sends SIGUSR1 to the processes of the job's steps (the ``srun`` that
-``rlmeta launch`` starts). Each trainer (TRL, FOMAML and its baselines; MLX never runs there) holds a
+Inside a SLURM job with a time limit, ``rlmeta launch`` stays as the parent of the training processes and,
+``--signal-before`` seconds (default 300, ``$RLMETA_SIGNAL_BEFORE``) before the limit, sends SIGUSR1 to each
+of them (``rlmeta.launch.supervise``). Not ``sbatch --signal``: the executor plugin runs the rule under an
+inner ``snakemake`` in an ``srun`` step, and SLURM's signal would reach (and kill) that process as well, or,
+with ``B:``, the batch shell. Each trainer (TRL, FOMAML and its baselines; MLX never runs there) holds a
 ``Preemption``: its handler only sets a flag; at the end of every optimizer step the ranks agree on it
 (one all-reduce of a flag, so that every rank stops at the same step), write a checkpoint as they do every
 ``checkpoint_every`` steps, and leave: rank 0 asks SLURM to requeue the job (``scontrol requeue``) and every
 rank exits with ``EXIT_REQUEUE``. The requeued job runs the rule again, which resumes from that checkpoint.
 Outside SLURM the same signal writes the checkpoint and exits; running the step again resumes.
 
-``rlmeta launch`` ignores SIGUSR1 itself, and so do the processes it starts (``torchrun``'s agent, the vLLM
-server) unless they install a handler: only the trainers act on it.
+The processes ``rlmeta launch`` starts ignore SIGUSR1 (``torchrun``'s agent, the vLLM server) unless they
+install a handler: only the trainers act on it. Each stop is appended to ``<checkpoints>/interruptions.jsonl``.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +28,8 @@ log = logging.getLogger(__name__)
 SIGNAL = signal.SIGUSR1
 EXIT_REQUEUE = 75
 """Exit status of a trainer that stopped on the signal after writing its checkpoint (EX_TEMPFAIL: try again)."""
+INTERRUPTIONS = "interruptions.jsonl"
+"""In the checkpoints folder: one JSON line per stop (step, checkpoint, time, SLURM job and restart count)."""
 
 
 class Preemption:
@@ -66,6 +71,14 @@ class Preemption:
         env = os.environ if env is None else env
         job = env.get("SLURM_JOB_ID")
         if is_main:
+            import json
+            import time
+
+            record = {"step": step, "checkpoint": str(checkpoint), "signal": signal.Signals(self.signum).name,
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "slurm_job_id": job,
+                      "slurm_restart_count": restart_count(job, env)}
+            with open(os.path.join(os.path.dirname(os.fspath(checkpoint)), INTERRUPTIONS), "a") as fh:
+                fh.write(json.dumps(record) + "\n")
             if job:
                 r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
                 outcome = "requeued" if r.returncode == 0 else f"requeue failed ({r.stderr.strip()})"
@@ -75,6 +88,22 @@ class Preemption:
                 log.warning("stopped at step %d on %s: %s written; run the step again to resume", step,
                             signal.Signals(self.signum).name, checkpoint)
         raise SystemExit(EXIT_REQUEUE)
+
+
+def restart_count(job: str | None, env=None) -> int | None:
+    """How often SLURM has requeued this job: ``SLURM_RESTART_COUNT`` (0 when unset in the batch script), else
+    ``scontrol show job``'s ``Restarts`` (the executor plugin's job steps do not pass the variable on)."""
+    env = os.environ if env is None else env
+    if not job:
+        return None
+    if env.get("SLURM_RESTART_COUNT", "").isdigit():
+        return int(env["SLURM_RESTART_COUNT"])
+    try:
+        out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"\bRestarts=(\d+)", out)
+    return int(m.group(1)) if m else None
 
 
 def ignore_in_launcher() -> None:
