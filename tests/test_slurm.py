@@ -311,11 +311,11 @@ def test_fixture_sbatch_and_srun_lines(fixture_run):
     mpi = " ".join(calls["mpi_torchrun"].split(" --wrap=")[0].split())
     assert re.fullmatch(
         rf"sbatch --parsable --job-name {run.run_id} --output \S+/rule_gpu_torchrun/%j.log --export=ALL "
-        rf"--comment rule_gpu_torchrun -p {LOCAL_PARTITION} -t 5 --mem 2000 --nodes=1 --cpus-per-task=1 "
+        rf"--comment rule_gpu_torchrun -p {LOCAL_PARTITION} -t 5 --mem 2000 --nodes=1 --requeue --cpus-per-task=1 "
         rf"-D \S+ --gpus=1", gpu), gpu
     assert re.fullmatch(
         rf"sbatch --parsable --job-name {run.run_id} --output \S+/rule_mpi_torchrun/%j.log --export=ALL "
-        rf"--comment rule_mpi_torchrun -p {LOCAL_PARTITION} -t 5 --mem 2000 --nodes=1 --ntasks=2 "
+        rf"--comment rule_mpi_torchrun -p {LOCAL_PARTITION} -t 5 --mem 2000 --nodes=1 --requeue --ntasks=2 "
         rf"--cpus-per-task=1 -D \S+ --gpus=1", mpi), mpi
 
     # job steps: the plugin wraps a non-MPI rule in 'srun -n1'; the mpi rule's step is our srun torchrun
@@ -348,7 +348,7 @@ def test_two_node_torchrun_rendezvous(fixture_run, slurm_cluster):
     assert row["State"] == "COMPLETED", row
     assert "node=2" in row["AllocTRES"] and "gres/gpu=2" in row["AllocTRES"], row
     call = " ".join(run.sbatch_calls()["two_node_torchrun"].split(" --wrap=")[0].split())
-    assert re.search(r" -t 5 --mem 1000 --nodes=2 --ntasks=2 --cpus-per-task=1 -D \S+ --gres=gpu:1 --gpus=2$",
+    assert re.search(r" -t 5 --mem 1000 --nodes=2 --requeue --ntasks=2 --cpus-per-task=1 -D \S+ --gres=gpu:1 --gpus=2$",
                      call), call
     import json
     summary = json.loads((run.workdir / "out" / "two_nodes.json").read_text())
@@ -400,7 +400,7 @@ def test_real_workflow_fomaml_on_slurm(slurm_cluster, tmp_path):
     assert "gres/gpu=2" in jobs["train_fomaml"]["AllocTRES"], jobs["train_fomaml"]
     assert "gres/gpu=1" in jobs["eval_adaptation"]["AllocTRES"], jobs["eval_adaptation"]
     call = " ".join(run.sbatch_calls()["train_fomaml"].split(" --wrap=")[0].split())
-    assert re.search(r" --nodes=1 --cpus-per-task=\d+ -D \S+ --gpus=2$", call), call
+    assert re.search(r" --nodes=1 --requeue --cpus-per-task=\d+ -D \S+ --gpus=2$", call), call
     log_dir = workdir / ".snakemake" / "slurm_logs"  # rule_<name>/<wildcards>/<jobid>.log
     slurm_logs = {p.relative_to(log_dir).parts[0]: p.read_text() for p in log_dir.glob("rule_*/**/*.log")}
     assert "rlmeta launch --nproc 2 --nodes 1" in slurm_logs["rule_train_fomaml"]
@@ -594,7 +594,9 @@ def _plugin_sbatch(rule: str, resources: dict) -> str:
     job = SimpleNamespace(resources=_Res(resources), threads=1, name=rule, is_group=lambda: False)
     params = {"run_uuid": "RUN", "slurm_logfile": f"LOGDIR/rule_{rule}/%j.log", "comment_str": f"rule_{rule}",
               "account": "", "partition": f" -p {resources['slurm_partition']}", "workdir": "WORKDIR"}
-    settings = SimpleNamespace(requeue=False, no_requeue=False, qos=None, reservation=None)
+    # the profile's slurm-requeue: true -> sbatch --requeue
+    settings = SimpleNamespace(requeue=bool(_profile("slurm").get("slurm-requeue")), no_requeue=False, qos=None,
+                               reservation=None)
     call = get_submit_command(job, params, settings=settings) + set_gres_string(job)
     return " ".join(call.split())
 
@@ -614,13 +616,13 @@ def test_plugin_sbatch_line_single_node_gpu_rule():
     # gpu=2: what rules/meta.smk sets for an experiment with meta.nproc 2 under platform=slurm
     line = _plugin_sbatch("train_fomaml", _profile_resources("train_fomaml", {"gpu": 2}))
     assert line == ("sbatch --parsable --job-name RUN --output LOGDIR/rule_train_fomaml/%j.log --export=ALL "
-                    "--comment rule_train_fomaml -p gpu -t 720 --mem 64000 --nodes=1 --cpus-per-task=8 "
+                    "--comment rule_train_fomaml -p gpu -t 720 --mem 64000 --nodes=1 --requeue --cpus-per-task=8 "
                     "-D WORKDIR --gpus=2")
     # gpu=2: what rules/train.smk sets for train.distributed.nproc 2 under platform=slurm
     line = _plugin_sbatch("train_trl", _profile_resources("train_trl", {"gpu": 2}))
-    assert line.endswith("-p gpu -t 720 --mem 64000 --nodes=1 --cpus-per-task=8 -D WORKDIR --gpus=2")
+    assert line.endswith("-p gpu -t 720 --mem 64000 --nodes=1 --requeue --cpus-per-task=8 -D WORKDIR --gpus=2")
     line = _plugin_sbatch("generate", _profile_resources("generate"))
-    assert line.endswith("-p gpu -t 120 --mem 32000 --nodes=1 --cpus-per-task=8 -D WORKDIR --gpus=1")
+    assert line.endswith("-p gpu -t 120 --mem 32000 --nodes=1 --requeue --cpus-per-task=8 -D WORKDIR --gpus=1")
 
 
 def test_plugin_sbatch_line_multinode_example():
@@ -628,7 +630,7 @@ def test_plugin_sbatch_line_multinode_example():
     assert example["mpi"] == "srun" and example["nodes"] == 2 and example["tasks"] == 2
     line = _plugin_sbatch("train_fomaml", _profile_resources("train_fomaml", {"gpu": 1, **example}))
     assert line == ("sbatch --parsable --job-name RUN --output LOGDIR/rule_train_fomaml/%j.log --export=ALL "
-                    "--comment rule_train_fomaml -p gpu -t 720 --mem 128000 --nodes=2 --ntasks=2 "
+                    "--comment rule_train_fomaml -p gpu -t 720 --mem 128000 --nodes=2 --requeue --ntasks=2 "
                     "--cpus-per-task=16 -D WORKDIR --gres=gpu:4 --gpus=8")
     # without tasks_per_gpu: 0 the plugin would add --ntasks-per-gpu=2 (16 tasks for 8 GPUs)
     example.pop("tasks_per_gpu")
