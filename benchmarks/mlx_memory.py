@@ -25,6 +25,7 @@ CONFIGS = {  # name: train overrides
     "float32 LoRA + KL (adapters off)": {"beta": 0.04, "lora": {"r": 8, "alpha": 16}},
     "bfloat16 full + KL (frozen copy)": {"beta": 0.04, "dtype": "bfloat16"},
     "bfloat16 LoRA + KL (adapters off)": {"beta": 0.04, "lora": {"r": 8, "alpha": 16}, "dtype": "bfloat16"},
+    "bfloat16 full + KL, gradient checkpointing": {"beta": 0.04, "dtype": "bfloat16", "gradient_checkpointing": True},
 }
 
 ONE = """

@@ -136,8 +136,9 @@ def test_ddp_fsdp_zero3_arguments(tmp_path):
         "version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT",
         "cpu_ram_efficient_loading": True, "activation_checkpointing": True, "cpu_offload": False}
     assert not fsdp["activation_checkpointing"]  # FSDP's own, not a second all-gather
-    off = T.grpo_config_kwargs(job(strategy="fsdp", gradient_checkpointing=False, cpu_offload=True), tmp_path,
-                               cuda=True, world=2)
+    no_ckpt = job(strategy="fsdp", cpu_offload=True)
+    no_ckpt = no_ckpt.model_copy(update={"train": no_ckpt.train.model_copy(update={"gradient_checkpointing": False})})
+    off = T.grpo_config_kwargs(no_ckpt, tmp_path, cuda=True, world=2)
     assert off["fsdp_config"]["activation_checkpointing"] is False and off["fsdp_config"]["cpu_offload"] is True
 
     assert T.zero3_config() == {

@@ -288,9 +288,6 @@ class DistributedSettings(Block):
         "ddp", "ddp: a full replica per process, gradients all-reduced (CPU or GPU); fsdp: FSDP2 through "
                "accelerate (parameters, gradients and optimizer state sharded over the processes; CUDA only); "
                "zero3: DeepSpeed ZeRO-3 (CUDA only, the deepspeed extra).")
-    gradient_checkpointing: bool | None = opt(
-        None, "Recompute activations in the backward pass: memory for compute (null = on with CUDA, off on the "
-              "CPU). Under fsdp it is FSDP's own activation checkpointing (no second all-gather).")
     cpu_offload: bool = opt(False, "fsdp / zero3: keep parameters and optimizer state in CPU memory between uses.")
 
 
@@ -417,6 +414,12 @@ class TrainSettings(Block):
              "(1 = off, above 1 discourages repeats). Shapes the draw only: trained log-probs stay the model's.",
         gt=0)
     max_new_tokens: int = opt(128, "Longest completion, in tokens.", ge=1)
+    gradient_checkpointing: bool | None = opt(
+        None, "Recompute each decoder layer's activations in the backward pass: memory for compute (null = on with "
+              "CUDA on torch, off on the CPU and on MLX). torch: TRL's activation checkpointing (under "
+              "distributed.strategy fsdp, FSDP's own: no second all-gather); MLX: mlx-lm's grad_checkpoint on each "
+              "layer during the update (Metal, bfloat16/float16; the float32 CPU fast path has its own layer loop "
+              "and ignores it).")
     chat_template_kwargs: dict[str, Any] = opt({}, CHAT_TEMPLATE_KWARGS_HELP)
     dtype: Literal["float32", "bfloat16", "float16"] = opt(
         "float32", "MLX only: the dtype of the policy's and the KL reference's weights (bfloat16 halves a Mac's "

@@ -6,6 +6,8 @@ which would break the MLX/torch parity the tests check.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -41,3 +43,24 @@ def lm_head(model: nn.Module, hidden: mx.array) -> mx.array:
     if hasattr(model, "lm_head"):
         return model.lm_head(hidden)
     return model.model.embed_tokens.as_linear(hidden)
+
+
+@contextmanager
+def checkpointed_layers(model, enabled: bool = True):
+    """Inside: the model's decoder layers recompute their activations in the backward pass (mlx-lm's own
+    ``tuner.trainer.grad_checkpoint``, ``mx.checkpoint`` over each layer call). mlx-lm patches the layer class's
+    ``__call__``; the class gets its own back on exit, so that sampling and the KL reference (which compute no
+    gradient) and other models in the process are untouched."""
+    if not enabled:
+        yield
+        return
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    cls = type(model.model.layers[0])
+    saved = cls.__call__
+    grad_checkpoint(model.model.layers[0])
+    try:
+        yield
+    finally:
+        cls.__call__ = saved
+

@@ -32,8 +32,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from rlmeta import checkpoints
-from rlmeta.policy import load_policy
+from rlmeta.policy import load_policy, mlx_packed
 from rlmeta.policy.base import LOGITS_BUDGET, derive_seed
+from rlmeta.policy.mlx_compat import checkpointed_layers
 from rlmeta.policy.mlx_policy import pad_batch, sequence_logprobs
 from rlmeta.prompts import train_rows
 from rlmeta.provenance import write_training_record
@@ -85,6 +86,9 @@ class MLXTrainer:
         lr = mlx_schedule(self.t.lr_schedule, self.t.learning_rate, self.t.warmup_steps * mu, self.t.steps * mu)
         self.optimizer = optim.AdamW(learning_rate=lr, weight_decay=self.t.weight_decay, bias_correction=True)
         self.grad_fn = nn.value_and_grad(self.policy.model, self._loss)
+        if self.t.gradient_checkpointing and mlx_packed.HOST_GEMM and self.t.dtype == "float32":
+            log.warning("train.gradient_checkpointing: the float32 CPU fast path (rlmeta.policy.mlx_packed) runs its "
+                        "own layer loop and ignores it; it applies on Metal and with train.dtype bfloat16/float16")
         self.guard = DivergenceGuard(self.t.guard, job.reward_floor, "train.guard", checkpoints.weights_finite)
         self.step, self.tokens = 0, 0
         self._metrics: dict = {}
@@ -220,8 +224,9 @@ class MLXTrainer:
             w = {"grpo": rows_w, "dr_grpo": rows_w, "bnpo": tok_w, "dapo": 1.0}[self.t.loss_type]
             ref = None if batch["ref"] is None else batch["ref"][sl]
             old = batch["old"][sl] if old_logp else None
-            loss, g = self.grad_fn(self.policy.model, batch["ids"][sl], batch["plen"][sl], batch["mask"][sl], old,
-                                   ref, batch["adv"][sl], tokens, m)
+            with checkpointed_layers(self.policy.model, bool(self.t.gradient_checkpointing)):  # builds the graph
+                loss, g = self.grad_fn(self.policy.model, batch["ids"][sl], batch["plen"][sl], batch["mask"][sl],
+                                       old, ref, batch["adv"][sl], tokens, m)
             if w != 1.0:
                 g = tree_map(lambda a, w=w: a * w, g)
             grads = g if grads is None else tree_map(mx.add, grads, g)

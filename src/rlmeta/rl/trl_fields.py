@@ -20,7 +20,7 @@ OWNED: dict[str, str] = {
     "full_determinism": "train.trl.deterministic",
     "use_cpu": "the machine (the CPU when there is no CUDA GPU)",
     "bf16": "train.trl.bf16",
-    "activation_checkpointing": "train.distributed.gradient_checkpointing",
+    "activation_checkpointing": "train.gradient_checkpointing",
     "fsdp": "train.distributed.strategy", "fsdp_config": "train.distributed.strategy",
     "deepspeed": "train.distributed.strategy",
     "max_steps": "train.steps (x train.updates_per_batch)",

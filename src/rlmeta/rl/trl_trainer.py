@@ -88,7 +88,7 @@ def grpo_config_kwargs(job: RLJob, out_dir: str | os.PathLike, seed: int = 0, re
         raise SystemExit(f"rlmeta train-trl: {world} processes cannot share the global batch batch_prompts x "
                          f"group_size = {t.batch_prompts * t.group_size} equally; set train.distributed.nproc to a "
                          "divisor of it")
-    checkpointing = cuda if t.distributed.gradient_checkpointing is None else t.distributed.gradient_checkpointing
+    checkpointing = cuda if t.gradient_checkpointing is None else t.gradient_checkpointing
     eps_low, eps_high = job.epsilons
     mu = t.updates_per_batch
     report_to = report_to or t.trl.report_to
