@@ -359,6 +359,16 @@ def test_two_node_torchrun_rendezvous(fixture_run, slurm_cluster):
     assert step["JobName"] == "torchrun" and step["State"] == "COMPLETED" and "," in step["NodeList"], step
 
 
+def repo_workdir(workdir: Path) -> Path:
+    """A work directory that looks like the repository (symlinks to its entries), with its own .snakemake and
+    results/."""
+    workdir.mkdir()
+    for entry in ROOT.iterdir():
+        if not entry.name.startswith(".") and entry.name != "results":
+            (workdir / entry.name).symlink_to(entry)
+    return workdir
+
+
 FOMAML_CONFIG = ROOT / "tests" / "fixtures" / "slurm_fomaml.yaml"
 FOMAML_LOCAL_RULES = ["prepare_math", "split_math_tasks", "build_model", "report_fomaml"]
 
@@ -369,12 +379,7 @@ def test_real_workflow_fomaml_on_slurm(slurm_cluster, tmp_path):
     """The real Snakefile with the slurm profile on the tiny FOMAML experiment
     (tests/fixtures/slurm_fomaml.yaml): data, tokenizer/model and report rules run on the
     submit host; train_fomaml (torchrun, 2 workers) and eval_adaptation are SLURM jobs."""
-    # a work directory that looks like the repository, with its own .snakemake and results/
-    workdir = tmp_path / "wf"
-    workdir.mkdir()
-    for entry in ROOT.iterdir():
-        if not entry.name.startswith(".") and entry.name != "results":
-            (workdir / entry.name).symlink_to(entry)
+    workdir = repo_workdir(tmp_path / "wf")
     target = "results/math_fomaml/report/report.html"
     # --workflow-profile none: else Snakemake also loads the repository's profiles/default as
     # the implicit "workflow profile", whose keys (config: platform=local, default-resources,
@@ -485,11 +490,7 @@ def test_real_workflow_trl_requeue_on_slurm(slurm_cluster, tmp_path, monkeypatch
     is stopped once, whatever the machine's load): both workers checkpoint the same step and exit, rank 0
     requeues the job (scontrol requeue), the requeued job runs the rule again, which resumes from
     that checkpoint and finishes; Snakemake sees one job that completed."""
-    workdir = tmp_path / "wf"
-    workdir.mkdir()
-    for entry in ROOT.iterdir():
-        if not entry.name.startswith(".") and entry.name != "results":
-            (workdir / entry.name).symlink_to(entry)
+    workdir = repo_workdir(tmp_path / "wf")
     target = "results/gsm8k_grpo_lora/seed1/train_metrics.parquet"
     train_log = workdir / "results/logs/gsm8k_grpo_lora/train_seed1.log"
     monkeypatch.setenv("RLMETA_SIGNAL_BEFORE", "1")  # the launcher's own timer: 1 s before the 5-minute limit
