@@ -416,7 +416,10 @@ def command(p: argparse.ArgumentParser):
             env = _slurm_env_for_srun(env)
         before = ns.signal_before
         if before is None:
-            before = float(env.get(SIGNAL_BEFORE_ENV) or DEFAULT_SIGNAL_BEFORE)
+            try:
+                before = float(env.get(SIGNAL_BEFORE_ENV) or DEFAULT_SIGNAL_BEFORE)
+            except ValueError:
+                p.error(f"${SIGNAL_BEFORE_ENV} must be a number of seconds, got {env[SIGNAL_BEFORE_ENV]!r}")
         left = slurm_time_left(env) if before > 0 else None
         if left is not None:  # a SLURM job with a time limit: signal the trainers before it
             import time
