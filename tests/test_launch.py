@@ -206,6 +206,12 @@ def test_parse_time_left(text, seconds):
     assert parse_time_left(text) == seconds
 
 
+def test_signal_wait():
+    from rlmeta.launch import signal_wait
+
+    assert signal_wait(3600, 300) == 3300 and signal_wait(296, 300) == 148 and signal_wait(500, 300) == 250
+
+
 def test_supervise_signals_the_tree_and_returns_its_status(tmp_path):
     """The launcher's SLURM mode: SIGUSR1 reaches a grandchild that handles it (the trainer) at the set time, and is
     repeated; a grandchild that does not handle it ignores it (torchrun's agent); the command's status comes back."""

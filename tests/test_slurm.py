@@ -497,7 +497,8 @@ def test_real_workflow_trl_requeue_on_slurm(slurm_cluster, tmp_path, monkeypatch
     with released_requeues() as released:
         sender = signal_launcher_until(workdir / "results/gsm8k_grpo_lora/seed1/checkpoints/interruptions.jsonl")
         run = slurm_cluster.run(workdir / "Snakefile", workdir, timeout=540,
-                                profile_extra={"set-resources": {"train_trl": {"runtime": 5}}},
+                                profile_extra={"set-resources": {"train_trl": {"runtime": 5, "mem_mb": 4000,
+                                                                               "cpus_per_task": 2}}},
                                 extra_args=["--workflow-profile", "none", "--configfile", str(TRL_CONFIG), "--",
                                             target])
         sender.join(timeout=5)

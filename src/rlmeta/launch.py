@@ -57,6 +57,7 @@ __all__ = [
     "torchrun_command",
     "gpus_from_env",
     "parse_time_left",
+    "signal_wait",
     "slurm_time_left",
     "supervise",
     "nproc_for",
@@ -180,6 +181,12 @@ def slurm_time_left(env: Mapping[str, str] | None = None) -> float | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return parse_time_left(out.stdout) if out.returncode == 0 else None
+
+
+def signal_wait(left: float, before: float) -> float:
+    """Seconds from now to the pre-timeout signal: ``before`` seconds before the limit, ``left`` seconds away, but
+    never in the first half of the time left (a job shorter than ``before`` must progress before it stops)."""
+    return max(left - before, left / 2)
 
 
 def supervise(cmd: str, env: dict[str, str], signal_at: float | None) -> int:
@@ -359,9 +366,10 @@ def command(p: argparse.ArgumentParser):
     p.add_argument("--trl", default=None, help="the trl command of --vllm-serve-gpus (default: next to this Python, "
                                                 "else on PATH)")
     p.add_argument("--signal-before", type=float, default=None,
-                   help="inside a SLURM job with a time limit: stay as the command's parent and send SIGUSR1 to its "
-                        "processes this many seconds before the limit, so that the trainers checkpoint and exit "
-                        f"for a requeue (default: ${SIGNAL_BEFORE_ENV}, else {DEFAULT_SIGNAL_BEFORE:g}; 0 = off)")
+                   help="inside a one-node SLURM job with a time limit: stay as the command's parent and send SIGUSR1 "
+                        "to its processes this many seconds before the limit (at the latest half-way through the "
+                        "time left), so that the trainers checkpoint and exit for a requeue (default: "
+                        f"${SIGNAL_BEFORE_ENV}, else {DEFAULT_SIGNAL_BEFORE:g}; 0 = off)")
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
     p.add_argument("target", help="an rlmeta step (e.g. train-fomaml) or a script path (put it after --)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the step or script")
@@ -420,13 +428,17 @@ def command(p: argparse.ArgumentParser):
                 before = float(env.get(SIGNAL_BEFORE_ENV) or DEFAULT_SIGNAL_BEFORE)
             except ValueError:
                 p.error(f"${SIGNAL_BEFORE_ENV} must be a number of seconds, got {env[SIGNAL_BEFORE_ENV]!r}")
-        left = slurm_time_left(env) if before > 0 else None
-        if left is not None:  # a SLURM job with a time limit: signal the trainers before it
+        # a one-node job with a time limit: signal the trainers before it. Not the srun form (several nodes): its
+        # torchrun agents are srun's tasks, which a forwarded SIGUSR1 would kill; there the periodic checkpoints
+        # and slurm-requeue resume
+        left = slurm_time_left(env) if before > 0 and not use_srun else None
+        if left is not None:
             import time
 
+            wait = signal_wait(left, before)
             print(f"rlmeta launch: {left:.0f} s left in SLURM job {env['SLURM_JOB_ID']}: SIGUSR1 to the trainers "
-                  f"in {max(0.0, left - before):.0f} s", file=sys.stderr, flush=True)
-            return supervise(cmd, env, time.monotonic() + left - before)
+                  f"in {wait:.0f} s", file=sys.stderr, flush=True)
+            return supervise(cmd, env, time.monotonic() + wait)
         ignore_in_launcher()  # inherited through exec: torchrun's agent ignores it, the trainers handle it
         os.execvpe("bash", ["bash", "-c", cmd], env)
         return 127  # not reached

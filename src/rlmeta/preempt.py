@@ -1,10 +1,11 @@
 """Checkpoint-and-requeue on a signal: how a training job survives a SLURM time limit.
 
-Inside a SLURM job with a time limit, ``rlmeta launch`` stays as the parent of the training processes and,
-``--signal-before`` seconds (default 300, ``$RLMETA_SIGNAL_BEFORE``) before the limit, sends SIGUSR1 to each
-of them (``rlmeta.launch.supervise``). Not ``sbatch --signal``: the executor plugin runs the rule under an
-inner ``snakemake`` in an ``srun`` step, and SLURM's signal would reach (and kill) that process as well, or,
-with ``B:``, the batch shell. Each trainer (TRL, FOMAML and its baselines; MLX never runs there) holds a
+Inside a one-node SLURM job with a time limit, ``rlmeta launch`` stays as the parent of the training processes
+and, ``--signal-before`` seconds (default 300, ``$RLMETA_SIGNAL_BEFORE``; at the latest half-way through the time
+left) before the limit, sends SIGUSR1 to each of them (``rlmeta.launch.supervise``). Not ``sbatch --signal``:
+the executor plugin runs the rule under an inner ``snakemake`` in an ``srun`` step, and SLURM's signal would
+reach (and kill) that process as well, or, with ``B:``, the batch shell. Each trainer (TRL, FOMAML and its
+baselines; MLX never runs there) holds a
 ``Preemption``: its handler only sets a flag; at the end of every optimizer step the ranks agree on it
 (one all-reduce of a flag, so that every rank stops at the same step), write a checkpoint as they do every
 ``checkpoint_every`` steps, and leave: rank 0 asks SLURM to requeue the job (``scontrol requeue``) and every
