@@ -148,9 +148,10 @@ def distributed_kwargs(d: DistributedSettings, cuda: bool, checkpointing: bool) 
     """transformers ``TrainingArguments`` for ``train.distributed.strategy``; accelerate builds its plugin from them.
 
     ddp needs nothing (torchrun's environment makes accelerate wrap the model in DistributedDataParallel, gloo on
-    the CPU, NCCL on GPUs). fsdp: FSDP2 (``fsdp_config.version`` 2) with full-state-dict checkpoints (portable;
-    a resume may then change the process count), each decoder layer its own unit (transformers' default
-    ``TRANSFORMER_BASED_WRAP`` from the model's ``_no_split_modules``), weights loaded on rank 0 and broadcast.
+    the CPU, NCCL on GPUs). fsdp: FSDP2 (``fsdp_config.version`` 2) with full-state-dict checkpoints (whole
+    weights; a resume still needs the same layout, ``_resume_checkpoint``), each decoder layer its own unit
+    (transformers' default ``TRANSFORMER_BASED_WRAP`` from the model's ``_no_split_modules``), weights loaded on
+    rank 0 and broadcast.
     zero3: DeepSpeed ZeRO stage 3 with ``"auto"`` values that transformers fills from these arguments, and
     16-bit weights gathered at save time so that checkpoints load anywhere. Both need CUDA (SystemExit otherwise).
     """
