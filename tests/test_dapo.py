@@ -1,5 +1,5 @@
 """DAPO's controls (Yu et al. 2025) on both trainers: the soft overlong penalty (eq. 13) against hand-computed values
-on each backend's reward path, dynamic sampling's extra draws on MLX, masking truncated completions out of the loss
+on each backend's reward path, dynamic sampling's extra draws on MLX and TRL (replayed by hand), masking truncated completions out of the loss
 (MLX: no gradient from a masked row; TRL: its own ``mask_truncated_completions``), and one-line config errors."""
 from __future__ import annotations
 
@@ -34,10 +34,19 @@ def constant(completion, reference=None, prompt=None):
     return 0.5
 
 
+SCORED: list[int] = []  # the prompt number of every completion toy_logged_hash scored, in order
+
+
+def logged_hash(completion, reference=None, prompt=None):
+    SCORED.append(int(prompt[-1]["content"].split()[1]))
+    return text_hash(completion, reference, prompt)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def toy_rewards():
     with registered("toy_hash", text_hash, "hash of odd prompts' completions"), \
-            registered("toy_const", constant, "always 0.5"):
+            registered("toy_const", constant, "always 0.5"), \
+            registered("toy_logged_hash", logged_hash, "toy_hash, recording the prompts it scores"):
         yield
 
 
@@ -159,6 +168,70 @@ def test_dynamic_sampling_keeps_groups_with_a_spread(tiny, prompts):
         tr.step += 1
 
 
+# -- dynamic sampling (TRL) --------------------------------------------------------------------------------------
+
+def _train_trl(tiny, prompts, tmp_path, j: RLJob):
+    from rlmeta.rl.trl_trainer import train_trl
+
+    train_trl(tiny, prompts, j, tmp_path / "ck", tmp_path / "m.parquet", OFF, seed=3, rollouts_path=tmp_path / "ro")
+    return pq.read_table(tmp_path / "m.parquet").to_pylist(), read_rollouts(tmp_path / "ro").to_pylist()
+
+
+def test_trl_equal_rewards_trigger_every_extra_draw_as_on_mlx(tiny, prompts, tmp_path):
+    metrics, rows = _train_trl(tiny, prompts, tmp_path, job("torch", reward="toy_const", dynamic_sampling=2, steps=2))
+    for m in metrics:  # the MLX trainer's row of the same case (test_equal_rewards_trigger_every_extra_draw)
+        assert m["dynamic_extra_batches"] == 2 and m["dynamic_groups_kept"] == 0
+        assert m["zero_std_frac"] == 1.0 and m["grad_norm"] == 0.0 and m["reward_mean"] == pytest.approx(0.5)
+    assert len(rows) == 2 * 2 * 4  # each step trained on (and logged) its first batch: 2 groups of 4
+    assert {r["advantage"] for r in rows} == {0.0}
+
+
+def test_trl_dynamic_sampling_keeps_groups_with_a_spread(tiny, prompts, tmp_path):
+    SCORED.clear()
+    steps, budget, g = 4, 3, 4
+    metrics, rows = _train_trl(tiny, prompts, tmp_path,
+                               job("torch", reward="toy_logged_hash", dynamic_sampling=budget, steps=steps))
+    draws = [SCORED[i:i + 2 * g:g] for i in range(0, len(SCORED), 2 * g)]  # each draw's 2 prompts, in order
+    assert all(SCORED[i:i + 2 * g] == [n for n in d for _ in range(g)] for i, d in zip(range(0, len(SCORED), 2 * g),
+                                                                                    draws))
+    assert len(draws) == steps + sum(m["dynamic_extra_batches"] for m in metrics)
+    for step, m in enumerate(metrics):
+        own, draws = draws[:1 + int(m["dynamic_extra_batches"])], draws[1 + int(m["dynamic_extra_batches"]):]
+        # by hand: draw until 2 groups of odd prompts (the only ones with a reward spread) or the budget is spent
+        odd = [n for d in own for n in d if n % 2 == 1][:2]
+        reached = [k for k in range(1, len(own) + 1) if sum(n % 2 for d in own[:k] for n in d) >= 2]
+        assert len(own) - 1 == (reached[0] - 1 if reached else budget)
+        assert m["dynamic_groups_kept"] == len(odd)
+        trained = [r for r in rows if r["step"] == step]
+        expect = odd if odd else own[0]  # none with a spread: the first batch as drawn
+        assert [int(r["prompt_id"][1:]) for r in trained] == [n for n in expect for _ in range(g)]
+        assert m["zero_std_frac"] == (0.0 if odd else 1.0)
+        rewards = [r["reward"] for r in trained]  # the advantages of the kept groups are their own groups'
+        assert [r["advantage"] for r in trained] == pytest.approx(group_advantages(rewards, g), abs=1e-3)
+        assert m["reward_mean"] == pytest.approx(np.mean(rewards), abs=1e-6)
+    assert any(m["dynamic_extra_batches"] > 0 for m in metrics)
+
+
+def test_merge_groups_pads_as_trl_and_keeps_the_chosen_rows():
+    import torch
+
+    from rlmeta.rl.trl_trainer import merge_groups
+
+    a = {"prompt_ids": torch.tensor([[5, 6], [7, 8]]), "prompt_mask": torch.ones(2, 2, dtype=torch.long),
+         "completion_ids": torch.tensor([[1, 2, 3], [4, 0, 0]]),
+         "completion_mask": torch.tensor([[1, 1, 1], [1, 0, 0]]), "advantages": torch.tensor([0.5, -0.5]),
+         "old_per_token_logps": None}
+    b = {"prompt_ids": torch.tensor([[9, 9, 9]]), "prompt_mask": torch.ones(1, 3, dtype=torch.long),
+         "completion_ids": torch.tensor([[3]]), "completion_mask": torch.tensor([[1]]),
+         "advantages": torch.tensor([1.0]), "old_per_token_logps": None}
+    m = merge_groups([a, b], [(1, 0), (0, 1)], pad_id=0)
+    assert m["prompt_ids"].tolist() == [[9, 9, 9], [0, 7, 8]]  # prompts padded on the left
+    assert m["prompt_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert m["completion_ids"].tolist() == [[3, 0, 0], [4, 0, 0]]  # completions on the right
+    assert m["completion_mask"].tolist() == [[1, 0, 0], [1, 0, 0]]
+    assert m["advantages"].tolist() == [1.0, -0.5] and "old_per_token_logps" not in m
+
+
 def test_dynamic_sampling_off_adds_no_columns_and_draws_once(tiny, prompts):
     tr = mlx_trainer(tiny, prompts, job(reward="toy_const", steps=1))
     ro = tr.rollout()
@@ -227,22 +300,11 @@ def test_a_masked_row_contributes_no_gradient(tiny, prompts):
     ({"overlong_buffer": 0}, "mlx", ["overlong_buffer", "0", "greater than or equal to 1"]),
     ({"overlong_penalty": 2.0}, "mlx", ["overlong_penalty", "overlong_buffer"]),
     ({"dynamic_sampling": -1}, "mlx", ["dynamic_sampling", "-1"]),
-    ({"dynamic_sampling": 2}, "torch", ["train.dynamic_sampling is 2", "backend torch",
-                                        "set train.dynamic_sampling: 0"]),
+    ({"dynamic_sampling": 2, "batch_prompts": 3, "group_size": 2, "distributed": {"nproc": 2}}, "torch",
+     ["dynamic_sampling needs whole groups", "batch_prompts 3", "nproc 2"]),
 ])
 def test_config_errors_are_one_line(train, backend, words):
     with pytest.raises(ConfigError) as e:
         parse(RLJob, {"rewards": {"toy_hash": 1.0}, "backend": backend, "train": train})
     msg = str(e.value)
     assert "\n" not in msg and all(w in msg for w in words), msg
-
-
-def test_dynamic_sampling_on_a_torch_experiment_fails_at_start_up():
-    import yaml
-
-    raw = yaml.safe_load((ROOT / "config/config.yaml").read_text())
-    name = next(n for n, e in raw["experiments"].items() if e["backend"] == "torch" and e["algorithm"] != "fomaml")
-    raw["experiments"][name].setdefault("train", {})["dynamic_sampling"] = 1
-    with pytest.raises(ConfigError) as e:
-        validate(raw)
-    assert "\n" not in str(e.value) and f"experiments.{name}" in str(e.value) and "dynamic_sampling" in str(e.value)

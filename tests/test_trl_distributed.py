@@ -97,6 +97,33 @@ def test_two_process_checkpoints_are_written_once_and_portable(two_procs):
     assert_opens_in_transformers_and_mlx(out / "checkpoints" / "final", [{"role": "user", "content": "write cats 0"}])
 
 
+@pytest.mark.slow
+def test_two_processes_share_dynamic_sampling(tmp_path):
+    """DAPO's dynamic sampling over 2 processes: each fills its own 2 groups, both draw while either is short
+    (one all-reduce per draw), and the steps train only on groups with a reward spread."""
+    model, prompts = toy_write_task(tmp_path, ["cats", "dogs", "food", "balls"])
+    j = json.loads(json.dumps(JOB))
+    j["train"].update(steps=6, dynamic_sampling=2, max_new_tokens=3, eval_every=None)
+    r = launch(tmp_path / "run", model, prompts, j, nproc=2)
+    assert r.returncode == 0, r.stderr[-4000:]
+    metrics = pq.read_table(tmp_path / "run" / "train_metrics.parquet").to_pylist()
+    rollouts = pq.read_table(tmp_path / "run" / "rollouts").to_pylist()
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    assert any(m["dynamic_extra_batches"] > 0 for m in metrics)  # short 3-token completions: "a" is rare at first
+    for step, m in enumerate(metrics):
+        rows = [x for x in rollouts if x["step"] == step]
+        assert 0 <= m["dynamic_extra_batches"] <= 2
+        # both processes' kept groups, gathered (a process that kept none trains on its first 2 groups)
+        assert 8 * m["dynamic_groups_kept"] <= len(rows) <= 32
+        groups: dict = {}
+        for x in rows:
+            groups.setdefault((x["group"]), []).append(x["reward"])
+        assert len(groups) == len(rows) // 8
+        if m["dynamic_groups_kept"] == 4:
+            assert m["zero_std_frac"] == 0.0
+            assert all(max(v) > min(v) for v in groups.values())
+
+
 def test_sharded_checkpoints_resume_only_with_their_layout(tmp_path):
     spec = {"model": "m", "seed": 0, "job": job(strategy="fsdp").model_dump(mode="json")}
     folder = tmp_path / "checkpoint-5"

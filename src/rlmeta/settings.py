@@ -451,8 +451,10 @@ class TrainSettings(Block):
     dynamic_sampling: int = opt(
         0, "DAPO's dynamic sampling: groups whose rewards are all equal (no gradient) are dropped and up to this "
            "many extra rollout batches are drawn until batch_prompts groups with a reward spread are collected; "
-           "the step trains on the groups kept (fewer when the budget runs out). 0 = off. MLX only: TRL's "
-           "GRPOTrainer draws one batch of prompts per step.", ge=0)
+           "the step trains on the groups kept (fewer when the budget runs out). 0 = off, as in TRL. Logged as "
+           "dynamic_extra_batches and dynamic_groups_kept. On torch each process fills its own share (batch_prompts "
+           "a multiple of distributed.nproc); extra prompts are drawn uniformly (UED sees the step's own batch).",
+        ge=0)
     ued: UEDSettings = opt({}, "Prompt selection by learning potential (seed 001).")
     lora: LoraSettings | None = opt(None, "Train a LoRA adapter instead of every weight (null = full fine-tuning).")
     checkpoint_every: int = opt(10, "Write a resumable checkpoint every N rollout batches.", ge=1)
@@ -502,10 +504,11 @@ def _check_backend_train(backend: str, train: TrainSettings | None) -> None:
     if backend == "mlx" and train is not None and train.distributed != DistributedSettings():
         raise ValueError(f"train.distributed is {train.distributed.model_dump()}, but the MLX trainer runs in one "
                          "process (a Mac has one GPU); drop train.distributed or set backend: torch")
-    if backend == "torch" and train is not None and train.dynamic_sampling:
-        raise ValueError(f"train.dynamic_sampling is {train.dynamic_sampling}, but backend torch (TRL's "
-                         "GRPOTrainer draws one batch of prompts per step) cannot draw extra batches; set "
-                         "train.dynamic_sampling: 0 or backend: mlx")
+    if backend == "torch" and train is not None and train.dynamic_sampling and \
+            train.batch_prompts % train.distributed.nproc:
+        raise ValueError(f"train.dynamic_sampling needs whole groups on each process, but batch_prompts "
+                         f"{train.batch_prompts} is not a multiple of distributed.nproc {train.distributed.nproc}; "
+                         "set batch_prompts to a multiple of nproc or train.dynamic_sampling: 0")
 
 
 MetaMethod = Literal["fomaml", "reptile", "multitask"]

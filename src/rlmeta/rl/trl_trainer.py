@@ -5,8 +5,8 @@ rewards into TRL reward functions over the one scoring path (``rlmeta.rewards.Re
 ``TrainMetricsCallback`` collects TRL's logs as the project's ``train_metrics`` rows;
 ``Trainer`` (a ``GRPOTrainer``) writes each checkpoint aside and renames it in with its marker, the
 metrics and evaluation rows so far, keeps every training completion (``rlmeta.rl.evidence.RolloutLog``),
-and draws prompts by learning potential when UED is on (PLR, the same ``UEDSampler`` as the MLX
-trainer); ``EvalCallback`` evaluates the policy on held-out prompts during training
+draws prompts by learning potential when UED is on (PLR, the same ``UEDSampler`` as the MLX
+trainer) and runs DAPO's dynamic sampling (``merge_groups``); ``EvalCallback`` evaluates the policy on held-out prompts during training
 (``rlmeta.rl.evidence.EvalCurve``, the MLX trainer's evaluation); ``train_trl`` runs it all and saves
 ``<out_dir>/final``.
 One TRL optimizer step is one row of train_metrics; a rollout batch gives ``updates_per_batch`` of them.
@@ -24,6 +24,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+import numpy as np
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
@@ -47,7 +48,16 @@ METRIC_KEYS = {
     "num_tokens": "tokens", "frac_reward_zero_std": "zero_std_frac", "completions/mean_length": "completion_len_mean",
     "entropy": "entropy",
 }
-GENERATION_KEYS = ("reward", "reward_std", "num_tokens", "frac_reward_zero_std", "completions/mean_length")
+GENERATION_KEYS = ("reward", "reward_std", "num_tokens", "frac_reward_zero_std", "completions/mean_length",
+                   dapo.EXTRA_BATCHES, dapo.GROUPS_KEPT)
+DYNAMIC_KEYS = {dapo.EXTRA_BATCHES: dapo.EXTRA_BATCHES, dapo.GROUPS_KEPT: dapo.GROUPS_KEPT}
+"""Dynamic sampling's counts: logged by ``Trainer`` under the train_metrics column names."""
+# rollout-batch tensors of GRPOTrainer's output that dynamic sampling knows how to select rows of, with the
+# padding side and value (None: the tokenizer's pad id) of each 2-D one; any other key (images) stops the run
+MERGED_KEYS = {"prompt_ids": ("left", None), "prompt_mask": ("left", 0), "completion_ids": ("right", None),
+               "completion_mask": ("right", 0), "old_per_token_logps": ("right", 0.0),
+               "ref_per_token_logps": ("right", 0.0), "sampling_per_token_logps": ("right", 0.0),
+               "importance_sampling_ratio": ("right", 0.0), "tool_mask": ("right", 1), "advantages": (None, None)}
 
 
 def grpo_config(job: RLJob, out_dir: str | os.PathLike, seed: int = 0, report_to: str | None = None,
@@ -311,9 +321,11 @@ class Trainer(GRPOTrainer):
 
     def __init__(self, *args, metrics: MetricsTable, guard: DivergenceGuard, spec: dict,
                  ued: UEDRepeatSampler | None = None, curve: EvalCurve | None = None,
-                 rollouts: RolloutLog | None = None, **kwargs):
+                 rollouts: RolloutLog | None = None, dynamic_sampling: int = 0, **kwargs):
         self.rlmeta_metrics, self.rlmeta_guard, self.rlmeta_spec, self.ued = metrics, guard, spec, ued
         self.rlmeta_curve, self.rlmeta_rollouts = curve, rollouts
+        self.rlmeta_dynamic = dynamic_sampling  # extra rollout batches a step may draw (DAPO; 0 = off)
+        self._extra_draw = False  # inside one of dynamic sampling's extra draws: no UED feedback
         self.rlmeta_run = None  # the W&B run, when reporting to W&B (rollout tables go to it)
         self._last_rewards = None
         self._last_completion_ids = None
@@ -342,7 +354,7 @@ class Trainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        if self.ued is not None and self.model.training:
+        if self.ued is not None and self.model.training and not self._extra_draw:
             from accelerate.utils import gather_object
 
             totals = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
@@ -354,9 +366,84 @@ class Trainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
+        if self.rlmeta_dynamic and self.model.training:
+            inputs, out = self._dynamic_sampling(inputs, out)
         if self.rlmeta_rollouts is not None and self.rlmeta_rollouts.enabled and self.model.training:
             self._record_rollouts(inputs, out)
         return out
+
+    def _dynamic_sampling(self, inputs, out):
+        """DAPO's dynamic sampling, as the MLX trainer's (``dapo.DynamicBatch``): this process's groups whose
+        total rewards are all equal are dropped and further batches of prompts are drawn, up to
+        ``rlmeta_dynamic`` extra ones, until it holds as many groups with a spread as it was given; the step
+        trains on those (fewer when the budget runs out, the first batch when none had a spread).
+
+        Every process has whole groups (the config check) and draws as long as any process still needs groups
+        (one all-reduce per draw: generation under FSDP/ZeRO-3 is collective). Extra prompts are drawn uniformly
+        without replacement from those this process has not drawn in the step (all, when too few are left), seeded
+        by (seed, step, draw, rank): a resumed run draws the same ones; UED's sampler
+        is told only about the step's own batch. The reward metrics TRL logged for the draws are replaced by those
+        of the rows trained on; lengths and token counts stay those of every draw."""
+        import torch
+        from accelerate.utils import gather_object
+
+        from rlmeta.policy.base import derive_seed
+
+        g, acc = self.num_generations, self.accelerator
+        unknown = sorted(k for k, v in out.items() if v is not None and k not in MERGED_KEYS
+                         and k != "num_items_in_batch")
+        if unknown:
+            raise SystemExit(f"rlmeta train-trl: train.dynamic_sampling cannot select rows of {unknown} "
+                             "(multimodal inputs); set train.dynamic_sampling: 0")
+        local = slice(acc.process_index * len(inputs), (acc.process_index + 1) * len(inputs))
+        weights = self.reward_weights.to(self._last_rewards.device)
+        draws = [(inputs, out, self._last_rewards[local], self._last_completion_ids)]
+        kept = dapo.DynamicBatch(len(inputs) // g)
+        kept.add(dapo.has_spread((draws[0][2] * weights).nansum(dim=1).cpu().numpy(), g))
+        # the reward metrics' lengths before this step: the first draw appended one value to each
+        n_metrics = {k: len(v) - 1 for k, v in self._metrics["train"].items()
+                     if k in ("reward", "reward_std", "frac_reward_zero_std") or k.startswith("rewards/")}
+        while len(draws) <= self.rlmeta_dynamic:
+            short = acc.gather(torch.tensor([0 if kept.full else 1], device=acc.device)).sum().item()
+            if not short:
+                break
+            rng = np.random.default_rng(
+                derive_seed(self.args.seed, "dynamic", self.state.global_step, len(draws), acc.process_index))
+            drawn = {int(x["prompt_index"]) for d in draws for x in d[0]}
+            fresh = [i for i in range(len(self.train_dataset)) if i not in drawn]  # this step's unseen prompts
+            pool = fresh if len(fresh) >= len(inputs) // g else list(range(len(self.train_dataset)))
+            prompts = rng.choice(pool, size=len(inputs) // g, replace=False)
+            extra = [dict(self.train_dataset[int(i)]) for i in prompts for _ in range(g)]
+            self._extra_draw = True
+            try:
+                o = super()._generate_and_score_completions(extra)
+            finally:
+                self._extra_draw = False
+            draws.append((extra, o, self._last_rewards[local], self._last_completion_ids))
+            kept.add(dapo.has_spread((draws[-1][2] * weights).nansum(dim=1).cpu().numpy(), g))
+        rows = [(b, j * g + i) for b, j in kept.selection() for i in range(g)]
+        merged = merge_groups([d[1] for d in draws], rows, self.processing_class.pad_token_id)
+        mask = merged["completion_mask"] if merged.get("tool_mask") is None else \
+            merged["completion_mask"] * merged["tool_mask"]
+        merged["num_items_in_batch"] = acc.gather(mask.sum()).sum()
+        inputs = [draws[b][0][r] for b, r in rows]
+        self._last_completion_ids = [draws[b][3][r] for b, r in rows]
+        per_func = torch.stack([draws[b][2][r] for b, r in rows])
+        # every process's selected rows (their counts may differ): the rollouts table and the logged rewards
+        self._last_rewards = torch.tensor(gather_object(per_func.cpu().tolist()), dtype=per_func.dtype)
+        m = self._metrics["train"]
+        for k, n in n_metrics.items():  # TRL appended one value per draw: keep the values from before the step
+            del m[k][n:]
+        totals = (self._last_rewards * weights.cpu()).nansum(dim=1)
+        m["reward"].append(totals.mean().item())
+        m["reward_std"].append(totals.std().item() if totals.numel() > 1 else 0.0)
+        m["frac_reward_zero_std"].append(float((~dapo.has_spread(totals.numpy(), g)).mean()))
+        for i, name in enumerate(self.reward_func_names):
+            m[f"rewards/{name}/mean"].append(torch.nanmean(self._last_rewards[:, i]).item())
+            m[f"rewards/{name}/std"].append(self._last_rewards[:, i].std().item() if totals.numel() > 1 else 0.0)
+        m[dapo.EXTRA_BATCHES].append(float(len(draws) - 1))
+        m[dapo.GROUPS_KEPT].append(float(sum(gather_object([len(kept.kept)]))))
+        return inputs, merged
 
     def _record_rollouts(self, inputs, out) -> None:
         """The batch TRL just sampled and scored, as rollouts rows (every process's part, gathered)."""
@@ -370,7 +457,8 @@ class Trainer(GRPOTrainer):
         truncated = gather_object([not r or r[-1] not in stops for r in rows])
         prompt_ids = gather_object([x["prompt_id"] for x in inputs])
         n_tokens = gather_object(lengths)
-        adv = self.accelerator.gather(out["advantages"]).float().cpu().numpy()
+        # gather_object: with dynamic sampling the processes may keep different numbers of rows
+        adv = np.array(gather_object(out["advantages"].float().cpu().tolist()))
         per_func = self._last_rewards.float().cpu().numpy()
         weights = self.reward_weights.float().cpu().numpy()
         g = self.num_generations
@@ -412,6 +500,30 @@ class Trainer(GRPOTrainer):
             os.replace(folder, out / name)
             shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+
+
+def merge_groups(outs: list[dict], rows: list[tuple[int, int]], pad_id: int) -> dict:
+    """The rows ``(draw, row)`` of several ``GRPOTrainer`` rollout batches as one batch: each 2-D tensor padded
+    to the widest draw (prompts on the left, completions on the right, as TRL pads them; the padding is masked),
+    advantages concatenated. ``num_items_in_batch`` is the caller's (it is gathered over processes)."""
+    import torch
+
+    merged: dict = {}
+    for key, (side, value) in MERGED_KEYS.items():
+        parts = [o.get(key) for o in outs]
+        if all(p is None for p in parts):
+            continue
+        if side is None:
+            merged[key] = torch.stack([parts[b][r] for b, r in rows])
+            continue
+        width = max(p.shape[1] for p in parts)
+        fill = pad_id if value is None else value
+        padded = []
+        for p in parts:
+            extra = p.new_full((p.shape[0], width - p.shape[1]), fill)
+            padded.append(torch.cat([extra, p] if side == "left" else [p, extra], dim=1))
+        merged[key] = torch.stack([padded[b][r] for b, r in rows])
+    return merged
 
 
 class EvalCallback(TrainerCallback):
@@ -468,9 +580,11 @@ class TrainMetricsCallback(TrainerCallback):
     is the L2 norm of all weights after the step.
     """
 
-    def __init__(self, metrics: MetricsTable, reward_names: list[str], guard: DivergenceGuard):
+    def __init__(self, metrics: MetricsTable, reward_names: list[str], guard: DivergenceGuard,
+                 dynamic: bool = False):
         self.metrics, self.guard = metrics, guard
-        self.keys = {**METRIC_KEYS, **{f"rewards/{n}/mean": f"reward/{n}" for n in reward_names}}
+        self.keys = {**METRIC_KEYS, **{f"rewards/{n}/mean": f"reward/{n}" for n in reward_names},
+                     **(DYNAMIC_KEYS if dynamic else {})}
         self.carry: dict = {}
         self.t0, self.step_seconds, self.param_norm = None, None, None
 
@@ -591,7 +705,7 @@ def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, job
         guard.restore(json.loads((Path(resume) / GUARD_FILE).read_text()))
     # TRL logs rewards/<name>/mean per reward function: the overlong penalty's becomes reward/overlong
     callback = TrainMetricsCallback(metrics, list(job.rewards) + (["overlong"] if t.overlong_buffer is not None
-                                                                   else []), guard)
+                                                                   else []), guard, bool(t.dynamic_sampling))
     curve = EvalCurve(prompts_path, job, seed, args.max_steps, unit=t.updates_per_batch)
     rollouts = RolloutLog(list(job.rewards), out_dir / CHUNKS_DIR, enabled=t.log_rollouts)
     if resume:
@@ -622,7 +736,8 @@ def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, job
         trainer = Trainer(model=str(model_dir), reward_funcs=reward_functions(job), args=args, train_dataset=dataset,
                           peft_config=lora_config(t.lora),
                           callbacks=[callback, *evals, PreemptCallback(preemption), *(callbacks or [])],
-                          metrics=metrics, guard=guard, spec=spec, ued=ued, curve=curve, rollouts=rollouts)
+                          metrics=metrics, guard=guard, spec=spec, ued=ued, curve=curve, rollouts=rollouts,
+                          dynamic_sampling=t.dynamic_sampling)
         trainer_ref.append(trainer)
         if report_to == "wandb" and trainer.accelerator.is_main_process:  # one W&B run, rank 0's
             with wandb_run(wandb, name, out_dir, {**spec, "out_dir": str(out_dir)}) as run:
