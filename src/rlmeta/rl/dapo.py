@@ -4,7 +4,7 @@ both RL trainers; NumPy only (no torch, TRL or MLX import here).
 - ``overlong_penalty``: the soft overlong punishment (eq. 13) on completion lengths (``train.overlong_buffer``);
   the MLX trainer adds it to the total reward, the TRL trainer passes ``overlong_reward_function`` to
   ``GRPOTrainer`` as one more reward function with weight ``train.overlong_penalty``.
-- ``has_spread`` / ``DynamicBatch``: dynamic sampling (``train.dynamic_sampling``, MLX only): groups whose rewards
+- ``has_spread`` / ``DynamicBatch``: dynamic sampling (``train.dynamic_sampling``, both trainers): groups whose rewards
   are all equal carry no gradient and are replaced by groups of further rollout batches.
 - ``metric_columns``: the train_metrics extra columns of a job (``reward/<name>``, and those of DAPO's controls).
 
