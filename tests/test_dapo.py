@@ -1,5 +1,6 @@
 """DAPO's controls (Yu et al. 2025) on both trainers: the soft overlong penalty (eq. 13) against hand-computed values
-on each backend's reward path, dynamic sampling's extra draws on MLX and TRL (replayed by hand), masking truncated completions out of the loss
+on each backend's reward path, dynamic sampling's extra draws on MLX and TRL (replayed by hand),
+masking truncated completions out of the loss
 (MLX: no gradient from a masked row; TRL: its own ``mask_truncated_completions``), and one-line config errors."""
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from rlmeta.policy.base import derive_seed
 from rlmeta.rl import dapo
 from rlmeta.rl.evidence import read_rollouts
 from rlmeta.rl.objectives import group_advantages
-from rlmeta.settings import ROOT, ConfigError, RLJob, WandbSettings, parse, validate
+from rlmeta.settings import ConfigError, RLJob, WandbSettings, parse
 from rlmeta.testing.models import build_trainer_model, write_count_prompts
 from rlmeta.testing.rewards import registered
 

@@ -6,7 +6,8 @@ rewards into TRL reward functions over the one scoring path (``rlmeta.rewards.Re
 ``Trainer`` (a ``GRPOTrainer``) writes each checkpoint aside and renames it in with its marker, the
 metrics and evaluation rows so far, keeps every training completion (``rlmeta.rl.evidence.RolloutLog``),
 draws prompts by learning potential when UED is on (PLR, the same ``UEDSampler`` as the MLX
-trainer) and runs DAPO's dynamic sampling (``merge_groups``); ``EvalCallback`` evaluates the policy on held-out prompts during training
+trainer) and runs DAPO's dynamic sampling (``merge_groups``); ``EvalCallback`` evaluates the policy on
+held-out prompts during training
 (``rlmeta.rl.evidence.EvalCurve``, the MLX trainer's evaluation); ``train_trl`` runs it all and saves
 ``<out_dir>/final``.
 One TRL optimizer step is one row of train_metrics; a rollout batch gives ``updates_per_batch`` of them.
