@@ -247,3 +247,35 @@ def test_cli_with_three_seeds(tmp_path):
     assert list(s["runs"]) == list(s["checkpoints"]) == ["seed1", "seed2", "seed3"]
     assert s["across_seeds"]["reward"]["n_seeds"] == 3
     assert set(s["pass_at_k"]["gsm8k_xml"]) == {"1", "2"}
+
+
+def test_usual_answer_baseline_and_its_warning():
+    """Gold "1" on 3 of 4 prompts: always answering "1" scores 0.75, so a policy that learned to say "1" has
+    learned nothing more (the letter-counting case); one that answers every prompt right clears the bar."""
+    from rlmeta.evaluation.evaluate import usual_answer_warning
+
+    prompts = prompt_rows("g", "xml_cot", [("q0", "1"), ("q1", "1"), ("q2", "1"), ("q3", "2")])
+    xml = "<reasoning>\nr\n</reasoning>\n<answer>\n{}\n</answer>".format
+    base = {(f"p00{i}", j): xml(a) for i, a in enumerate([3, 2, 1, 4]) for j in range(2)}
+    always_one = {(f"p00{i}", j): xml(1) for i in range(4) for j in range(2)}
+    right = {(f"p00{i}", j): xml(a) for i, a in enumerate([1, 1, 1, 2]) for j in range(2)}
+    s = evaluate(*scored_tables("xml_cot", prompts, {"base": base, "seed1": always_one}), template="xml_cot",
+                 resamples=200, seed=0)
+    u = s["usual_answer"]
+    assert (u["metric"], u["answer"], u["accuracy"]) == ("accuracy/gsm8k_xml", "1", pytest.approx(0.75))
+    # the 3 most frequent answers of each policy (the base ties 3, 2, 1, 4: the first three seen)
+    assert u["candidates"] == {"3": 0.0, "2": pytest.approx(0.25), "1": pytest.approx(0.75)}
+    assert u["share"] == {"base": pytest.approx(0.25), "seed1": 1.0}
+    assert s["accuracy"]["gsm8k_xml"]["trained"] == pytest.approx(0.75)
+    w = usual_answer_warning(s)
+    assert w is not None and 'always answering "1" (0.750; 100% of the trained samples' in w
+    assert w.endswith("may have learned the usual answer, not the task.")
+    s = evaluate(*scored_tables("xml_cot", prompts, {"base": base, "seed1": right}), template="xml_cot",
+                 resamples=200, seed=0)
+    assert s["usual_answer"]["accuracy"] == pytest.approx(0.75) and s["accuracy"]["gsm8k_xml"]["trained"] == 1.0
+    assert usual_answer_warning(s) is None
+    wrong = {(f"p00{i}", j): xml(9) for i in range(4) for j in range(2)}  # below the bar, but not by saying "1"
+    s = evaluate(*scored_tables("xml_cot", prompts, {"base": base, "seed1": wrong}), template="xml_cot",
+                 resamples=200, seed=0)
+    assert usual_answer_warning(s).endswith("0% of the trained samples give that answer): a constant answer does as "
+                                            "well, so this accuracy shows no skill at the task.")

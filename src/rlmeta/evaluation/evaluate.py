@@ -14,6 +14,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -77,6 +78,63 @@ def prompt_values(df: pd.DataFrame, components: list[str], ks: list[int], answer
             for k in ks:
                 out[f"{kind}@{k}/{name}"] = pd.Series({pid: r[kind][k] for pid, r in rows.items()}, dtype=float)
     return out
+
+
+USUAL_CANDIDATES = 3
+"""Answers per policy (its most frequent ones) tried as the constant answer of ``usual_answer``."""
+
+
+def usual_answer(frames: dict[str, pd.DataFrame], prompts: pa.Table, column: str, scorer: str,
+                 top: int = USUAL_CANDIDATES) -> dict | None:
+    """The accuracy of always giving one answer, the bar a policy must clear to have learned more than the
+    usual answer (letter counting, gold "1" for 76% of its items, was "learned" that way).
+
+    Candidates are the ``top`` most frequent extracted answers of each policy's samples; a completion that
+    gives the candidate is scored, with the accuracy's own scorer (``score`` with ``metrics={column:
+    scorer}``), against every compared prompt's reference, and the per-prompt results are averaged as the
+    accuracy is. Returns ``{"metric", "answer", "accuracy", "share" (of each policy's samples giving it),
+    "candidates" (answer -> accuracy)}``, or None when no sample has an answer."""
+    from collections import Counter
+
+    from rlmeta.rewards import REGISTRY
+    from rlmeta.scoring import score
+
+    extract = REGISTRY[scorer].answer
+    example: dict[str, str] = {}
+    answers = {p: [extract(c) for c in df["completion"]] for p, df in frames.items()}
+    chosen: list[str] = []
+    for p, df in frames.items():
+        counts = Counter(a for a in answers[p] if a is not None)
+        for a, _ in counts.most_common(top):
+            if a not in example:
+                example[a] = next(c for c, x in zip(df["completion"], answers[p]) if x == a)
+                chosen.append(a)
+    if not chosen:
+        return None
+    ids = sorted(set(next(iter(frames.values()))["prompt_id"]))
+    rows = {r["prompt_id"]: r for r in prompts.select(["prompt_id", "prompt", "reference"]).to_pylist()}
+    refs, msgs = [rows[i]["reference"] for i in ids], [rows[i]["prompt"] for i in ids]
+    acc = {a: float(np.mean(score([example[a]] * len(ids), refs, msgs, {}, None, {column: scorer}).metrics[column]))
+           for a in chosen}
+    best = max(chosen, key=lambda a: acc[a])  # ties: the first candidate (the base's most frequent answer)
+    return {"metric": column, "answer": best, "accuracy": acc[best],
+            "share": {p: sum(x == best for x in v) / len(v) for p, v in answers.items()}, "candidates": acc}
+
+
+def usual_answer_warning(summary: dict) -> str | None:
+    """A warning when the trained policy's primary accuracy is no higher than always giving the usual answer
+    (``summary["usual_answer"]``); None otherwise."""
+    u = summary.get("usual_answer")
+    primary = summary.get("primary_accuracy")
+    c = lookup(summary, primary) if u and primary else None
+    if not c or c.get("trained") is None or c["trained"] > u["accuracy"]:
+        return None
+    share = float(np.mean([v for p, v in u["share"].items() if p != "base"]))
+    text = (f"The trained accuracy {primary.removeprefix('accuracy/')} ({c['trained']:.3f}) is no higher than always "
+            f"answering \"{u['answer']}\" ({u['accuracy']:.3f}; {share:.0%} of the trained samples give that answer): ")
+    if share >= 0.5:
+        return text + "the policy may have learned the usual answer, not the task."
+    return text + "a constant answer does as well, so this accuracy shows no skill at the task."
 
 
 def _mean_of_runs(runs: dict[str, dict]) -> dict:
@@ -179,10 +237,19 @@ def evaluate(prompts: pa.Table, responses: dict[str, pa.Table], rewards: dict[st
         "runs": {p: comparisons(values["base"], runs[p], resamples, seed, n[p], weights) for p in labels},
         "across_seeds": across_seeds(values["base"], runs, resamples, seed),
     }
+    primary = tpl.primary_accuracy
+    if primary in answers and primary in frames["base"] and _has_answer(answers[primary]):
+        summary["usual_answer"] = usual_answer(frames, prompts, primary, answers[primary])
     if template == "math_boxed":
         acc = tpl.primary_accuracy
         summary["per_subject"] = per_subject(frames, acc if acc in frames[labels[0]] else None)
     return summary
+
+
+def _has_answer(scorer: str) -> bool:
+    from rlmeta.rewards import REGISTRY
+
+    return REGISTRY[scorer].answer is not None
 
 
 def lookup(block: dict, q: str) -> dict | None:

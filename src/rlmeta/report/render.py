@@ -149,6 +149,10 @@ def lead_lines(s: dict) -> list[str]:
             line += (f"; across {a['n_seeds']} seeds: mean {fmt(a['mean'], signed=True)} (95% t-interval "
                      f"{fmt_ci(a['ci95'])}), IQM {fmt(a['iqm'], signed=True)} ({fmt_ci(a['iqm_ci95'])})")
         lines.append(line)
+    u = s.get("usual_answer")
+    if u:  # the bar a policy that only learned the usual answer would clear
+        lines.append(f"Always answering \"{u['answer']}\" (the best of the policies' most frequent answers) scores "
+                     f"{u['metric'].removeprefix('accuracy/')} {fmt(u['accuracy'])}.")
     runs = len(s.get("runs", {})) or 1
     lines.append(f"Paired bootstrap over {n_prompts} held-out prompts"
                  + (f"; trained = the mean of {runs} training seeds per prompt." if runs > 1 else "."))
@@ -217,7 +221,7 @@ def training_sections(exp: str, runs: dict[str, Run], out: Path, prompts: pd.Dat
 
 def _rl_report(exp: str, cfg: Experiment, s: dict, runs: dict[str, Run], out: Path, tables: dict | None,
                n_samples: int) -> Report:
-    from rlmeta.evaluation.evaluate import reward_gaming
+    from rlmeta.evaluation.evaluate import reward_gaming, usual_answer_warning
 
     r = s["reward"]
     key = [
@@ -278,9 +282,8 @@ def _rl_report(exp: str, cfg: Experiment, s: dict, runs: dict[str, Run], out: Pa
             f"The first sample of the base policy and of {label} on the first {n_samples} held-out prompts (texts are "
             f"cut at {MAX_CHARS} characters)."],
             tables=[sample_table(tables["prompts"], shown["responses"], shown["rewards"], n_samples)]))
-    warning = reward_gaming(s)
-    return Report(f"{exp}: {cfg.algorithm.upper()} report", key, sections, lead=lead_lines(s),
-                  warnings=[warning] if warning else [])
+    warnings = [w for w in (reward_gaming(s), usual_answer_warning(s)) if w]
+    return Report(f"{exp}: {cfg.algorithm.upper()} report", key, sections, lead=lead_lines(s), warnings=warnings)
 
 
 def _ci_text(c: dict | None, digits: int = 4, signed: bool = False) -> str:
@@ -493,8 +496,8 @@ def to_html(rep: Report, image_dir: str | Path) -> str:
     e = html.escape
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(rep.title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{e(rep.title)}</h1>"]
-    parts += [f"<div class='warn' id='reward-accuracy-warning' role='alert'><strong>Warning.</strong> {e(w)}</div>"
-              for w in rep.warnings]
+    parts += [f"<div class='warn' id='{'reward-accuracy-warning' if i == 0 else f'warning-{i}'}' role='alert'>"
+              f"<strong>Warning.</strong> {e(w)}</div>" for i, w in enumerate(rep.warnings)]
     if rep.lead:
         parts.append("<section class='lead' id='lead'>" + "".join(
             f"<p class='{'headline' if i == 0 else 'sub'}'>{e(line)}</p>" for i, line in enumerate(rep.lead))
