@@ -402,3 +402,27 @@ def test_bfloat16_policy_and_reference_train_and_the_dtype_is_refused_on_torch(t
     with pytest.raises(ValueError, match="train.dtype is bfloat16, but it sets the MLX trainer's weights"):
         RLJob.model_validate({"algorithm": "grpo", "rewards": {"toy_digits": 1.0}, "backend": "torch",
                               "train": {"dtype": "bfloat16"}})
+
+
+def test_a_rewritten_base_model_is_not_resumed(tiny, prompts, tmp_path, caplog):
+    """The warm start re-ran into the same folder (Snakemake re-runs the training job, but leaves the numbered
+    checkpoints beside its outputs): the old run's checkpoints are removed, not resumed."""
+    import os
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    exp = experiment(steps=2, checkpoint_every=1)
+    assert run(model, prompts, tmp_path / "a", exp, stop_after=1) is None
+    assert [s for s, _ in checkpoints.numbered(tmp_path / "a/checkpoints")] == [1]
+    weights = model / "model.safetensors"
+    shutil.copy(weights, tmp_path / "new.safetensors")
+    os.replace(tmp_path / "new.safetensors", weights)  # same bytes, rewritten the way every writer here does
+    with caplog.at_level("WARNING"):
+        rows = run(model, prompts, tmp_path / "a", exp)
+    assert "trained with a different spec" in caplog.text and "resuming" not in caplog.text
+    assert [r["step"] for r in rows] == [1, 2]
+    with caplog.at_level("INFO"):  # the same inputs again: resumed (here from its end)
+        caplog.clear()
+        run(model, prompts, tmp_path / "a", exp)
+    assert "resuming" in caplog.text

@@ -126,6 +126,26 @@ def remove_all(out_dir: str | Path, reason: str) -> None:
             shutil.rmtree(p)
 
 
+def inputs_fingerprint(*paths: str | Path) -> dict:
+    """Size and modification time (ns) of every file under each local path (a model folder, a prompts table,
+    a tasks folder), for a run's resume spec: checkpoints trained from another version of the same path (a
+    warm start or data step that re-ran) are never resumed. Snakemake deletes a re-run job's declared outputs,
+    not the numbered checkpoints beside them, so without this a re-run trained on new inputs would resume the
+    old run. Not a content hash: hashing gigabytes of weights at every start would cost more than a restart
+    saves, and every writer here renames a new file into place, which always gives it a new mtime. A hub id
+    (no such path) maps to None."""
+    out: dict = {}
+    for path in map(Path, paths):
+        if path.is_file():
+            out[str(path)] = [path.stat().st_size, path.stat().st_mtime_ns]
+        elif path.is_dir():
+            out[str(path)] = {str(f.relative_to(path)): [f.stat().st_size, f.stat().st_mtime_ns]
+                              for f in sorted(path.rglob("*")) if f.is_file()}
+        else:
+            out[str(path)] = None
+    return out
+
+
 def run_name(out_dir: str | Path) -> str:
     """The experiment's name for W&B: the folder above ``checkpoints/``, else the folder itself."""
     out_dir = Path(out_dir)

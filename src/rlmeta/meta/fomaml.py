@@ -379,7 +379,8 @@ def train(model_dir: str, tasks_dir: str, subjects: list[str], cfg: MetaSettings
         validation = validation_rows(tasks_dir, cfg) if cfg.validate_every else {}
         learner = FOMAML(model, tok, support, load_tasks(tasks_dir, subjects, "query"), cfg, seed, ctx, validation)
         spec = {"model": str(model_dir), "tasks_dir": str(tasks_dir), "subjects": list(subjects), "seed": seed,
-                "meta": cfg.model_dump(mode="json", exclude=RESUMABLE_ACROSS)}
+                "meta": cfg.model_dump(mode="json", exclude=RESUMABLE_ACROSS),
+                "inputs": checkpoints.inputs_fingerprint(model_dir, tasks_dir)}
         table = MetricsTable(metric_columns(subjects, list(validation)))
         guard = DivergenceGuard(cfg.guard, None, "meta.guard")  # DCP checkpoints: their weights are checked in memory
         start, last = 0, None

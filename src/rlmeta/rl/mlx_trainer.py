@@ -59,7 +59,8 @@ class MLXTrainer:
         self.job, self.t, self.seed = job, job.train, seed
         self.level = "sequence" if job.algorithm == "gspo" else "token"
         self.eps_low, self.eps_high = job.epsilons
-        self.spec = {"model": str(model_dir), "seed": seed, "job": job.model_dump(mode="json")}
+        self.spec = {"model": str(model_dir), "seed": seed, "job": job.model_dump(mode="json"),
+                     "inputs": checkpoints.inputs_fingerprint(model_dir, prompts_path)}
         self.prompts = train_rows(prompts_path, job.max_train_prompts)
         self.policy = load_policy(model_dir, "mlx", dtype=self.t.dtype,
                                   chat_template_kwargs=self.t.chat_template_kwargs)

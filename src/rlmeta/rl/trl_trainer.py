@@ -693,7 +693,8 @@ def train_trl(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, job
         report_to = "none"
     name = checkpoints.run_name(out_dir)
     args = grpo_config(job, out_dir, seed, report_to=report_to, run_name=name)
-    spec = json.loads(json.dumps({"model": str(model_dir), "seed": seed, "job": job.model_dump(mode="json")},
+    spec = json.loads(json.dumps({"model": str(model_dir), "seed": seed, "job": job.model_dump(mode="json"),
+                                  "inputs": checkpoints.inputs_fingerprint(model_dir, prompts_path)},
                                  sort_keys=True))
     resume = _resume_checkpoint(out_dir, spec, world_size())
     out_dir.mkdir(parents=True, exist_ok=True)
