@@ -293,8 +293,8 @@ def test_editing_a_metric_only_module_reruns_only_evaluation(done_copy):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module,rule,exps", [
-    ("rlmeta.rl.trl_trainer", "train_trl", ("gsm8k_grpo_lora", "gsm8k_gspo")),
-    ("rlmeta.rl.mlx_trainer", "train_mlx", ("headlines_gspo", "headlines_grpo_ued")),
+    ("rlmeta.rl.trl_trainer", "train_trl", ("gsm8k_grpo_lora", "gsm8k_gspo", "syllogism_grpo_trl")),
+    ("rlmeta.rl.mlx_trainer", "train_mlx", ("headlines_gspo", "headlines_grpo_ued", "syllogism_grpo_mlx")),
 ])
 def test_editing_a_trainer_reruns_its_experiments_only(done_copy, module, rule, exps):
     workdir, results = done_copy
@@ -316,4 +316,4 @@ def test_status_says_which_module_changed(done_copy):
     lines = out.stdout.splitlines()
     assert "train_trl (exp=gsm8k_gspo, seed=1234): code changed: rlmeta.rl.trl_trainer" in lines
     assert "generate (exp=gsm8k_gspo, policy=seed1234): inputs remade upstream" in lines
-    assert lines[-1] == "20 job(s) would run"  # 4 trainings (3 seeds + 1), 8 generate/score, 6 after them, 2
+    assert lines[-1] == "26 job(s) would run"  # 5 trainings (3 seeds + 2), 10 generate/score, 9 after them, 2

@@ -457,9 +457,12 @@ def signal_launcher_until(stopped: Path, timeout: float = 400) -> threading.Thre
     def launcher():
         for proc in psutil.process_iter(["cmdline"]):
             argv = proc.info["cmdline"] or []
-            # <python> -m rlmeta launch ... -- train-trl (the rules' shell function), not the rule's bash -c
+            # <python> -m rlmeta launch ... -- train-trl (the rules' shell function), not the rule's bash -c, and
+            # only inside a SLURM job: another test worker may be running its own launcher outside SLURM
             if argv[1:4] == ["-m", "rlmeta", "launch"] and "train-trl" in argv:
-                return proc
+                with contextlib.suppress(psutil.Error):
+                    if "SLURM_JOB_ID" in proc.environ():
+                        return proc
         return None
 
     def loop():

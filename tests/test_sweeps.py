@@ -23,7 +23,8 @@ SWEEP = """sweeps:
       train.temperature: [0.7, 1.0]
 """
 POINTS = [f"lr_temp__learning_rate={lr}__temperature={t}" for lr in (0.001, 0.004) for t in (0.7, 1.0)]
-DEFAULT_EXPERIMENTS = ["headlines_gspo", "headlines_grpo_ued", "gsm8k_grpo_lora", "gsm8k_gspo", "math_fomaml"]
+DEFAULT_EXPERIMENTS = ["headlines_gspo", "headlines_grpo_ued", "gsm8k_grpo_lora", "gsm8k_gspo", "syllogism_grpo_mlx",
+                       "syllogism_grpo_trl", "math_fomaml"]
 LORA_SEEDS = (1, 2, 3)  # gsm8k_grpo_lora's seeds in the default config: its sweep points inherit them
 PER_POINT = {("make_prompts", ""), ("generate", "policy=base"), ("score", "policy=base"), ("provenance", ""),
              ("evaluate", ""), ("report", "")} | {
@@ -98,11 +99,12 @@ def test_sweep_dry_run_gives_each_point_its_own_folder(wf):
     # one warm start for the whole gsm8k family (two experiments and four points share it)
     warm = [j for j in planned if j["rule"] == "warmstart"]
     keys = sorted(j["wildcards"]["key"] for j in warm)
-    assert len(keys) == 2 and keys[0].startswith("tiny_inner_scientist_") and keys[1].startswith("tiny_xml_cot_")
+    assert len(keys) == 3 and keys[0].startswith("tiny_inner_scientist_") and keys[1].startswith("tiny_reasoning_gym_")
+    assert keys[2].startswith("tiny_xml_cot_")
     for job in planned:
         if job["rule"] in ("train_trl", "generate") and job["wildcards"]["exp"] in POINTS \
                 and job["wildcards"].get("policy", "base") == "base":
-            assert f"{results}/warmstart/{keys[1]}" in job["input"], job
+            assert f"{results}/warmstart/{keys[2]}" in job["input"], job  # the gsm8k one
     # the cross-experiment summary reads every experiment, sweep points included
     summary = the(planned, "summary")
     for exp in DEFAULT_EXPERIMENTS + POINTS:
