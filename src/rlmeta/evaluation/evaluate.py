@@ -241,8 +241,7 @@ def evaluate(prompts: pa.Table, responses: dict[str, pa.Table], rewards: dict[st
     if primary in answers and primary in frames["base"] and _has_answer(answers[primary]):
         summary["usual_answer"] = usual_answer(frames, prompts, primary, answers[primary])
     if template == "math_boxed":
-        acc = tpl.primary_accuracy
-        summary["per_subject"] = per_subject(frames, acc if acc in frames[labels[0]] else None)
+        summary["per_subject"] = per_subject(frames, primary if primary in frames[labels[0]] else None)
     return summary
 
 
