@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -240,6 +241,37 @@ def test_supervise_signals_the_tree_and_returns_its_status(tmp_path):
     finally:
         L.RESEND_S = old
     assert (tmp_path / "got").read_text() == "2" and 1.0 <= time.monotonic() - t0 < 20
+
+
+def test_a_signal_while_the_launcher_starts_is_passed_on_not_fatal(tmp_path):
+    """SIGUSR1 that reaches ``rlmeta launch`` inside a SLURM job while it is still asking squeue for the time left
+    (before it started the command) used to terminate it (Python's default action), failing the job; it is now kept
+    and passed on to the trainer once that runs (here long before the launcher's own timer, 120 s away)."""
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    asked = tmp_path / "asked"
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\ntouch {asked}\nsleep 1.5\necho 4:00\n")
+    (bin_dir / "squeue").chmod(0o755)
+    trainer = tmp_path / "trainer.py"
+    trainer.write_text(
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75))\n"
+        "time.sleep(60)\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "RLMETA_SIGNAL_BEFORE": "300"}
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "rlmeta", "launch", "--nproc", "1", "--direct-if-one", "--",
+                             str(trainer)], env=env, stderr=subprocess.PIPE, text=True)
+    while not asked.exists() and time.monotonic() - t0 < 60:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert "240 s left in SLURM job 4242: SIGUSR1 to the trainers in 120 s" in err
+    assert "SIGUSR1 to" in err.split("SIGUSR1 to the trainers")[1]  # passed on (the "... processes" line)
+    assert time.monotonic() - t0 < 60
 
 
 def test_preemption_exit_records_the_stop(tmp_path, monkeypatch):

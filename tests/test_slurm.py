@@ -448,11 +448,18 @@ def released_requeues(interval: float = 1.0):
         thread.join(timeout=10)
 
 
-def signal_launcher_until(stopped: Path, timeout: float = 400) -> threading.Thread:
+def signal_launcher_until(stopped: Path, log: Path, timeout: float = 400) -> threading.Thread:
     """A thread that finds the job's ``rlmeta launch`` and sends it SIGUSR1 every second until ``stopped`` exists
     (the trainers' interruptions.jsonl): the launcher passes it on to every process under it, as it does itself
-    ``RLMETA_SIGNAL_BEFORE`` seconds before the time limit (trainers still loading ignore it, hence the repeats)."""
+    ``RLMETA_SIGNAL_BEFORE`` seconds before the time limit (trainers still loading ignore it, hence the repeats).
+    Only once the rule's ``log`` says the launcher supervises the job (its "s left in SLURM job" line): before
+    that, SIGUSR1 would terminate a Python still starting (a CI run failed so)."""
     import psutil
+
+    def supervising() -> bool:
+        with contextlib.suppress(OSError):
+            return "s left in SLURM job" in log.read_text(errors="replace")
+        return False
 
     def launcher():
         for proc in psutil.process_iter(["cmdline"]):
@@ -469,7 +476,7 @@ def signal_launcher_until(stopped: Path, timeout: float = 400) -> threading.Thre
         deadline = time.time() + timeout
         try:
             while time.time() < deadline and not stopped.exists():
-                proc = launcher()
+                proc = launcher() if supervising() else None
                 if proc is not None:
                     with contextlib.suppress(psutil.Error):
                         proc.send_signal(signal.SIGUSR1)
@@ -498,14 +505,16 @@ def test_real_workflow_trl_requeue_on_slurm(slurm_cluster, tmp_path, monkeypatch
     train_log = workdir / "results/logs/gsm8k_grpo_lora/train_seed1.log"
     monkeypatch.setenv("RLMETA_SIGNAL_BEFORE", "1")  # the launcher's own timer: 1 s before the 5-minute limit
     with released_requeues() as released:
-        sender = signal_launcher_until(workdir / "results/gsm8k_grpo_lora/seed1/checkpoints/interruptions.jsonl")
+        sender = signal_launcher_until(workdir / "results/gsm8k_grpo_lora/seed1/checkpoints/interruptions.jsonl",
+                                       train_log)
         run = slurm_cluster.run(workdir / "Snakefile", workdir, timeout=540,
                                 profile_extra={"set-resources": {"train_trl": {"runtime": 5, "mem_mb": 4000,
                                                                                "cpus_per_task": 2}}},
                                 extra_args=["--workflow-profile", "none", "--configfile", str(TRL_CONFIG), "--",
                                             target])
         sender.join(timeout=5)
-    assert run.returncode == 0, run.log_tail(120)
+    assert run.returncode == 0, run.log_tail(60) + "\n--- train log:\n" + (
+        train_log.read_text(errors="replace")[-4000:] if train_log.exists() else "(none)")
     assert sender.sent >= 1, sender.error
     jobs = run.jobs_by_rule()
     assert sorted(jobs) == ["train_trl"], run.jobs

@@ -189,12 +189,14 @@ def signal_wait(left: float, before: float) -> float:
     return max(left - before, left / 2)
 
 
-def supervise(cmd: str, env: dict[str, str], signal_at: float | None) -> int:
+def supervise(cmd: str, env: dict[str, str], signal_at: float | None, early: Sequence[int] = ()) -> int:
     """Run ``cmd`` (bash) and wait; from ``signal_at`` (a ``time.monotonic()`` value) on, or when this process
     gets SIGUSR1, send SIGUSR1 to every process under it (torchrun starts its workers in sessions of their own,
     so a process-group signal would miss them), again every ``RESEND_S`` seconds until the command ends: a
     trainer still loading its model ignores it (it installs its handler when training starts). The children
-    ignore it unless they handle it (the trainers do: ``rlmeta.preempt``). Returns the command's exit status."""
+    ignore it unless they handle it (the trainers do: ``rlmeta.preempt``). ``early``: signals the caller's
+    provisional handler caught before this one was installed: then the signals start at once. Returns the
+    command's exit status."""
     import signal
     import time
 
@@ -210,6 +212,8 @@ def supervise(cmd: str, env: dict[str, str], signal_at: float | None) -> int:
                 proc.send_signal(signal.SIGUSR1)
 
     signal.signal(signal.SIGUSR1, notify)
+    if early:  # the time has come: signal now, and again every RESEND_S (the trainers are still starting)
+        signal_at = time.monotonic()
     while True:
         wait = None if signal_at is None else max(0.0, signal_at - time.monotonic())
         try:
@@ -431,14 +435,22 @@ def command(p: argparse.ArgumentParser):
         # a one-node job with a time limit: signal the trainers before it. Not the srun form (several nodes): its
         # torchrun agents are srun's tasks, which a forwarded SIGUSR1 would kill; there the periodic checkpoints
         # and slurm-requeue resume
-        left = slurm_time_left(env) if before > 0 and not use_srun else None
+        supervised = before > 0 and not use_srun and bool(env.get("SLURM_JOB_ID"))
+        early: list[int] = []
+        if supervised:
+            import signal
+
+            # from here on SIGUSR1 means "checkpoint and exit", not the default "terminate the launcher": one that
+            # comes before supervise() has started the command is kept and passed on as soon as it has
+            signal.signal(signal.SIGUSR1, lambda signum, _frame: early.append(signum))
+        left = slurm_time_left(env) if supervised else None
         if left is not None:
             import time
 
             wait = signal_wait(left, before)
             print(f"rlmeta launch: {left:.0f} s left in SLURM job {env['SLURM_JOB_ID']}: SIGUSR1 to the trainers "
                   f"in {wait:.0f} s", file=sys.stderr, flush=True)
-            return supervise(cmd, env, time.monotonic() + wait)
+            return supervise(cmd, env, time.monotonic() + wait, early=early)
         ignore_in_launcher()  # inherited through exec: torchrun's agent ignores it, the trainers handle it
         os.execvpe("bash", ["bash", "-c", cmd], env)
         return 127  # not reached
