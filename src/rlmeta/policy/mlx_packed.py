@@ -136,6 +136,91 @@ def _packable(model: nn.Module) -> bool:
     return True
 
 
+def _np_linear(module: nn.Module, x: np.ndarray) -> np.ndarray:
+    """``module(x)`` of a plain or LoRA linear (``mlx_lm.tuner.lora``; no dropout: inference) in NumPy."""
+    if type(module) is nn.Linear:
+        y = x @ _host(module.weight).T
+        return y + _host(module.bias) if "bias" in module else y
+    if type(module).__name__ == "LoRALinear" and type(module.linear) is nn.Linear:
+        z = (x @ _host(module.lora_a)) @ _host(module.lora_b)
+        return _np_linear(module.linear, x) + np.float32(module.scale) * z
+    return _host(module(mx.array(x)))
+
+
+def _host_sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, mask: np.ndarray) -> np.ndarray:
+    """``mx.fast.scaled_dot_product_attention`` of ``q (B, H, L, D)`` over ``k, v (B, Hkv, K, D)`` (grouped
+    queries: head ``h`` reads kv head ``h // (H / Hkv)``) with a boolean ``mask (B, 1, L, K)``, in NumPy. A
+    masked score is the float32 minimum, not -inf, so that a query with no key at all (a left-padding
+    position) gets finite weights and no NaN reaches the cache."""
+    b, h, length, d = q.shape
+    hkv, keys = k.shape[1], k.shape[2]
+    rep = h // hkv
+    s = np.matmul(q.reshape(b, hkv, rep * length, d) * np.float32(scale), k.transpose(0, 1, 3, 2))
+    s = np.where(mask[:, :, None], s.reshape(b, hkv, rep, length, keys), np.finfo(np.float32).min)
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return np.matmul(s.reshape(b, hkv, rep * length, keys), v).reshape(b, h, length, d)
+
+
+def host_forward(model: nn.Module, inputs: mx.array, cache: list) -> np.ndarray:
+    """The decoder's final hidden states ``(B, L, d)`` of ``inputs (B, L)`` after ``cache`` (mlx-lm KV caches,
+    updated as the model's own forward does), for sampling on the CPU device (``_packable`` models). The same
+    steps as mlx-lm's Qwen2/Qwen3 forward, with its norms, RoPE and cache in MLX, and its matrix products,
+    attention and SwiGLU in NumPy: MLX's reference BLAS and its CPU ``exp`` are 20-50x slower than NumPy's
+    on Linux (one 256-row decode step of the default tiny model, 2 layers: 34 ms -> ~5 ms, docs/benchmarks.md).
+    Training takes ``packed_logprobs``; a test checks the two forwards against each other."""
+    core = model.model
+    h = core.embed_tokens(inputs)
+    b, length = inputs.shape
+    mask = np.asarray(cache[0].make_mask(length, return_array=True))
+    mask = np.broadcast_to(mask, (b, 1, length, mask.shape[-1]))
+    h = _host(h)
+    with _blas_threads():
+        for layer, c in zip(core.layers, cache):
+            attn, mlp = layer.self_attn, layer.mlp
+            x = _host(layer.input_layernorm(mx.array(h)))
+            q = mx.array(_np_linear(attn.q_proj, x).reshape(b, length, attn.n_heads, -1))
+            k = mx.array(_np_linear(attn.k_proj, x).reshape(b, length, attn.n_kv_heads, -1))
+            v = mx.array(_np_linear(attn.v_proj, x).reshape(b, length, attn.n_kv_heads, -1))
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+            q, k = attn.rope(q, offset=c.offset), attn.rope(k, offset=c.offset)
+            keys, values = c.update_and_fetch(k, v)
+            o = _host_sdpa(_host(q), _host(keys), _host(values), float(attn.scale), mask)
+            h = h + _np_linear(attn.o_proj, o.transpose(0, 2, 1, 3).reshape(b, length, -1))
+            x = _host(layer.post_attention_layernorm(mx.array(h)))
+            gate, up = _np_linear(mlp.gate_proj, x), _np_linear(mlp.up_proj, x)
+            h = h + _np_linear(mlp.down_proj, gate / (1.0 + np.exp(-gate)) * up)  # swiglu: silu(gate) * up
+    return _host(core.norm(mx.array(h)))
+
+
+def host_logits(model: nn.Module, hidden: np.ndarray) -> np.ndarray:
+    """Output logits ``(N, V)`` of final hidden states ``(N, d)`` (tied or separate head), in NumPy."""
+    head = model.lm_head.weight if hasattr(model, "lm_head") else model.model.embed_tokens.weight
+    hn, wn = _host(hidden), _host(head)
+    with _blas_threads():
+        return hn @ wn.T
+
+
+def host_draw(logits: np.ndarray, inv_temperature: float, u: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``rlmeta.policy.mlx_policy.sample`` without shaping, in NumPy: the token of each row of ``logits (B, V)``
+    at the uniform ``u (B, 1)`` of the inverse CDF (``None``: greedy), and its log-prob under
+    ``log_softmax(logits * inv_temperature)``. MLX's CPU ``exp`` is ~24x slower than NumPy's (a (256, 2048)
+    batch: 7.1 vs 0.29 ms), and sampling runs it on every row at every step."""
+    scaled = logits * np.float32(inv_temperature) if inv_temperature != 1.0 else logits
+    top = scaled.max(axis=-1, keepdims=True)
+    e = np.exp(scaled - top)
+    lp = scaled - top - np.log(e.sum(axis=-1, keepdims=True))
+    if u is None:
+        nxt = lp.argmax(axis=-1)
+    else:
+        cdf = np.cumsum(e, axis=-1)
+        nxt = np.minimum((cdf <= u * cdf[:, -1:]).sum(axis=-1), logits.shape[-1] - 1)
+    return nxt, lp[np.arange(len(nxt)), nxt]
+
+
 class PackedPlan:
     """Token layout of a right-padded batch for ``packed_logprobs`` (host-side bookkeeping).
 

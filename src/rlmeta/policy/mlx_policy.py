@@ -135,12 +135,27 @@ class MLXPolicy(BasePolicy):
 
     def _sample(self, ids, n, temperature, shaping, max_new_tokens, seed):
         """Each prompt is prefilled once (left-padded, ``BatchKVCache``) and its cache repeated ``n``
-        times; rows leave the batch when they emit a stop token."""
+        times; rows leave the batch when they emit a stop token. On the CPU device (float32 Qwen2/Qwen3) the
+        forward's products and attention run in NumPy, and so do unshaped draws (``mlx_packed``: ``host_forward``,
+        ``host_logits``, ``host_draw``; the same tokens and log-probs to float32 rounding)."""
         mx.random.seed(seed)
+        host = mlx_packed.HOST_GEMM and mlx_packed._packable(self.model)
+        return self._sample_rows(ids, n, temperature, shaping, max_new_tokens, host)
+
+    def _last_logits(self, x: mx.array, cache: list, host: bool):
+        """Logits ``(B, V)`` of the last position after ``x (B, L)`` (NumPy on the host path), cache updated."""
+        if host:
+            return mlx_packed.host_logits(self.model, mlx_packed.host_forward(self.model, x, cache)[:, -1])
+        return lm_head(self.model, self.model.model(x, cache=cache)[:, -1:])[:, 0]
+
+    def _sample_rows(self, ids, n, temperature, shaping, max_new_tokens, host):
         inv_t = 1.0 / temperature if temperature > 0 else 1.0
-        order, cache, logits = self._prefill(ids)
+        greedy = temperature == 0
+        penalty = shaping.repetition_penalty
+        host_draw = host and shaping == UNSHAPED  # no top-k / top-p / min-p / repetition penalty
+        order, cache, logits = self._prefill(ids, host)
         if n > 1:
-            logits = mx.repeat(logits, n, axis=0)
+            logits = np.repeat(logits, n, axis=0) if host else mx.repeat(logits, n, axis=0)
             for c in cache:
                 c.keys, c.values = mx.repeat(c.keys, n, axis=0), mx.repeat(c.values, n, axis=0)
                 c.offset, c.left_padding = mx.repeat(c.offset, n, axis=0), mx.repeat(c.left_padding, n, axis=0)
@@ -148,23 +163,27 @@ class MLXPolicy(BasePolicy):
         tokens: list[list[int]] = [[] for _ in rows]
         logps: list[list[float]] = [[] for _ in rows]
         stops = set(self.stop_ids)
-        penalty = shaping.repetition_penalty
         if penalty != 1.0:  # (B, V): the tokens of each row's prompt, then of its completion as it grows
             seen = np.zeros((len(rows), logits.shape[-1]), dtype=bool)
             for j, r in enumerate(rows):
                 seen[j, ids[r // n]] = True
         for step in range(max_new_tokens):
-            raw = logits.astype(mx.float32)
-            scaled = raw * inv_t
-            lp = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)  # recorded: the model's own log-probs
-            draw = lp
-            if penalty != 1.0:
-                draw = penalize(raw, mx.array(seen), penalty) * inv_t
-                draw = draw - mx.logsumexp(draw, axis=-1, keepdims=True)
-            nxt = sample(draw, shaping, greedy=temperature == 0)
-            chosen = mx.take_along_axis(lp, nxt[:, None], axis=-1)[:, 0]
-            drawn = nxt.tolist()
-            for r, tok, v in zip(rows, drawn, chosen.tolist()):
+            if host_draw:  # the same uniforms as sample() draws, so the same tokens up to float32 rounding
+                u = None if greedy else np.asarray(mx.random.uniform(shape=(len(rows), 1)))
+                nxt, chosen = mlx_packed.host_draw(logits, inv_t, u)
+                drawn, chosen = nxt.tolist(), chosen.tolist()
+            else:
+                raw = (mx.array(logits) if host else logits).astype(mx.float32)
+                scaled = raw * inv_t
+                lp = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)  # recorded: the model's own log-probs
+                draw = lp
+                if penalty != 1.0:
+                    draw = penalize(raw, mx.array(seen), penalty) * inv_t
+                    draw = draw - mx.logsumexp(draw, axis=-1, keepdims=True)
+                nxt = sample(draw, shaping, greedy=greedy)
+                chosen = mx.take_along_axis(lp, nxt[:, None], axis=-1)[:, 0]
+                drawn, chosen = nxt.tolist(), chosen.tolist()
+            for r, tok, v in zip(rows, drawn, chosen):
                 tokens[r].append(tok)
                 logps[r].append(v)
             if penalty != 1.0:
@@ -176,16 +195,18 @@ class MLXPolicy(BasePolicy):
                 idx = mx.array(keep)
                 for c in cache:
                     c.filter(idx)
-                nxt, rows = nxt[idx], [rows[i] for i in keep]
+                drawn, rows = [drawn[i] for i in keep], [rows[i] for i in keep]
                 if penalty != 1.0:
                     seen = seen[keep]
-            logits = lm_head(self.model, self.model.model(nxt[:, None], cache=cache))[:, -1]
+            x = mx.array(drawn, dtype=mx.int32)[:, None]
+            logits = self._last_logits(x, cache, host)
         return tokens, logps
 
-    def _prefill(self, ids: list[list[int]], groups: int = 4):
+    def _prefill(self, ids: list[list[int]], host: bool = False, groups: int = 4):
         """Prefill the prompts in ``groups`` length-sorted groups (less padding), one batch cache.
 
-        Returns ``(order, cache, last_logits)``: batch row ``j`` holds prompt ``order[j]``.
+        Returns ``(order, cache, last_logits)``: batch row ``j`` holds prompt ``order[j]``; the logits are
+        NumPy on the ``host`` path (see ``_sample``).
         """
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         size = -(-len(ids) // groups)
@@ -196,14 +217,14 @@ class MLXPolicy(BasePolicy):
             pads = [width - len(p) for p in part]
             c = [BatchKVCache(pads) for _ in self.model.layers]
             x = mx.array([[self.pad_id] * m + list(p) for p, m in zip(part, pads)], dtype=mx.int32)
-            logits.append(lm_head(self.model, self.model.model(x, cache=c)[:, -1:])[:, 0])
-            mx.eval(logits[-1], [cc.state for cc in c])
+            logits.append(self._last_logits(x, c, host))
+            mx.eval([cc.state for cc in c] + ([] if host else [logits[-1]]))
             if cache is None:
                 cache = c
             else:
                 for a, b in zip(cache, c):
                     a.extend(b)
-        return order, cache, mx.concatenate(logits)
+        return order, cache, np.concatenate(logits) if host else mx.concatenate(logits)
 
     def _logprob_rows(self, prompt_ids, completion_ids, temperature):
         return np.array(sequence_logprobs(self.model, *pad_batch(prompt_ids, completion_ids, self.pad_id), temperature))
