@@ -62,8 +62,8 @@ def weights(path: Path) -> dict:
 @pytest.mark.parametrize("case", ["task_parallel_full", "fsdp_full", "fsdp_lora_resumed"])
 def test_two_processes_match_one(env, tmp_path, case):
     """task_parallel: rank r adapts tasks r::2; fsdp: both ranks shard one model and split every batch.
-    The sharded full run matches to 1e-4: Adam's first steps divide by |g|, which magnifies the
-    summation-order rounding of a few near-zero gradient entries (measured max 1.1e-5)."""
+    The sharded full run matches to 1e-4 but for a few entries: Adam's first steps divide by |g|, which magnifies
+    the summation-order rounding of near-zero gradient entries (see below)."""
     meta = MetaSettings.model_validate({**META.model_dump(), "lora": LORA}) if "lora" in case else META
     one = one_process(env, meta)
     shard = 1 if case.startswith("task") else 2
@@ -79,9 +79,18 @@ def test_two_processes_match_one(env, tmp_path, case):
     assert f"world 2 = {2 // shard} task groups x {shard} shards" in p.stderr
     a, b = weights(one / "ck/final"), weights(tmp_path / "two/ck/final")
     assert set(a) == set(b)
-    atol = 1e-4 if case == "fsdp_full" else 1e-5
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+    if case == "fsdp_full":
+        # Adam's first steps move a weight by ~lr * sign(g): a near-zero gradient entry whose summation-order
+        # rounding flips its sign can differ by up to 2 lr per step (seen: 1 of 4096 entries at 1.4e-4 on one CPU,
+        # 1.1e-5 on another). So: almost every entry within 1e-4, none beyond Adam's bound.
+        bound = 2 * meta.outer_lr * meta.outer_steps
+        for k in a:
+            diff = (a[k].float() - b[k].float()).abs()
+            assert diff.max() <= bound and (diff > 1e-4).float().mean() <= 1e-3, (k, diff.max().item(),
+                                                                                    int((diff > 1e-4).sum()))
+    else:
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
     import pyarrow.parquet as pq
 
     ta, tb = pq.read_table(one / "m.parquet"), pq.read_table(tmp_path / "two/m.parquet")
