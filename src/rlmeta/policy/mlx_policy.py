@@ -152,7 +152,7 @@ class MLXPolicy(BasePolicy):
         inv_t = 1.0 / temperature if temperature > 0 else 1.0
         greedy = temperature == 0
         penalty = shaping.repetition_penalty
-        host_draw = host and shaping == UNSHAPED  # no top-k / top-p / min-p / repetition penalty
+        draw_on_host = host and shaping == UNSHAPED  # no top-k / top-p / min-p / repetition penalty
         order, cache, logits = self._prefill(ids, host)
         if n > 1:
             logits = np.repeat(logits, n, axis=0) if host else mx.repeat(logits, n, axis=0)
@@ -168,7 +168,7 @@ class MLXPolicy(BasePolicy):
             for j, r in enumerate(rows):
                 seen[j, ids[r // n]] = True
         for step in range(max_new_tokens):
-            if host_draw:  # the same uniforms as sample() draws, so the same tokens up to float32 rounding
+            if draw_on_host:  # the same uniforms as sample() draws, so the same tokens up to float32 rounding
                 u = None if greedy else np.asarray(mx.random.uniform(shape=(len(rows), 1)))
                 nxt, chosen = mlx_packed.host_draw(logits, inv_t, u)
                 drawn, chosen = nxt.tolist(), chosen.tolist()
