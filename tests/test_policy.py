@@ -134,3 +134,25 @@ def test_qwen_tokenizer_on_both_backends(pytestconfig):
     torch_lp = out["torch"][1].logprobs([g.prompt_ids for g in gens], [g.token_ids for g in gens])
     for g, lp in zip(gens, torch_lp):
         np.testing.assert_allclose(g.logprobs, lp, atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_torch_growing_cache_matches_dynamic_cache(policies, prompts, temperature, monkeypatch):
+    """Sampling's cache (``growing_layer``: buffers grown CHUNK positions at a time, here 5 so that prefill and
+    decoding cross several boundaries) gives exactly the tokens and log-probs of transformers' own
+    ``DynamicCache``, with each prompt's cache repeated per sample and rows dropped as they stop."""
+    from transformers import DynamicCache
+
+    from rlmeta.policy import torch_policy
+
+    policy = policies["torch"]
+    monkeypatch.setattr(torch_policy.growing_layer(), "CHUNK", 5)
+    ours = policy.generate(prompts, 4, temperature=temperature, max_new_tokens=24, seed=7)
+    layers = torch_policy.decode_cache(policy.model.config).layers
+    assert layers and all(type(layer).__name__ == "GrowingLayer" for layer in layers)
+    monkeypatch.setattr(torch_policy, "decode_cache", lambda config: DynamicCache(config=config))
+    theirs = policy.generate(prompts, 4, temperature=temperature, max_new_tokens=24, seed=7)
+    assert [g.token_ids for g in ours] == [g.token_ids for g in theirs]
+    assert temperature == 0 or len({len(g.token_ids) for g in ours}) > 1  # sampled rows stop at different steps
+    for a, b in zip(ours, theirs):
+        assert np.abs(np.array(a.logprobs) - np.array(b.logprobs)).max() < 1e-6
