@@ -173,8 +173,9 @@ def host_forward(model: nn.Module, inputs: mx.array, cache: list) -> np.ndarray:
     updated as the model's own forward does), for sampling on the CPU device (``_packable`` models). The same
     steps as mlx-lm's Qwen2/Qwen3 forward, with its norms, RoPE and cache in MLX, and its matrix products,
     attention and SwiGLU in NumPy: MLX's reference BLAS and its CPU ``exp`` are 20-50x slower than NumPy's
-    on Linux (one 256-row decode step of the default tiny model, 2 layers: 34 ms -> ~5 ms, docs/benchmarks.md).
-    Training takes ``packed_logprobs``; a test checks the two forwards against each other."""
+    on Linux (a 256-row decode step of the default tiny model: ~75 ms -> ~15 ms with the head and the draw,
+    docs/benchmarks.md). Inference only (no VJP): training takes ``packed_logprobs``. tests/test_mlx_packed.py
+    holds it to mlx-lm's own forward."""
     core = model.model
     h = core.embed_tokens(inputs)
     b, length = inputs.shape

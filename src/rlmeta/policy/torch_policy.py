@@ -93,7 +93,8 @@ def growing_layer():
                 self._views()
 
         def crop(self, tokens_to_remove: int) -> None:
-            raise NotImplementedError("GrowingLayer is sampling's cache: it does not crop")
+            raise NotImplementedError("GrowingLayer (rlmeta's sampling cache) does not crop: build the cache with "
+                                      "transformers' DynamicCache for generation that crops (assisted decoding)")
 
     return GrowingLayer
 
