@@ -156,3 +156,21 @@ def test_torch_growing_cache_matches_dynamic_cache(policies, prompts, temperatur
     assert temperature == 0 or len({len(g.token_ids) for g in ours}) > 1  # sampled rows stop at different steps
     for a, b in zip(ours, theirs):
         assert np.abs(np.array(a.logprobs) - np.array(b.logprobs)).max() < 1e-6
+
+
+def test_growing_layer_crop_matches_dynamic_layer():
+    """``GrowingLayer.crop`` (negative: drop that many last positions) leaves what ``DynamicLayer.crop`` leaves,
+    and later updates continue from there."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from rlmeta.policy.torch_policy import growing_layer
+
+    ours, theirs = growing_layer()(), DynamicLayer()
+    k, v = torch.randn(2, 3, 10, 4), torch.randn(2, 3, 10, 4)
+    for layer in (ours, theirs):
+        layer.update(k, v)
+        layer.crop(-3)
+        layer.update(k[:, :, :2], v[:, :, :2])
+    assert ours.get_seq_length() == theirs.get_seq_length() == 9
+    assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)

@@ -55,7 +55,7 @@ def growing_layer():
         """``DynamicLayer`` whose keys and values live in buffers grown ``CHUNK`` positions at a time, and are
         handed out as views: ``DynamicLayer.update`` concatenates the whole cache at every decode step, 24% of a
         256-row decode step of the tiny model on the CPU (the same outputs 1.14x faster, docs/benchmarks.md).
-        Only what sampling calls is kept in step (update, batch repeat and select, reset)."""
+        Kept in step: update, batch repeat and select, crop, reset."""
 
         CHUNK = 256
 
@@ -93,8 +93,10 @@ def growing_layer():
                 self._views()
 
         def crop(self, tokens_to_remove: int) -> None:
-            raise NotImplementedError("GrowingLayer (rlmeta's sampling cache) does not crop: build the cache with "
-                                      "transformers' DynamicCache for generation that crops (assisted decoding)")
+            if tokens_to_remove >= 0 or not self.is_initialized or self._k is None:
+                return super().crop(tokens_to_remove)  # transformers' checks and no-ops
+            self.length = max(0, self.length + tokens_to_remove)
+            self._views()
 
     return GrowingLayer
 
