@@ -3,8 +3,11 @@
 Builds the embedded default (tiny Qwen3, bundled MATH sample split into subject tasks) in a
 temporary folder unless --model/--tasks-dir are given, runs a few outer steps per layout
 (one thread per process) and reads tokens and step_seconds from train_metrics.parquet
-(the first step, with its warm-up, is left out). Prints a table, then as the LAST line one
-JSON object with tokens_per_s_1, tokens_per_s_2 (task-parallel) and scaling = tps2 / tps1.
+(the first step, with its warm-up, is left out). Layouts: 1 process; 2 task-parallel; 2 FSDP-sharded
+(``meta.shard_size`` 2; ``fsdp_units`` auto, i.e. the whole model as one unit on the CPU); 2 FSDP-sharded
+per decoder layer (``fsdp_units: layers``, the CUDA layout). Prints a table, then as the LAST line one
+JSON object with tokens_per_s_1, tokens_per_s_2 (task-parallel) and scaling = tps2 / tps1, and the
+same for the FSDP layouts (``scaling_fsdp``, ``scaling_fsdp_layers``).
 
 Against the limit: the run also times torch's peak (``rlmeta.testing.bench.gemm_peak_gflops``, best
 of a few 2048 x 2048 float32 products) at 1 thread and at 2 threads (the 2-process layouts' budget):
@@ -47,11 +50,12 @@ def embedded_default(work: Path) -> tuple[Path, Path]:
     return build_tiny_model(work / "tiny", TINY, corpus, 1234), work / "math_tasks"
 
 
-def run(model: Path, tasks: Path, meta: MetaSettings, nproc: int, shard: int, out: Path) -> dict:
+def run(model: Path, tasks: Path, meta: MetaSettings, nproc: int, shard: int, out: Path, units: str = "auto") -> dict:
     """One torchrun launch; returns wall time and the steady-state tokens/s and s/step."""
     import pyarrow.parquet as pq
 
-    meta = MetaSettings.model_validate({**meta.model_dump(), "nproc": nproc, "shard_size": shard})
+    meta = MetaSettings.model_validate({**meta.model_dump(), "nproc": nproc, "shard_size": shard,
+                                        "fsdp_units": units})
     train_subjects = [s for s in SUBJECTS if s not in meta.test_subjects]  # held-out ones are refused
     cmd = [sys.executable, "-m", "rlmeta", "launch", "--nproc", "0", "--cpu-procs", str(nproc), "--",
            "train-fomaml", "--model", str(model), "--tasks-dir", str(tasks), "--subjects", *train_subjects,
@@ -86,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fomaml_bench_") as tmp:
         work = Path(tmp)
         model, tasks = (a.model, a.tasks_dir) if a.model and a.tasks_dir else embedded_default(work)
-        layouts = [("1 process", 1, 1), ("2 processes, task-parallel", 2, 1), ("2 processes, FSDP-sharded", 2, 2)]
-        res = {name: run(model, tasks, meta, n, s, work / f"run{i}") for i, (name, n, s) in enumerate(layouts)}
+        layouts = [("1 process", 1, 1), ("2 processes, task-parallel", 2, 1), ("2 processes, FSDP-sharded", 2, 2),
+                   ("2 processes, FSDP per layer", 2, 2)]
+        units = ["auto", "auto", "auto", "layers"]  # auto on the CPU: the whole model as one FSDP unit
+        res = {name: run(model, tasks, meta, n, s, work / f"run{i}", u)
+               for i, ((name, n, s), u) in enumerate(zip(layouts, units))}
     print(f"FOMAML meta-training, {os.cpu_count()} CPUs, 1 thread per process, meta-batch {meta.meta_batch_size}, "
           f"k={meta.inner_steps}, batches {meta.support_batch}/{meta.query_batch}, {a.steps - 1} timed steps")
     import torch
@@ -103,14 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     for (name, r), (_, n, _) in zip(res.items(), layouts):
         print(f"{name:<30} {r['tokens_per_s']:>10.0f} {r['s_per_step']:>8.3f} {r['wall_s']:>8.1f} "
               f"{r['model_gflops']:>14.3f} {peaks[n]:>13.1f} {r['model_gflops'] / peaks[n]:>8.2%}")
-    t1, t2, t2f = (res[n]["tokens_per_s"] for n, _, _ in layouts)
-    keys = {"1": (layouts[0], 1), "2": (layouts[1], 2), "2_fsdp": (layouts[2], 2)}
+    t1, t2, t2f, t2l = (res[n]["tokens_per_s"] for n, _, _ in layouts)
+    keys = {"1": (layouts[0], 1), "2": (layouts[1], 2), "2_fsdp": (layouts[2], 2), "2_fsdp_layers": (layouts[3], 2)}
     against = {"peak_gflops_torch_1": round(peaks[1], 2), "peak_gflops_torch_2": round(peaks[2], 2)}
     for k, ((name, _, _), n) in keys.items():
         against[f"model_gflops_{k}"] = round(res[name]["model_gflops"], 4)
         against[f"frac_peak_{k}"] = round(res[name]["model_gflops"] / peaks[n], 5)
     print(json.dumps({"tokens_per_s_1": round(t1, 1), "tokens_per_s_2": round(t2, 1), "scaling": round(t2 / t1, 3),
                       "tokens_per_s_2_fsdp": round(t2f, 1), "scaling_fsdp": round(t2f / t1, 3),
+                      "tokens_per_s_2_fsdp_layers": round(t2l, 1), "scaling_fsdp_layers": round(t2l / t1, 3),
                       "s_per_step_1": round(res[layouts[0][0]]["s_per_step"], 3), **against}))
     return 0
 

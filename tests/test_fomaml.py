@@ -19,8 +19,8 @@ import torch
 from rlmeta import checkpoints
 from rlmeta.cli import main
 from rlmeta.meta.distributed import DistContext, load_resume
-from rlmeta.meta.fomaml import FOMAML, load_model, train
-from rlmeta.meta.tasks import TaskSampler, load_tasks
+from rlmeta.meta.fomaml import FOMAML, batch_loss, load_model, shard_batch, train
+from rlmeta.meta.tasks import TaskSampler, balanced_split, collate, load_tasks
 from rlmeta.settings import GuardSettings, MetaSettings, WandbSettings
 from rlmeta.testing.models import SUBJECTS, make_tasks, tasks_model
 from rlmeta.tracking import METRICS_FILE, DivergenceError
@@ -56,6 +56,74 @@ def test_sampler_is_a_function_of_seed_and_step():
     assert len(set(s.meta_batch(0, 3))) == 3 and len(s.meta_batch(0, 5)) == 5
     assert s.rows(1, 0, "algebra", "support", 6, 4) == s.rows(1, 0, "algebra", "support", 6, 4)
     assert len(set(s.rows(1, 0, "algebra", "support", 6, 4))) == 4
+
+
+def _padded_cost(lengths, groups) -> int:
+    """The slowest rank's padded tokens: rows x its longest row."""
+    return max((len(g) * max(lengths[i] for i in g) if g else 0) for g in groups)
+
+
+@pytest.mark.parametrize("lengths,parts,expected", [
+    # the two longest rows alone (2 x 300 = 600), the other six padded to 120 (720): round-robin pads 4 rows to 300
+    ([10, 300, 50, 200, 120, 80, 90, 60], 2, [[1, 3], [4, 6, 5, 7, 2, 0]]),
+    ([5, 5, 5, 5], 2, [[0, 1], [2, 3]]),  # equal lengths: an even split, ties by position
+    ([100] + [10] * 7, 2, [[0], [1, 2, 3, 4, 5, 6, 7]]),
+    ([7], 2, [[0], []]),  # fewer rows than ranks: the extra rank gets none (collate pads it one token)
+    ([1, 2, 3], 4, [[2], [1], [0], []]),
+    ([4, 9, 2], 1, [[0, 1, 2]]),
+])
+def test_balanced_split_known_cases(lengths, parts, expected):
+    assert balanced_split(lengths, parts) == expected
+
+
+def test_balanced_split_is_optimal_and_beats_round_robin():
+    """Against every assignment of up to 8 rows to 2 ranks (brute force), and never worse than rows r::S."""
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n, parts = rng.randint(2, 8), rng.choice([2, 3])
+        lengths = [rng.randint(5, 400) for _ in range(n)]
+        groups = balanced_split(lengths, parts)
+        assert sorted(i for g in groups for i in g) == list(range(n)) and len(groups) == parts
+        assert all(groups) or n < parts
+        cost = _padded_cost(lengths, groups)
+        assert cost <= _padded_cost(lengths, [list(range(r, n, parts)) for r in range(parts)])
+        if parts == 2:
+            best = min(_padded_cost(lengths, [[i for i in range(n) if a[i] == r] for r in range(2)])
+                       for a in itertools.product(range(2), repeat=n) if len(set(a)) == 2)
+            assert cost == best, (lengths, groups)
+
+
+def test_shard_batches_sum_to_the_whole_batch(env):
+    """The shard ranks' parts of a batch (length-balanced, uneven) give the whole batch's loss and gradient
+    when summed, with no collective: each part carries the whole batch's labelled-token count."""
+    lr = learner(env)
+    rows = lr.data["support"][SUBJECTS[0]]
+    examples = [lr._encode(("t", i), rows[i]) for i in range(len(rows))]
+    pad = lr.tok.pad_token_id
+    full_loss, full_value, n = batch_loss(lr.model, collate(examples, pad), DistContext())
+    full_loss.backward()
+    ref = [p.grad.clone() for p in lr.params]
+    lr.model.zero_grad()
+    values, taken = 0.0, []
+    for r in range(2):
+        part, mine = shard_batch(examples, pad, DistContext(shard_size=2, shard_rank=r))
+        assert part["n_labels"] == n
+        loss, value, count = batch_loss(lr.model, part, DistContext(shard_size=2, shard_rank=r))
+        loss.backward()
+        values += value
+        taken += mine
+    assert sorted(taken) == list(range(len(examples)))
+    assert values == pytest.approx(full_value, rel=1e-6)
+    for p, g in zip(lr.params, ref):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
+
+
+def _hf(batch: dict) -> dict:
+    """A batch as transformers' forward takes it (without the whole-batch token count)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
 
 
 def _lrs(lr: FOMAML, steps: int) -> list[float]:
@@ -94,12 +162,12 @@ def test_meta_gradient_matches_reference_and_restores_exactly(env):
         sup, qry = lr.batch(0, slot, task, "support"), lr.batch(0, slot, task, "query")
         for _ in range(META.inner_steps):
             m.zero_grad()
-            m(**sup).loss.backward()  # transformers' own shifted, masked token-mean loss
+            m(**_hf(sup)).loss.backward()  # transformers' own shifted, masked token-mean loss
             with torch.no_grad():
                 for p in m.parameters():
                     p -= META.inner_lr * p.grad
         m.zero_grad()
-        m(**qry).loss.backward()
+        m(**_hf(qry)).loss.backward()
         for r, p in zip(ref, m.parameters()):
             r += p.grad / len(tasks)
     for g, r in zip(grads, ref):

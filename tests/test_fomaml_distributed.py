@@ -37,9 +37,12 @@ def one_process(env, meta: MetaSettings) -> Path:
     return env["ref"][key]
 
 
-def torchrun(env, meta: MetaSettings, out: Path, shard_size: int, *extra: str) -> subprocess.CompletedProcess:
-    """`rlmeta launch` on 2 CPU processes, as the train_fomaml rule runs it (nproc 2, the given shard_size)."""
-    layout = MetaSettings.model_validate({**meta.model_dump(), "nproc": 2, "shard_size": shard_size})
+def torchrun(env, meta: MetaSettings, out: Path, shard_size: int, *extra: str,
+             units: str = "auto") -> subprocess.CompletedProcess:
+    """`rlmeta launch` on 2 CPU processes, as the train_fomaml rule runs it (nproc 2, the given shard_size and
+    fsdp_units)."""
+    layout = MetaSettings.model_validate({**meta.model_dump(), "nproc": 2, "shard_size": shard_size,
+                                          "fsdp_units": units})
     cmd = [sys.executable, "-m", "rlmeta", "launch", "--torchrun", f"{sys.executable} -m torch.distributed.run",
            "--nproc", "0", "--cpu-procs", "2", "--", "train-fomaml", "--model", str(env["model"]),
            "--tasks-dir", str(env["tasks"]), "--subjects", *SUBJECTS, "--meta", layout.model_dump_json(),
@@ -59,9 +62,10 @@ def weights(path: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["task_parallel_full", "fsdp_full", "fsdp_lora_resumed"])
+@pytest.mark.parametrize("case", ["task_parallel_full", "fsdp_full", "fsdp_layers_full", "fsdp_lora_resumed"])
 def test_two_processes_match_one(env, tmp_path, case):
-    """task_parallel: rank r adapts tasks r::2; fsdp: both ranks shard one model and split every batch.
+    """task_parallel: rank r adapts tasks r::2; fsdp: both ranks shard one model (one FSDP unit on the CPU;
+    fsdp_layers: one per decoder layer, the CUDA layout) and split every batch (length-balanced, unevenly).
     The sharded full run matches to 1e-4 but for a few entries: Adam's first steps divide by |g|, which magnifies
     the summation-order rounding of near-zero gradient entries (see below)."""
     meta = MetaSettings.model_validate({**META.model_dump(), "lora": LORA}) if "lora" in case else META
@@ -75,11 +79,13 @@ def test_two_processes_match_one(env, tmp_path, case):
         assert f"resuming from {tmp_path / 'two/ck/1'} (step 1)" in p.stderr
         shard = 1
     else:
-        p = torchrun(env, meta, tmp_path / "two", shard)
+        p = torchrun(env, meta, tmp_path / "two", shard, units="layers" if "layers" in case else "auto")
     assert f"world 2 = {2 // shard} task groups x {shard} shards" in p.stderr
+    if shard == 2:
+        assert f"(FSDP units: {'layers' if 'layers' in case else 'model'})" in p.stderr
     a, b = weights(one / "ck/final"), weights(tmp_path / "two/ck/final")
     assert set(a) == set(b)
-    if case == "fsdp_full":
+    if case in ("fsdp_full", "fsdp_layers_full"):
         # Adam's first steps move a weight by ~lr * sign(g): a near-zero gradient entry whose summation-order
         # rounding flips its sign can differ by up to 2 lr per step (seen: 1 of 4096 entries at 1.4e-4 on one CPU,
         # 1.1e-5 on another). So: almost every entry within 1e-4, none beyond Adam's bound.

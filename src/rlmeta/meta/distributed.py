@@ -2,8 +2,8 @@
 
 The ``world`` ranks form a device mesh ``(task, shard)`` of shape ``(world // S, S)``.
 Each row of ``S`` ranks holds one FSDP2-sharded copy of the model (``fully_shard`` over
-each decoder layer, then the root, on the ``shard`` sub-mesh) and adapts its share of
-the meta-batch; rows meet once per outer step to sum the meta-gradient. ``S = 1``
+each decoder layer, then the root, or the root alone: ``meta.fsdp_units``; on the ``shard``
+sub-mesh) and adapts its share of the meta-batch; rows meet once per outer step to sum the meta-gradient. ``S = 1``
 (the default) is pure task parallelism; ``S = world`` is plain FSDP with every task's
 batches split over all ranks. Fast weights are the ranks' local shards, updated in place.
 """
@@ -129,21 +129,35 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     raise ValueError("model has no '*layers' ModuleList to shard")
 
 
-def shard_model(model: nn.Module, ctx: DistContext, bf16: bool = False) -> nn.Module:
-    """FSDP2 ``fully_shard`` over each decoder layer, then the root, on the shard sub-mesh.
+def resolve_units(units: str, ctx: DistContext) -> str:
+    """``meta.fsdp_units`` with auto resolved: layers on CUDA, model on the CPU."""
+    if units == "auto":
+        return "layers" if ctx.device.type == "cuda" else "model"
+    if units not in ("layers", "model"):
+        raise ValueError(f"meta.fsdp_units {units!r}: allowed auto, layers, model")
+    return units
 
-    Gradients are summed (not averaged) over the shard group: the loss is already divided by
-    the group's token count. The root reshards after forward too, so a forward without
+
+def shard_model(model: nn.Module, ctx: DistContext, bf16: bool = False, units: str = "auto") -> nn.Module:
+    """FSDP2 ``fully_shard`` on the shard sub-mesh: over each decoder layer, then the root (``units``
+    "layers"), or over the root alone ("model"); "auto" is layers on CUDA, model on the CPU.
+
+    Per-layer units keep one layer unsharded at a time (the layout for models that need sharding);
+    every unit costs an all-gather per forward and backward and a reduce-scatter per backward, and gloo on
+    the CPU is latency-bound (~3 ms per collective for the tiny model), so there one unit scales better
+    (docs/benchmarks.md). Gradients are summed (not averaged) over the shard group: the loss is already
+    divided by the whole batch's token count. The root reshards after forward too, so a forward without
     backward never leaves stale unsharded weights behind the in-place fast-weight updates.
     """
     if not ctx.distributed:
         return model
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+    units = resolve_units(units, ctx)
     mesh = ctx.mesh["shard"]
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
           else MixedPrecisionPolicy())
-    for layer in decoder_layers(model):
+    for layer in decoder_layers(model) if units == "layers" else ():
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
     for mod in model.modules():

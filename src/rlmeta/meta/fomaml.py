@@ -35,17 +35,18 @@ from rlmeta.meta.distributed import (
     init_distributed,
     load_resume,
     local,
+    resolve_units,
     save_resume,
     shard_model,
 )
-from rlmeta.meta.tasks import TaskSampler, collate, encode, load_tasks
+from rlmeta.meta.tasks import TaskSampler, balanced_split, collate, encode, load_tasks
 from rlmeta.preempt import Preemption
 from rlmeta.settings import META_EVAL_KEYS, LoraSettings, MetaSettings, WandbSettings
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
-RESUMABLE_ACROSS = {"nproc", "shard_size", "checkpoint_every", "keep_checkpoints", *META_EVAL_KEYS}
+RESUMABLE_ACROSS = {"nproc", "shard_size", "fsdp_units", "checkpoint_every", "keep_checkpoints", *META_EVAL_KEYS}
 """Meta settings a run may change and still resume (DCP reshards; checkpointing does not change the maths)."""
 ADAPTER_DIR = "meta_adapter"  # unmerged meta-LoRA adapter inside the final checkpoint
 
@@ -85,14 +86,33 @@ def restore(params, snap) -> None:
 
 def batch_loss(model, batch: dict, ctx: DistContext) -> tuple[torch.Tensor, float, int]:
     """Token-mean cross-entropy over the labelled (solution) tokens of the whole batch, which may
-    be split over the shard group: returns ``(loss to backprop, loss value, labelled tokens)``."""
-    batch = {k: v.to(ctx.device) for k, v in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
+    be split over the shard group: returns ``(loss to backprop, loss value, labelled tokens)``.
+
+    A batch from ``shard_batch`` carries the whole batch's labelled-token count (``n_labels``): then no
+    collective runs here and the loss value is this rank's share of it (the caller sums the shares once
+    per outer step); without it the count and value are summed over the shard group on every call."""
+    n_labels = batch.get("n_labels")
+    dev = ctx.device
+    logits = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+    labels = batch["labels"][:, 1:].to(dev)
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    if n_labels is not None:
+        n = max(1, int(n_labels))
+        return ce / n, float(ce.detach()) / n, int(n_labels)
     counts = ctx.shard_sum(torch.stack([ce.detach().float(), (labels != -100).sum().float()]).cpu())
     n = max(1.0, float(counts[1]))
     return ce / n, float(counts[0]) / n, int(counts[1])
+
+
+def shard_batch(examples: list[tuple[list[int], list[int]]], pad_id: int, ctx: DistContext) -> tuple[dict, list[int]]:
+    """This rank's part of a batch of encoded rows under a length-balanced split over the shard group
+    (``tasks.balanced_split``), with the whole batch's labelled-token count as ``n_labels`` (so
+    ``batch_loss`` needs no collective); also the positions of the rows it took."""
+    mine = balanced_split([len(ids) for ids, _ in examples], ctx.shard_size)[ctx.shard_rank]
+    batch = collate([examples[i] for i in mine], pad_id)
+    # labels[:, 1:] are the targets: a row's first token is never one
+    batch["n_labels"] = sum(sum(1 for y in lab[1:] if y != -100) for _, lab in examples)
+    return batch, mine
 
 
 def sgd_step(params, lr: float) -> None:
@@ -151,6 +171,11 @@ def adapt_task(model, params, support: dict, query: dict, cfg: MetaSettings, ctx
     return pre, post
 
 
+def _once(ctx: DistContext) -> float:
+    """A task's count in the stats: every rank of its shard group adds its share of the losses, one adds the 1."""
+    return 1.0 if ctx.shard_rank == 0 else 0.0
+
+
 def _tokens(batch: dict) -> int:
     return int(batch["attention_mask"].sum())
 
@@ -183,12 +208,15 @@ class FOMAML:
         return self._cache[key]
 
     def batch(self, step: int, slot: int, task: str, split: str) -> dict:
-        """This rank's part (rows ``shard_rank::shard_size``) of a seeded task batch."""
+        """This rank's part (``shard_batch``: a length-balanced split over the shard group) of a seeded task
+        batch."""
         rows = self.data[split][task]
         size = self.cfg.support_batch if split == "support" else self.cfg.query_batch
-        idx = self.sampler.rows(step, slot, task, split, len(rows), size)[self.ctx.shard_rank::self.ctx.shard_size]
-        self.seen.update(rows[i]["problem_id"] for i in idx)
-        return collate([self._encode((task, split, i), rows[i]) for i in idx], self.tok.pad_token_id)
+        idx = self.sampler.rows(step, slot, task, split, len(rows), size)
+        batch, mine = shard_batch([self._encode((task, split, i), rows[i]) for i in idx], self.tok.pad_token_id,
+                                  self.ctx)
+        self.seen.update(rows[idx[j]]["problem_id"] for j in mine)
+        return batch
 
     def validate(self) -> dict:
         """Meta-validation: mean query loss before and after ``inner_steps`` SGD steps over
@@ -206,9 +234,8 @@ class FOMAML:
                 continue
             rows = self.validation[s]
             sup_idx, qry_idx = episode(self.seed, "validation", s, e, len(rows), cfg.support_batch, cfg.query_batch)
-            support, query = (collate([self._encode(("val", s, i), rows[i])
-                                       for i in idx[ctx.shard_rank::ctx.shard_size]], self.tok.pad_token_id)
-                              for idx in (sup_idx, qry_idx))
+            support, query = (shard_batch([self._encode(("val", s, i), rows[i]) for i in idx],
+                                          self.tok.pad_token_id, ctx)[0] for idx in (sup_idx, qry_idx))
             self.model.eval()
             with torch.no_grad():
                 _, pre, _ = batch_loss(self.model, query, ctx)
@@ -221,8 +248,8 @@ class FOMAML:
             with torch.no_grad():
                 _, post, _ = batch_loss(self.model, query, ctx)
             restore(self.params, theta)
-            stats[subjects.index(s)] += torch.tensor([pre, post, 1.0], dtype=torch.float64)
-        ctx.task_sum(stats)
+            stats[subjects.index(s)] += torch.tensor([pre, post, _once(ctx)], dtype=torch.float64)
+        ctx.world_sum(stats)  # the shard ranks' shares of each loss, the tasks of every group
         n = float(stats[:, 2].sum())
         row = {"val/query_loss_pre": float(stats[:, 0].sum()) / n, "val/query_loss_post": float(stats[:, 1].sum()) / n}
         row["val/gain"] = row["val/query_loss_pre"] - row["val/query_loss_post"]
@@ -243,23 +270,23 @@ class FOMAML:
             support, query = self.batch(step, slot, task, "support"), self.batch(step, slot, task, "query")
             pre, post = adapt_task(self.model, self.params, support, query, cfg, ctx, acc, cfg.method, theta)
             restore(self.params, theta)
-            stats[self.subjects.index(task)] += torch.tensor([pre, post, 1.0], dtype=torch.float64)
+            stats[self.subjects.index(task)] += torch.tensor([pre, post, _once(ctx)], dtype=torch.float64)
             tokens += cfg.inner_steps * _tokens(support) + 2 * _tokens(query)
             train_tokens += cfg.inner_steps * _tokens(support) + _tokens(query)
             passes += cfg.inner_steps + 1
         flat = torch.cat([a.flatten() for a in acc]) if acc else torch.zeros(0)
         ctx.task_sum(flat)
         flat /= len(tasks)
-        ctx.task_sum(stats)
-        tok = ctx.world_sum(torch.tensor([tokens, train_tokens], dtype=torch.int64))
+        ctx.world_sum(stats)  # the shard ranks' shares of each loss, the tasks of every group
         # every rank of a shard group runs its tasks' passes on its part of the batch: count them once per group
-        counted = ctx.world_sum(torch.tensor([passes if ctx.shard_rank == 0 else 0], dtype=torch.int64))
+        tok = ctx.world_sum(torch.tensor([tokens, train_tokens, passes if ctx.shard_rank == 0 else 0],
+                                         dtype=torch.int64))
         grads, off = [], 0
         for a in acc:
             grads.append(flat[off:off + a.numel()].view_as(a))
             off += a.numel()
         return grads, {"stats": stats, "tokens": int(tok[0]), "train_tokens": int(tok[1]),
-                       "grad_passes": int(counted[0])}
+                       "grad_passes": int(tok[2])}
 
     def step(self, step: int) -> dict:
         """One outer step; returns its train_metrics row."""
@@ -374,7 +401,7 @@ def train(model_dir: str, tasks_dir: str, subjects: list[str], cfg: MetaSettings
     try:
         # under FSDP2 the model loads on CPU and fully_shard moves each rank's shards to its device
         tok, model = load_model(model_dir, cfg.lora, seed, torch.device("cpu") if ctx.distributed else ctx.device)
-        model = shard_model(model, ctx, bf16=ctx.device.type == "cuda")
+        model = shard_model(model, ctx, bf16=ctx.device.type == "cuda", units=cfg.fsdp_units)
         support = load_tasks(tasks_dir, subjects, "support")
         validation = validation_rows(tasks_dir, cfg) if cfg.validate_every else {}
         learner = FOMAML(model, tok, support, load_tasks(tasks_dir, subjects, "query"), cfg, seed, ctx, validation)
@@ -401,10 +428,11 @@ def train(model_dir: str, tasks_dir: str, subjects: list[str], cfg: MetaSettings
                    if ctx.is_main and wandb.mode != "disabled" else contextlib.nullcontext(None))
         n_params = sum(p.numel() for p in learner.params)
         if ctx.is_main:
-            log.info("%s %s: %d tasks, %d meta-parameters (%s), world %d = %d task groups x %d shards, "
+            units = f" (FSDP units: {resolve_units(cfg.fsdp_units, ctx)})" if ctx.shard_size > 1 else ""
+            log.info("%s %s: %d tasks, %d meta-parameters (%s), world %d = %d task groups x %d shards%s, "
                      "steps %d..%d",
                      cfg.method, model_dir, len(subjects), n_params, "meta-LoRA" if cfg.lora else "full", ctx.world,
-                     ctx.task_groups, ctx.shard_size, start + 1, cfg.outer_steps)
+                     ctx.task_groups, ctx.shard_size, units, start + 1, cfg.outer_steps)
         guard.begin(learner.param_norm())  # the weights' norm before the first update (unless resumed)
         def checkpoint(s: int) -> Path:
             last = ckpt_dir / str(s)

@@ -63,6 +63,42 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
             (("input_ids", ids), ("attention_mask", att), ("labels", lab))}
 
 
+def balanced_split(lengths: list[int], parts: int) -> list[list[int]]:
+    """Positions of a batch's rows (``lengths``: tokens per row) for each of ``parts`` shard ranks, so that
+    the slowest rank's padded batch (rows x its longest row) is as small as it can be.
+
+    Every rank pads to its own longest row, and under FSDP the slowest rank sets the pace of every
+    collective: a round-robin split leaves the rank holding the longest row with as many rows as the
+    others. As verl's sequence-length balancing of data-parallel batches (``balance_batch``), this gives
+    the longest rows fewer companions: an exact split into contiguous runs of the rows sorted by length
+    (longest first, ties by position), by dynamic programming over the split points. Each rank gets at
+    least one row when there are enough; the loss is a token mean over the whole batch, so an uneven
+    split changes nothing in the maths. A pure function of ``lengths``: every rank computes the same."""
+    if parts <= 1:
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    sl = [lengths[i] for i in order]
+    n = len(sl)
+    runs = min(parts, n)
+    inf = float("inf")
+    # best[p][j]: the least worst-rank cost of the first j sorted rows over p ranks; cut[p][j]: where run p starts
+    best = [[inf] * (n + 1) for _ in range(runs + 1)]
+    cut = [[0] * (n + 1) for _ in range(runs + 1)]
+    best[0][0] = 0
+    for p in range(1, runs + 1):
+        for j in range(p, n + 1):
+            for i in range(p - 1, j):
+                c = max(best[p - 1][i], (j - i) * sl[i])
+                if c < best[p][j]:
+                    best[p][j], cut[p][j] = c, i
+    groups, j = [], n
+    for p in range(runs, 0, -1):
+        groups.append(order[cut[p][j]:j])
+        j = cut[p][j]
+    groups.reverse()
+    return groups + [[] for _ in range(parts - runs)]
+
+
 def _key(task: str) -> int:
     return zlib.crc32(task.encode("utf-8"))
 
