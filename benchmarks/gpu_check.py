@@ -425,12 +425,13 @@ def fomaml_worker(cfg_path: str) -> int:
         seen["world"] = ctx.world
         return ctx
 
-    def shard_model(model, ctx, bf16: bool = False):
+    def shard_model(model, ctx, bf16: bool = False, units: str = "auto"):
         from torch.distributed.fsdp import FSDPModule
 
-        model = original_shard(model, ctx, bf16=bf16)
+        model = original_shard(model, ctx, bf16=bf16, units=units)
         seen["fsdp2"] = isinstance(model, FSDPModule)
         seen["mixed_precision_bf16"] = bf16
+        seen["fsdp_units"] = D.resolve_units(units, ctx)
         return model
 
     fomaml.init_distributed, fomaml.shard_model = init_distributed, shard_model
@@ -649,7 +650,7 @@ def _limit(name: str, smoke: bool, deadline: float) -> float:
 def summary(res: dict) -> dict:
     """The last stdout line: the headline figures of each section (the full record is in gpu_check.json)."""
     keys = ("tokens_per_s", "step_s", "peak_mem_gib", "model_tflops", "mfu_measured_peak", "mfu_spec_peak",
-            "backend", "fsdp2", "skipped", "failed", "error")
+            "backend", "fsdp2", "fsdp_units", "skipped", "failed", "error")
     return {"cuda": res["cuda"], "cpu_smoke": res["cpu_smoke"], "gpu": res["gpu"],
             "peak_tflops": res.get("peak_tflops"), "spec_tflops": res["spec_tflops"],
             "n_params": res.get("model", {}).get("n_params"), "missing": res["missing"],

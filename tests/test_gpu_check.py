@@ -65,6 +65,7 @@ def test_cpu_smoke(tmp_path):
     assert last["trl_hf"]["tokens_per_s"] > 0, last
     assert last["fomaml"]["tokens_per_s"] > 0, last
     assert last["fomaml"]["backend"] == "gloo" and last["fomaml"]["fsdp2"] is True
+    assert last["fomaml"]["fsdp_units"] == "model"  # auto on the CPU
     assert last["trl_hf"]["mfu_measured_peak"] > 0 and last["fomaml"]["mfu_measured_peak"] > 0
     assert "skipped" in last["trl_vllm"]
     full = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
