@@ -70,33 +70,34 @@ def balanced_split(lengths: list[int], parts: int) -> list[list[int]]:
     Every rank pads to its own longest row, and under FSDP the slowest rank sets the pace of every
     collective: a round-robin split leaves the rank holding the longest row with as many rows as the
     others. As verl's sequence-length balancing of data-parallel batches (``balance_batch``), this gives
-    the longest rows fewer companions: an exact split into contiguous runs of the rows sorted by length
-    (longest first, ties by position), by dynamic programming over the split points. Each rank gets at
-    least one row when there are enough; the loss is a token mean over the whole batch, so an uneven
-    split changes nothing in the maths. A pure function of ``lengths``: every rank computes the same."""
+    the longest rows fewer companions: contiguous runs of the rows sorted by length (longest first, ties
+    by position), with the least worst-run cost found by bisection over the cost (a run's cost is its size
+    times its first row, so filling each run greedily up to a bound is optimal for that bound: O(n log n)).
+    Each rank gets at least one row when there are enough; the loss is a token mean over the whole batch,
+    so an uneven split changes nothing in the maths. A pure function of ``lengths``: every rank computes
+    the same."""
     if parts <= 1:
         return [list(range(len(lengths)))]
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    sl = [lengths[i] for i in order]
-    n = len(sl)
-    runs = min(parts, n)
-    inf = float("inf")
-    # best[p][j]: the least worst-rank cost of the first j sorted rows over p ranks; cut[p][j]: where run p starts
-    best = [[inf] * (n + 1) for _ in range(runs + 1)]
-    cut = [[0] * (n + 1) for _ in range(runs + 1)]
-    best[0][0] = 0
-    for p in range(1, runs + 1):
-        for j in range(p, n + 1):
-            for i in range(p - 1, j):
-                c = max(best[p - 1][i], (j - i) * sl[i])
-                if c < best[p][j]:
-                    best[p][j], cut[p][j] = c, i
-    groups, j = [], n
-    for p in range(runs, 0, -1):
-        groups.append(order[cut[p][j]:j])
-        j = cut[p][j]
-    groups.reverse()
-    return groups + [[] for _ in range(parts - runs)]
+    sl = [max(1, lengths[i]) for i in order]
+
+    def runs(bound: int) -> list[int]:  # start of each run when every run is filled up to ``bound``
+        starts, i = [], 0
+        while i < len(sl):
+            starts.append(i)
+            i += max(1, bound // sl[i])
+        return starts
+
+    lo, hi = (sl[0], len(sl) * sl[0]) if sl else (0, 0)
+    while lo < hi:  # the least bound that needs at most ``parts`` runs
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(runs(mid)) <= parts else (mid + 1, hi)
+    cuts = runs(lo) + [len(sl)]
+    groups = [order[a:b] for a, b in zip(cuts, cuts[1:])]
+    while len(groups) < min(parts, len(sl)):  # an idle rank while another has 2+ rows: split the largest run
+        k = max(range(len(groups)), key=lambda g: (len(groups[g]), -g))
+        groups[k:k + 1] = [groups[k][:-1], groups[k][-1:]]
+    return groups + [[] for _ in range(parts - len(groups))]
 
 
 def _key(task: str) -> int:
