@@ -563,7 +563,7 @@ class MetaSettings(Block):
         "auto", "What FSDP2 gathers at once when shard_size > 1: layers (each decoder layer, then the root: one "
                 "layer unsharded at a time, for models that do not fit one device), model (the whole model as one "
                 "unit: a few large collectives per pass instead of ~3 per layer; for small models on "
-                "latency-bound links such as gloo on the CPU: 2 processes 1.87-1.92x one there, per layer 1.55-1.75x). "
+                "latency-bound links such as gloo on the CPU: 2 processes 1.87-1.96x one there, per layer 1.55-1.75x). "
                 "auto = layers on CUDA, model on the CPU.")
     lora: LoraSettings | None = opt(None, "Meta-learn only a LoRA adapter (meta-LoRA; null = every weight).")
     checkpoint_every: int = opt(10, "Write a resumable checkpoint every N outer steps.", ge=1)
