@@ -18,7 +18,15 @@ from packaging.utils import canonicalize_name
 from rlmeta import provenance
 from rlmeta.cli import main
 from rlmeta.settings import ROOT
-from rlmeta.testing.workflow import common_args, dry_run, job_keys, mark_done, mirror_workflow, snakemake_env
+from rlmeta.testing.workflow import (
+    common_args,
+    default_seeds,
+    dry_run,
+    job_keys,
+    mark_done,
+    mirror_workflow,
+    snakemake_env,
+)
 
 LOCK = ROOT / "requirements.lock"
 
@@ -240,11 +248,8 @@ class edited:
         self.path.write_text(self.text)
 
 
-SEEDS = {"gsm8k_grpo_lora": (1, 2, 3)}  # the default config's training seeds (else the workflow's seed, 1234)
-
-
 def seeds(exp: str) -> tuple[int, ...]:
-    return SEEDS.get(exp, (1234,))
+    return default_seeds(exp)
 
 
 def trainings(rule: str, exp: str) -> set[tuple[str, str]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rlmeta.settings import ROOT, load_config
-from rlmeta.testing.workflow import dry_run, job_keys, mirror_workflow
+from rlmeta.testing.workflow import default_seeds, dry_run, job_keys, mirror_workflow
 
 SWEEP = """sweeps:
   lr_temp:
@@ -25,7 +25,7 @@ SWEEP = """sweeps:
 POINTS = [f"lr_temp__learning_rate={lr}__temperature={t}" for lr in (0.001, 0.004) for t in (0.7, 1.0)]
 DEFAULT_EXPERIMENTS = ["headlines_gspo", "headlines_grpo_ued", "gsm8k_grpo_lora", "gsm8k_gspo", "syllogism_grpo_mlx",
                        "syllogism_grpo_trl", "math_fomaml"]
-LORA_SEEDS = (1, 2, 3)  # gsm8k_grpo_lora's seeds in the default config: its sweep points inherit them
+LORA_SEEDS = default_seeds("gsm8k_grpo_lora")  # its sweep points inherit them
 PER_POINT = {("make_prompts", ""), ("generate", "policy=base"), ("score", "policy=base"), ("provenance", ""),
              ("evaluate", ""), ("report", "")} | {
     (rule, w) for s in LORA_SEEDS for rule, w in (("generate", f"policy=seed{s}"), ("score", f"policy=seed{s}"),
@@ -45,11 +45,11 @@ def write(base: Path, name: str, text: str) -> Path:
 
 
 def metrics_of(results: Path, exp: str) -> list[str]:
-    """The train_metrics the summary reads: FOMAML's own, an RL experiment's of each seed (gsm8k_grpo_lora and its
-    sweep points: 1, 2, 3; the others: the workflow's seed, 1234)."""
+    """The train_metrics the summary reads: FOMAML's own, an RL experiment's of each of its seeds in the default
+    config (gsm8k_grpo_lora's sweep points inherit its seeds)."""
     if exp == "math_fomaml":
         return [f"{results}/{exp}/train_metrics.parquet"]
-    seeds = LORA_SEEDS if exp == "gsm8k_grpo_lora" or exp in POINTS else (1234,)
+    seeds = LORA_SEEDS if exp in POINTS else default_seeds(exp)
     return [f"{results}/{exp}/seed{s}/train_metrics.parquet" for s in seeds]
 
 

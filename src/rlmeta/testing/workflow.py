@@ -64,6 +64,15 @@ def snakemake(args, cwd: Path = ROOT, timeout: float = 600) -> subprocess.Comple
                           env=env, timeout=timeout)
 
 
+def default_seeds(exp: str) -> tuple[int, ...]:
+    """The default config's training seeds of RL experiment ``exp`` (``seeds``, else the workflow's seed), as the
+    rules take them."""
+    from rlmeta.settings import load_config
+
+    cfg = load_config(ROOT / "config" / "config.yaml")
+    return tuple(cfg.experiments[exp].run_seeds(cfg.seed))
+
+
 def mirror_workflow(dest: Path, root: Path = ROOT, copy=()) -> Path:
     """A work directory that looks like the repository (symlinks) but has its own
     ``.snakemake`` and ``results``: every non-hidden top-level entry except results. Entries named in
