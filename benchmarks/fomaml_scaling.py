@@ -90,11 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fomaml_bench_") as tmp:
         work = Path(tmp)
         model, tasks = (a.model, a.tasks_dir) if a.model and a.tasks_dir else embedded_default(work)
-        layouts = [("1 process", 1, 1), ("2 processes, task-parallel", 2, 1), ("2 processes, FSDP-sharded", 2, 2),
-                   ("2 processes, FSDP per layer", 2, 2)]
-        units = ["auto", "auto", "auto", "layers"]  # auto on the CPU: the whole model as one FSDP unit
-        res = {name: run(model, tasks, meta, n, s, work / f"run{i}", u)
-               for i, ((name, n, s), u) in enumerate(zip(layouts, units))}
+        # (name, processes, shard_size, fsdp_units); auto on the CPU: the whole model as one FSDP unit
+        layouts = [("1 process", 1, 1, "auto"), ("2 processes, task-parallel", 2, 1, "auto"),
+                   ("2 processes, FSDP-sharded", 2, 2, "auto"), ("2 processes, FSDP per layer", 2, 2, "layers")]
+        res = {name: run(model, tasks, meta, n, s, work / f"run{i}", u) for i, (name, n, s, u) in enumerate(layouts)}
     print(f"FOMAML meta-training, {os.cpu_count()} CPUs, 1 thread per process, meta-batch {meta.meta_batch_size}, "
           f"k={meta.inner_steps}, batches {meta.support_batch}/{meta.query_batch}, {a.steps - 1} timed steps")
     import torch
@@ -107,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         peaks[n] = gemm_peak_gflops("torch")
     print(f"{'layout':<30} {'tokens/s':>10} {'s/step':>8} {'wall s':>8} {'model GFLOP/s':>14} {'peak GFLOP/s':>13} "
           f"{'of peak':>8}")
-    for (name, r), (_, n, _) in zip(res.items(), layouts):
+    for (name, r), (_, n, _, _) in zip(res.items(), layouts):
         print(f"{name:<30} {r['tokens_per_s']:>10.0f} {r['s_per_step']:>8.3f} {r['wall_s']:>8.1f} "
               f"{r['model_gflops']:>14.3f} {peaks[n]:>13.1f} {r['model_gflops'] / peaks[n]:>8.2%}")
-    t1, t2, t2f, t2l = (res[n]["tokens_per_s"] for n, _, _ in layouts)
-    keys = {"1": (layouts[0], 1), "2": (layouts[1], 2), "2_fsdp": (layouts[2], 2), "2_fsdp_layers": (layouts[3], 2)}
+    t1, t2, t2f, t2l = (res[n]["tokens_per_s"] for n, *_ in layouts)
+    keys = dict(zip(["1", "2", "2_fsdp", "2_fsdp_layers"], layouts))
     against = {"peak_gflops_torch_1": round(peaks[1], 2), "peak_gflops_torch_2": round(peaks[2], 2)}
-    for k, ((name, _, _), n) in keys.items():
+    for k, (name, n, *_) in keys.items():
         against[f"model_gflops_{k}"] = round(res[name]["model_gflops"], 4)
         against[f"frac_peak_{k}"] = round(res[name]["model_gflops"] / peaks[n], 5)
     print(json.dumps({"tokens_per_s_1": round(t1, 1), "tokens_per_s_2": round(t2, 1), "scaling": round(t2 / t1, 3),

@@ -248,18 +248,14 @@ class edited:
         self.path.write_text(self.text)
 
 
-def seeds(exp: str) -> tuple[int, ...]:
-    return default_seeds(exp)
-
-
 def trainings(rule: str, exp: str) -> set[tuple[str, str]]:
-    return {(rule, f"exp={exp}, seed={s}") for s in seeds(exp)}
+    return {(rule, f"exp={exp}, seed={s}") for s in default_seeds(exp)}
 
 
 def downstream_of_training(exp: str) -> set[tuple[str, str]]:
     """A re-trained experiment's jobs after training: new responses, their scores, provenance, evaluation."""
     e = f"exp={exp}"
-    return {(rule, f"{e}, policy=seed{s}") for s in seeds(exp) for rule in ("generate", "score")} | {
+    return {(rule, f"{e}, policy=seed{s}") for s in default_seeds(exp) for rule in ("generate", "score")} | {
         ("provenance", e), ("evaluate", e), ("report", e)}
 
 

@@ -2,6 +2,7 @@
 and a workflow marked as done without running it (see tests/test_reruns.py for what they check)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -64,6 +65,7 @@ def snakemake(args, cwd: Path = ROOT, timeout: float = 600) -> subprocess.Comple
                           env=env, timeout=timeout)
 
 
+@functools.cache
 def default_seeds(exp: str) -> tuple[int, ...]:
     """The default config's training seeds of RL experiment ``exp`` (``seeds``, else the workflow's seed), as the
     rules take them."""
